@@ -1,0 +1,1 @@
+"""Data: TFDS loading (offline builders included) and the in-memory input pipeline."""

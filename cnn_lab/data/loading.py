@@ -1,0 +1,119 @@
+"""Any split of a TFDS data set as in-memory NumPy arrays; never downloads, prepares offline sources."""
+
+import contextlib
+import difflib
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cnn_lab.data.builders import FASHION_MNIST_FILE_NAMES, Digits, FashionMnistLocal
+
+# TF only reads data here. Hide GPUs before it initialises devices, or it grabs most of their
+# memory, which JAX needs; once TF has initialised them (RuntimeError) it is too late to change.
+with contextlib.suppress(RuntimeError):
+    tf.config.set_visible_devices([], "GPU")
+
+# Where the IDX files of Fashion-MNIST are looked for when no source_dir is given.
+FASHION_MNIST_SOURCE_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian: dataset-fashion-mnist
+
+# Our builders need no download; this also keeps TFDS from looking for a prepared copy on GCS.
+_OFFLINE = tfds.download.DownloadConfig(try_download_gcs=False)
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """The data set is not in the data dir and cannot be prepared without internet access."""
+
+
+def load_split(
+    name: str, split: str, *, data_dir: str | None = None, source_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, H, W, C) uint8 and labels (N,) int32 of `split` (a TFDS split string, slicing allowed, e.g. "train[:90%]")."""
+    builder = _prepared_builder(name, data_dir, source_dir)
+    ds = builder.as_dataset(
+        split=split, as_supervised=True, read_config=tfds.ReadConfig(try_autocache=False)
+    )
+    # One batch of the whole split, read in one go, so a short or corrupt shard raises here.
+    # Like as_dataset(batch_size=-1) but sized by the split's cardinality (which TFDS asserts):
+    # batch_size=-1 uses info's example count, 0 under tfds.testing.mock_data, and then makes TF
+    # reserve sys.maxsize slots and abort. Autocaching would only hold a second copy meanwhile.
+    images, labels = tfds.as_numpy(ds.batch(int(ds.cardinality())).get_single_element())
+    if images.ndim == 3:  # Grayscale stored without a channel axis.
+        images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"{name}: expected uint8 images (N, H, W, C), got {images.dtype} {images.shape}."
+        )
+    return images, labels.astype(np.int32)
+
+
+def num_classes(name: str, *, data_dir: str | None = None, source_dir: str | None = None) -> int:
+    """Number of classes of the label (second supervised key) of data set `name`."""
+    info = _prepared_builder(name, data_dir, source_dir).info
+    return info.features[info.supervised_keys[1]].num_classes
+
+
+def _prepared_builder(
+    name: str, data_dir: str | None, source_dir: str | None
+) -> tfds.core.DatasetBuilder:
+    """Builder of `name` with its data in `data_dir`, preparing it first if that can be done offline."""
+    if name == Digits.name:
+        builder = Digits(data_dir=data_dir)
+        builder.download_and_prepare(download_config=_OFFLINE)  # Reuses what is already there.
+        return builder
+    builder = _tfds_builder(name, data_dir)
+    if _tfds_is_mocked() or builder.is_prepared():
+        return builder
+    if name == FashionMnistLocal.name and (idx_dir := _fashion_mnist_source(source_dir)):
+        root = builder.data_dir_root
+        FashionMnistLocal(data_dir=root, source_dir=idx_dir).download_and_prepare(
+            download_config=_OFFLINE
+        )
+        # Read back through TFDS's own builder, as later runs will.
+        return _tfds_builder(name, root)
+    raise DatasetNotPreparedError(_not_prepared_message(builder))
+
+
+def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False))
+        raise ValueError(
+            f"Unknown data set {name!r}: it is neither 'digits' nor a TFDS data set"
+            f"{f' (did you mean {close}?)' if close else ''}. TFDS names are listed by "
+            "`python -c 'import tensorflow_datasets as tfds; print(tfds.list_builders())'` and at "
+            "https://www.tensorflow.org/datasets/catalog/overview."
+        ) from None
+
+
+def _tfds_is_mocked() -> bool:
+    # tfds.testing.mock_data points every builder at a data dir holding no data (at most metadata)
+    # and patches as_dataset to serve random examples, so "not prepared" is expected there.
+    return tfds.core.DatasetBuilder.as_dataset.__module__.startswith("tensorflow_datasets.testing")
+
+
+def _fashion_mnist_source(source_dir: str | None) -> str | None:
+    """The folder to prepare fashion_mnist from: `source_dir` if given, else a known one that exists."""
+    if source_dir is not None:
+        return source_dir
+    return next((d for d in FASHION_MNIST_SOURCE_DIRS if os.path.isdir(d)), None)
+
+
+def _not_prepared_message(builder: tfds.core.DatasetBuilder) -> str:
+    name, root = builder.name, builder.data_dir_root
+    message = (
+        f"TFDS data set {name!r} is not prepared in data_dir {root} (looked for {builder.data_dir}) "
+        "and this code never downloads. Prepare it on a machine with internet access with "
+        f"`tfds build {name} --data_dir=<dir>` and copy <dir>/{name} into {root}, or set "
+        "config.data.data_dir to a data dir that already holds it."
+    )
+    if name == FashionMnistLocal.name:
+        message += (
+            " Fashion-MNIST can also be prepared offline from its four IDX files: "
+            "`apt-get install dataset-fashion-mnist` (installs them in "
+            f"{FASHION_MNIST_SOURCE_DIRS[0]}), or set config.data.source_dir to a folder holding "
+            f"{', '.join(FASHION_MNIST_FILE_NAMES)}."
+        )
+    return message

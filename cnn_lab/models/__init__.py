@@ -1,0 +1,44 @@
+"""Model registry: the config's `model.name` picks a flax.linen module; other fields are its arguments."""
+
+import dataclasses
+
+import flax.linen as nn
+import ml_collections
+
+from cnn_lab.models.alexnet import AlexNet
+from cnn_lab.models.convnet import ConvNet
+from cnn_lab.models.lenet import LeNet5
+from cnn_lab.models.mlp import MLP
+from cnn_lab.models.resnet import ResNet
+from cnn_lab.models.vgg import VGG
+
+MODELS: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "lenet5": LeNet5,
+    "convnet": ConvNet,
+    "alexnet": AlexNet,
+    "vgg": VGG,
+    "resnet": ResNet,
+}
+
+# Every random stream a model may draw from; the train step supplies a key for each.
+RNG_STREAMS = ("dropout", "stochastic_depth")
+
+
+def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """The module named by `model_config.name`, built with the remaining fields as arguments."""
+    kwargs = dict(model_config)
+    name = kwargs.pop("name")
+    if name not in MODELS:
+        raise ValueError(
+            f"Unknown model {name!r} (config.model.name). Known models: {', '.join(sorted(MODELS))}."
+        )
+    cls = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(
+            f"config.model has field(s) {unknown} that model {name!r} does not take. "
+            f"Its fields are: {', '.join(sorted(fields))}."
+        )
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})

@@ -1,0 +1,115 @@
+"""AlexNet: Krizhevsky et al.'s single-tower ImageNet layout and Zhang et al.'s small CIFAR one."""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn_lab.models.layers import conv_kernel_init, get_activation
+
+
+class Layout(NamedTuple):
+    convs: tuple[tuple[int, int, int, int], ...]  # (features, kernel, stride, padding) each
+    pooled: tuple[int, ...]  # indices of the convs followed by max pool 3x3/2
+    pool_padding: str
+    hidden_sizes: tuple[int, ...]
+    lrn: tuple[int, float, float, float]  # (size, k, alpha, beta) after the first two convs
+    lrn_before_pool: bool
+
+
+VARIANTS: dict[str, Layout] = {
+    # Section 3.5 of Krizhevsky et al. (2012), both GPUs' halves merged; 227x227 input.
+    "imagenet": Layout(
+        convs=((96, 11, 4, 0), (256, 5, 1, 2), (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1)),
+        pooled=(0, 1, 4),
+        pool_padding="VALID",
+        hidden_sizes=(4096, 4096),
+        lrn=(5, 2.0, 1e-4, 0.75),
+        lrn_before_pool=True,
+    ),
+    # Appendix A of Zhang et al. (2017), from TensorFlow's CIFAR-10 tutorial; 28x28 or 32x32 input.
+    "cifar": Layout(
+        convs=((64, 5, 1, 2), (64, 5, 1, 2)),
+        pooled=(0, 1),
+        pool_padding="SAME",
+        hidden_sizes=(384, 192),
+        lrn=(9, 1.0, 1e-3 / 9, 0.75),
+        lrn_before_pool=False,
+    ),
+}
+
+
+def local_response_norm(x: jax.Array, size: int, k: float, alpha: float, beta: float) -> jax.Array:
+    """x / (k + alpha * sum of x^2 over `size` neighbouring channels)^beta, x (B, H, W, C).
+
+    Section 3.3 of Krizhevsky et al. (2012); alpha is not divided by `size` as PyTorch's is.
+    """
+    half = size // 2
+    summed = jax.lax.reduce_window(
+        jnp.square(x),
+        jnp.array(0, x.dtype),
+        jax.lax.add,
+        (1, 1, 1, size),
+        (1, 1, 1, 1),
+        ((0, 0), (0, 0), (0, 0), (half, half)),
+    )
+    return x / (k + alpha * summed) ** beta
+
+
+class AlexNet(nn.Module):
+    """AlexNet (Krizhevsky et al., 2012, "ImageNet classification with deep convolutional neural networks").
+
+    variant="imagenet": the paper's net on one tower: conv 96 11x11/4 (55x55x96 at 227x227),
+    max pool 3x3/2 (overlapping), conv 256 5x5, pool, conv 384, 384, 256 3x3, pool (6x6x256),
+    fc 4096, fc 4096, fc classes, with dropout after both hidden layers: 62,378,344 parameters
+    for 1000 classes. The paper's two-GPU net splits conv2, conv4 and conv5 into two groups;
+    torchvision's alexnet is Krizhevsky's 2014 "one weird trick" variant (64 channels first).
+
+    variant="cifar": the small AlexNet of Zhang et al. (2017), "Understanding deep learning
+    requires rethinking generalization": two (conv 64 5x5, max pool 3x3/2) modules, fc 384,
+    fc 192, fc classes; 1,387,786 parameters at 28x28 and 10 classes. Zhang et al. used local
+    response normalisation and no dropout (`local_response_norm=True, dropout_rate=0.0`).
+
+    `local_response_norm` adds the variant's response normalisation after its first two convs.
+    The first dense layer's size follows the flattened final map, so any input size works.
+    """
+
+    num_classes: int
+    variant: str = "imagenet"
+    dropout_rate: float = 0.5
+    local_response_norm: bool = False
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Logits (B, num_classes) for images x (B, H, W, C)."""
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"Unknown AlexNet variant {self.variant!r}. Known variants: "
+                f"{', '.join(VARIANTS)}. Set config.model.variant to one of them."
+            )
+        layout = VARIANTS[self.variant]
+        act = get_activation(self.activation)
+        for i, (features, kernel, stride, padding) in enumerate(layout.convs):
+            x = nn.Conv(
+                features,
+                (kernel, kernel),
+                stride,
+                padding=padding,
+                kernel_init=conv_kernel_init,
+                name=f"conv{i + 1}",
+            )(x)
+            x = act(x)
+            normed = self.local_response_norm and i < 2
+            if normed and layout.lrn_before_pool:
+                x = local_response_norm(x, *layout.lrn)
+            if i in layout.pooled:
+                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=layout.pool_padding)
+            if normed and not layout.lrn_before_pool:
+                x = local_response_norm(x, *layout.lrn)
+        x = x.reshape((x.shape[0], -1))  # (B, 6*6*256) for 227x227 input
+        for hidden in layout.hidden_sizes:
+            x = act(nn.Dense(hidden)(x))
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)

@@ -1,0 +1,96 @@
+"""Pieces shared by every model: activations and pooling chosen by name, init, stochastic depth."""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "tanh": nn.tanh,
+    "sigmoid": nn.sigmoid,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "elu": nn.elu,
+}
+
+POOLINGS: dict[str, Callable[..., jax.Array]] = {"max": nn.max_pool, "avg": nn.avg_pool}
+
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(
+            f"Unknown {what} {name!r}. Known {what}s: {', '.join(sorted(table))}. "
+            f"Set config.model.{what} to one of them."
+        )
+    return table[name]
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function called `name` (relu, tanh, sigmoid, gelu, silu, elu)."""
+    return _lookup(ACTIVATIONS, name, "activation")
+
+
+def get_pooling(name: str) -> Callable[..., jax.Array]:
+    """The pooling function called `name` (max or avg), with flax.linen's signature."""
+    return _lookup(POOLINGS, name, "pooling")
+
+
+# He et al. (2015) initialisation for convolutions followed by ReLU, as the ResNet paper and
+# torchvision use; flax's default (LeCun normal) halves the signal variance at every layer.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+DROP_MODES = ("batch", "sample")
+
+
+def linear_drop_rates(rate: float, num_blocks: int) -> list[float]:
+    """Stochastic-depth drop probabilities of blocks 1..L by Huang et al.'s linear decay rule.
+
+    Block l of L is dropped with probability `rate * l / L` (survival p_l = 1 - l/L (1 - p_L)
+    in the paper, with p_L = 1 - rate): the input (l = 0) always survives and the last block
+    is dropped with probability `rate`. timm instead spreads `linspace(0, rate, L)`, so its
+    first block is never dropped; the two differ by at most `rate / L` per block.
+    """
+    return [rate * block / num_blocks for block in range(1, num_blocks + 1)]
+
+
+class StochasticDepth(nn.Module):
+    """Drop a residual branch during training (Huang et al., 2016, "Deep networks with stochastic depth").
+
+    Inverted scaling: a kept branch is divided by its survival probability 1 - rate during
+    training, so its expected value is the branch itself and evaluation runs the plain
+    network unchanged. The paper instead multiplies by the survival probability at test time;
+    scaling in training keeps every evaluation, export and checkpoint free of stochastic-depth
+    code and lets the rate change between runs without touching the evaluated network.
+
+    Attributes:
+      rate: probability of dropping the branch, in [0, 1).
+      mode: "batch" draws one Bernoulli per call, dropping the branch for the whole mini-batch
+        as in the paper; "sample" draws one per example, as timm's `drop_path`.
+    """
+
+    rate: float
+    mode: str = "batch"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """The branch x (B, ...) kept and rescaled, or zeroed; x itself when not training."""
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(
+                f"Stochastic depth rate {self.rate} must be in [0, 1); "
+                "lower config.model.stochastic_depth_rate."
+            )
+        if self.mode not in DROP_MODES:
+            raise ValueError(
+                f"Unknown stochastic depth mode {self.mode!r}. Known modes: {', '.join(DROP_MODES)}. "
+                "Set config.model.stochastic_depth_mode to one of them."
+            )
+        # Returning early at rate 0 makes the plain network bit-identical and needs no RNG.
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (1,) * x.ndim if self.mode == "batch" else (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("stochastic_depth"), keep, shape)
+        # `where` rather than a multiply, so a non-finite dropped branch cannot leak NaNs.
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))

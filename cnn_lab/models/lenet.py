@@ -1,0 +1,31 @@
+"""LeNet-5 (LeCun et al., 1998, "Gradient-based learning applied to document recognition")."""
+
+import flax.linen as nn
+import jax
+
+from cnn_lab.models.layers import get_activation, get_pooling
+
+
+class LeNet5(nn.Module):
+    """conv5x5x6, pool, conv5x5x16, pool, fc120, fc84, fc classes.
+
+    The 1998 net used tanh and average pooling (`activation="tanh", pooling="avg"`);
+    relu and max pooling train faster and are the default. Designed for 32x32 input;
+    28x28 works too (the flattened feature map is then 4x4x16 instead of 5x5x16).
+    """
+
+    num_classes: int
+    activation: str = "relu"
+    pooling: str = "max"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Logits (B, num_classes) for images x (B, H, W, C)."""
+        del train  # LeNet-5 behaves the same in training and evaluation.
+        act, pool = get_activation(self.activation), get_pooling(self.pooling)
+        x = pool(act(nn.Conv(6, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))
+        x = pool(act(nn.Conv(16, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))  # (B, 5*5*16) for 32x32 input
+        x = act(nn.Dense(120)(x))
+        x = act(nn.Dense(84)(x))
+        return nn.Dense(self.num_classes)(x)

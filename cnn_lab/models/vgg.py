@@ -1,0 +1,70 @@
+"""VGG networks, configurations A, B, D and E, with or without BatchNorm."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+from cnn_lab.models.layers import conv_kernel_init, get_activation
+
+# depth -> 3x3 convs in each of the five stages (Table 1 of the paper: A=11, B=13, D=16, E=19).
+DEPTHS: dict[int, tuple[int, ...]] = {
+    11: (1, 1, 2, 2, 2),
+    13: (2, 2, 2, 2, 2),
+    16: (2, 2, 3, 3, 3),
+    19: (2, 2, 4, 4, 4),
+}
+STAGE_WIDTHS = (64, 128, 256, 512, 512)
+
+
+class VGG(nn.Module):
+    """VGG (Simonyan & Zisserman, 2014, "Very deep convolutional networks for large-scale image recognition").
+
+    Five stages of 3x3 convs (padding 1), each followed by max pool 2x2/2, then the flattened
+    map (7x7x512 at 224x224) goes through dense layers of `hidden_sizes`, each followed by
+    act and dropout, and a dense layer to the classes. The default is the paper's ImageNet
+    head (4096, 4096) with dropout 0.5; VGG-16 then has torchvision's 138,357,544 parameters.
+    `batch_norm=True` inserts BatchNorm after every conv (torchvision's vgg*_bn; Ioffe &
+    Szegedy 2015), keeping the conv biases as torchvision does.
+
+    CIFAR (32x32 input, so the map is 1x1x512): `hidden_sizes=()` gives the head of
+    kuangliu/pytorch-cifar, a single dense layer from the 512 features to the classes
+    (VGG-16-BN: 14,728,266 parameters for 10 classes); `hidden_sizes=(512, 512)` has the sizes
+    of chengyangfu/pytorch-vgg-cifar10's head. Any input of at least 32x32 works; the first dense
+    layer's size follows the final map's.
+    """
+
+    num_classes: int
+    depth: int = 16
+    batch_norm: bool = False
+    hidden_sizes: Sequence[int] = (4096, 4096)
+    dropout_rate: float = 0.5
+    activation: str = "relu"
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Logits (B, num_classes) for images x (B, H, W, C)."""
+        if self.depth not in DEPTHS:
+            raise ValueError(
+                f"VGG depth {self.depth} is not one of {', '.join(map(str, DEPTHS))}; "
+                "change config.model.depth."
+            )
+        act = get_activation(self.activation)
+        for num_convs, width in zip(DEPTHS[self.depth], STAGE_WIDTHS, strict=True):
+            for _ in range(num_convs):
+                x = nn.Conv(width, (3, 3), padding=1, kernel_init=conv_kernel_init)(x)
+                if self.batch_norm:
+                    x = nn.BatchNorm(
+                        use_running_average=not train,
+                        momentum=self.bn_momentum,
+                        epsilon=self.bn_epsilon,
+                    )(x)
+                x = act(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))  # (B, 7*7*512) for 224x224 input
+        for hidden in self.hidden_sizes:
+            x = act(nn.Dense(hidden)(x))
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)

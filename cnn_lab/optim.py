@@ -1,0 +1,97 @@
+"""The optimizer as one optax chain, and learning-rate schedules, built from the config."""
+
+import math
+
+import jax
+import ml_collections
+import optax
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    """The one place durations in epochs become optimizer steps."""
+    return math.ceil(epochs * steps_per_epoch)
+
+
+def make_schedule(
+    schedule_config: ml_collections.ConfigDict,
+    learning_rate: float,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> optax.Schedule:
+    """Learning rate as a function of the step: constant | piecewise | cosine | plateau.
+
+    `plateau` is constant here; its decays come from `make_plateau`, driven by validation.
+    """
+    name = schedule_config.name
+    warmup = epochs_to_steps(schedule_config.warmup_epochs, steps_per_epoch)
+    if name in ("constant", "plateau"):
+        main = optax.constant_schedule(learning_rate)
+    elif name == "piecewise":
+        main = optax.piecewise_constant_schedule(
+            learning_rate,
+            {
+                epochs_to_steps(e, steps_per_epoch) - warmup: schedule_config.decay_factor
+                for e in schedule_config.decay_epochs
+            },
+        )
+    elif name == "cosine":
+        main = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup, 1))
+    else:
+        raise ValueError(
+            f"Unknown schedule {name!r} (config.schedule.name). "
+            "Known: constant, piecewise, cosine, plateau."
+        )
+    if not warmup:
+        return main
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup), main], boundaries=[warmup]
+    )
+
+
+def make_plateau(schedule_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Reduce-on-plateau, fed `1 - validation accuracy` once per epoch (AlexNet's recipe)."""
+    return optax.contrib.reduce_on_plateau(
+        factor=schedule_config.decay_factor,
+        patience=schedule_config.plateau_patience,
+        rtol=0.0,
+        atol=schedule_config.plateau_min_delta,
+        accumulation_size=1,
+    )
+
+
+def _decay_mask(params: optax.Params) -> optax.Params:
+    # Kernels decay; biases and normalisation scales/offsets (1-D) do not.
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(
+    optimizer_config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """clip -> (L2 weight decay) -> sgd | adam | adamw with `schedule` as learning rate."""
+    oc = optimizer_config
+    clip = [optax.clip_by_global_norm(oc.grad_clip_norm)] if oc.grad_clip_norm else []
+    # sgd and adam take weight decay as an L2 term in the gradient (as in the papers);
+    # adamw decouples it from the adaptive scaling (Loshchilov & Hutter, 2019).
+    l2 = [optax.add_decayed_weights(oc.weight_decay, _decay_mask)] if oc.weight_decay else []
+    if oc.name == "sgd":
+        base = [optax.sgd(schedule, momentum=oc.momentum or None, nesterov=oc.nesterov)]
+    elif oc.name == "adam":
+        base = [optax.adam(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps)]
+    elif oc.name == "adamw":
+        l2 = []
+        base = [
+            optax.adamw(
+                schedule,
+                b1=oc.b1,
+                b2=oc.b2,
+                eps=oc.eps,
+                weight_decay=oc.weight_decay,
+                mask=_decay_mask,
+            )
+        ]
+    else:
+        raise ValueError(
+            f"Unknown optimizer {oc.name!r} (config.optimizer.name). Known: sgd, adam, adamw."
+        )
+    return optax.chain(*clip, *l2, *base)

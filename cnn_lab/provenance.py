@@ -1,0 +1,54 @@
+"""What produced a run: code version, library versions and devices, stored in config.json."""
+
+import importlib.metadata
+import subprocess
+from pathlib import Path
+
+import jax
+from jax.sharding import Mesh
+
+_PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-datasets",
+    "tensorflow-cpu",
+    "ml-collections",
+)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect(mesh: Mesh) -> dict:
+    """Git commit (and whether the tree had changes), package versions, devices of `mesh`."""
+    status = _git("status", "--porcelain")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "versions": {p: _version(p) for p in _PACKAGES},
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "device_count": int(mesh.size),
+        "process_count": jax.process_count(),
+    }

@@ -1,0 +1,37 @@
+"""Data parallelism: one mesh axis over every device of every host, batch split along it."""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: every device of every process)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimizer state, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) axis split over the data axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:
+    """Fail early, and say what to change, when `batch_size` does not split over the devices."""
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"{what}={batch_size} does not split over {mesh.size} devices. Use a multiple of "
+            f"{mesh.size}, e.g. {what}={max(mesh.size, batch_size // mesh.size * mesh.size)}."
+        )
+
+
+def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """The global batch (sharded over the data axis) from this process's rows of it."""
+    sharding = batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

@@ -1,0 +1,46 @@
+"""TrainState: the one pytree that is jitted, donated and checkpointed."""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly; all leaves are arrays."""
+
+    step: jax.Array  # () int32: optimizer steps taken.
+    params: Any
+    batch_stats: Any  # BatchNorm running statistics ({} for models without BN).
+    opt_state: optax.OptState
+    rng: jax.Array  # (2,) uint32 base key; step keys are fold_in(rng, step).
+    plateau: optax.OptState  # Reduce-on-plateau state; its scale multiplies every update.
+    best_val_accuracy: jax.Array  # () float32, for early stopping.
+    best_val_epoch: jax.Array  # () int32, the epoch that reached it.
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    plateau: optax.GradientTransformation,
+    rng: jax.Array,
+    image_shape: tuple[int, int, int],
+) -> TrainState:
+    """A fresh state: parameters initialised from `rng` for images of `image_shape` (H, W, C)."""
+    init_rng, train_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=train_rng,
+        plateau=plateau.init({}),
+        best_val_accuracy=jnp.zeros((), jnp.float32),
+        best_val_epoch=jnp.zeros((), jnp.int32),
+    )

@@ -1,0 +1,265 @@
+"""Train and evaluate a config: `python -m cnn_lab.train --config=configs/<name>.py --workdir=<dir>`."""
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from cnn_lab import checkpoint, optim, provenance, sharding, steps
+from cnn_lab.data import loading, pipeline
+from cnn_lab.metric_writer import MetricWriter
+from cnn_lab.models import get_model
+from cnn_lab.state import TrainState, create_train_state
+
+
+def _load_data(
+    data_config: ml_collections.ConfigDict, num_classes: int
+) -> dict[str, pipeline.Split]:
+    found = loading.num_classes(
+        data_config.name, data_dir=data_config.data_dir, source_dir=data_config.source_dir
+    )
+    if found != num_classes:
+        raise ValueError(
+            f"Data set {data_config.name!r} has {found} classes but config.model.num_classes="
+            f"{num_classes}. Set --config.model.num_classes={found}."
+        )
+    splits = {"train": data_config.train_split, "val": data_config.validation_split}
+    splits["test"] = data_config.test_split
+    return {name: pipeline.load(data_config, split) for name, split in splits.items()}
+
+
+def evaluate(eval_fn, state: TrainState, split: pipeline.Split, config, mesh, desc: str) -> dict:
+    """Loss, top-1 (and top-5 past 5 classes) accuracy over every example of `split`."""
+    batches = pipeline.eval_batches(
+        split,
+        config.data,
+        config.eval.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    totals = None
+    show = config.train.progress_bar and jax.process_index() == 0
+    total_batches = math.ceil(len(split) / config.eval.batch_size)
+    for batch in tqdm(batches, desc=desc, total=total_batches, leave=False, disable=not show):
+        sums = eval_fn(state, sharding.to_global(batch, mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    result = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+    if config.model.num_classes > 5:
+        result["top5_accuracy"] = float(totals["correct_top5"]) / count
+    result["count"] = int(count)
+    return result
+
+
+def _record_validation(state: TrainState, accuracy: jax.Array, epoch: jax.Array, *, plateau):
+    _, plateau_state = plateau.update({}, state.plateau, value=1.0 - accuracy)
+    improved = accuracy > state.best_val_accuracy
+    return state.replace(
+        plateau=plateau_state,
+        best_val_accuracy=jnp.where(improved, accuracy, state.best_val_accuracy),
+        best_val_epoch=jnp.where(improved, epoch, state.best_val_epoch),
+    )
+
+
+def _mean_metrics(pending: list[dict], first_step: int) -> dict[str, float]:
+    stacked = jax.device_get(pending)
+    for offset, metrics in enumerate(stacked):
+        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+            raise FloatingPointError(
+                f"Non-finite loss or gradient at step {first_step + offset + 1} "
+                f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}). Training stopped; "
+                "the last checkpoint (saved before this step) is kept. Lower "
+                "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+            )
+    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train `config` in `workdir` (resuming from its checkpoints), then evaluate on test.
+
+    Returns the final validation and test metrics.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_lead = jax.process_index() == 0
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+    sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+
+    model = get_model(config.model)
+    data = _load_data(config.data, config.model.num_classes)
+    steps_per_epoch = pipeline.steps_per_epoch(len(data["train"]), config.train.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"The training split {config.data.train_split!r} has {len(data['train'])} examples, "
+            f"fewer than config.train.batch_size={config.train.batch_size}. Lower the batch size."
+        )
+    total_steps = config.train.num_epochs * steps_per_epoch
+
+    schedule = optim.make_schedule(
+        config.schedule,
+        config.optimizer.learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    plateau = optim.make_plateau(config.schedule)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+
+    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    init = jax.jit(
+        functools.partial(create_train_state, model, tx, plateau, image_shape=image_shape),
+        out_shardings=replicated,
+    )
+    state = init(jax.random.PRNGKey(config.seed))
+    manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
+    restored = checkpoint.restore_latest(manager, state)
+    state = restored if restored is not None else state
+    step = int(state.step)
+
+    writer = MetricWriter(workdir, enabled=is_lead)
+    if is_lead:
+        record = {"config": config.to_dict(), "provenance": provenance.collect(mesh)}
+        (workdir / "config.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        print(
+            model.tabulate(
+                jax.random.PRNGKey(0),
+                jnp.zeros((1, *image_shape)),
+                train=False,
+                console_kwargs={"width": 120},
+            )
+        )
+        print(
+            f"{config.model.name}: {n_params:,} parameters; {len(data['train'])} train, "
+            f"{len(data['val'])} val, {len(data['test'])} test examples; "
+            f"{mesh.size} device(s); "
+            + (f"resuming at step {step}" if restored else "from scratch")
+        )
+
+    train_step = jax.jit(
+        functools.partial(
+            steps.train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            label_smoothing=config.train.label_smoothing,
+        ),
+        in_shardings=(replicated, batch_sharded),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(steps.eval_step, model=model),
+        in_shardings=(replicated, batch_sharded),
+        out_shardings=replicated,
+    )
+    record_validation = jax.jit(
+        functools.partial(_record_validation, plateau=plateau), out_shardings=replicated
+    )
+
+    results = {}
+    for epoch in range(step // steps_per_epoch, config.train.num_epochs):
+        epoch_start = time.perf_counter()
+        batches = pipeline.train_batches(
+            data["train"],
+            config.data,
+            config.train.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            first_step=step % steps_per_epoch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=step % steps_per_epoch,
+            leave=False,
+            desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
+            disable=not (config.train.progress_bar and is_lead),
+        )
+        pending, window_start, window_step = [], time.perf_counter(), step
+        for batch in batches:
+            state, metrics = train_step(state, sharding.to_global(batch, mesh))
+            pending.append(metrics)
+            step += 1
+            bar.update()
+            if step % config.train.log_every_steps == 0 or step % steps_per_epoch == 0:
+                train_metrics = _mean_metrics(pending, window_step)
+                elapsed = time.perf_counter() - window_start
+                train_metrics["images_per_second"] = (
+                    len(pending) * config.train.batch_size / elapsed
+                )
+                writer.write(
+                    step=step, epoch=step / steps_per_epoch, split="train", metrics=train_metrics
+                )
+                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}")
+                pending, window_start, window_step = [], time.perf_counter(), step
+        bar.close()
+
+        val = evaluate(eval_fn, state, data["val"], config, mesh, "validation")
+        writer.write(step=step, epoch=step / steps_per_epoch, split="val", metrics=val)
+        state = record_validation(state, jnp.float32(val["accuracy"]), jnp.int32(epoch + 1))
+        checkpoint.save(manager, state, step)
+        if is_lead:
+            print(
+                f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
+                f"{train_metrics['loss']:.4f} acc {train_metrics['accuracy']:.4f} | val loss "
+                f"{val['loss']:.4f} acc {val['accuracy']:.4f} | lr "
+                f"{train_metrics['learning_rate']:.3g} | "
+                f"{train_metrics['images_per_second']:.0f} img/s | "
+                f"{time.perf_counter() - epoch_start:.1f}s"
+            )
+            writer.plot()
+        results["val"] = val
+        patience = config.train.early_stopping_patience
+        if patience is not None and epoch + 1 - int(state.best_val_epoch) >= patience:
+            if is_lead:
+                print(
+                    f"Early stopping: no validation gain for {patience} epochs "
+                    f"(best {float(state.best_val_accuracy):.4f} at epoch {int(state.best_val_epoch)})."
+                )
+            break
+
+    manager.wait_until_finished()
+    manager.close()
+    results["test"] = evaluate(eval_fn, state, data["test"], config, mesh, "test")
+    writer.write(step=step, epoch=step / steps_per_epoch, split="test", metrics=results["test"])
+    if is_lead:
+        writer.plot()
+        print(
+            f"test: loss {results['test']['loss']:.4f}, accuracy "
+            f"{results['test']['accuracy']:.4f} ({results['test']['count']} examples)"
+        )
+    return results
+
+
+def main() -> None:
+    """Command line: --config=<file>[:mode] with --config.<field>=<value> overrides, --workdir."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py).", lock_config=True
+    )
+    workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(argv: list[str]) -> None:
+        del argv
+        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch.
+        train_and_evaluate(config.value, workdir.value)
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Defaults shared by every config: each knob a user can set, with what it means."""
+
+import ml_collections
+from ml_collections import config_dict
+
+# Native image shape and per-channel statistics of the data sets cnn_lab knows.
+DATASETS = {
+    "digits": dict(channels=1, num_classes=10, mean=(0.3,), std=(0.38,)),
+    "mnist": dict(channels=1, num_classes=10, mean=(0.1307,), std=(0.3081,)),
+    "fashion_mnist": dict(channels=1, num_classes=10, mean=(0.286,), std=(0.353,)),
+    "cifar10": dict(
+        channels=3, num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616)
+    ),
+    "cifar100": dict(
+        channels=3, num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)
+    ),
+}
+
+
+def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
+    """All knobs with their defaults, for `dataset` resized to `image_size` x `image_size`."""
+    stats = DATASETS[dataset]
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Seeds parameter init, dropout and the data order.
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = dataset  # 'digits' (embedded) or any TFDS name.
+    config.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS's default.
+    config.data.source_dir = config_dict.placeholder(
+        str
+    )  # Raw files to prepare from (fashion_mnist IDX); None: search known places.
+    config.data.train_split = "train[:90%]"  # TFDS split string trained on.
+    config.data.validation_split = (
+        "train[90%:]"  # Carved from train: model selection never sees test.
+    )
+    config.data.test_split = "test"  # Evaluated once, at the end.
+    config.data.image_size = image_size  # Images are resized to this square side.
+    config.data.channels = stats["channels"]  # Channels of the images (1 grey, 3 RGB).
+    config.data.random_crop_padding = (
+        0  # Training: zero-pad by this many pixels, crop back at random (0: off).
+    )
+    config.data.mean = stats["mean"]  # Per-channel mean of pixels in [0, 1], subtracted.
+    config.data.std = stats["std"]  # Per-channel std of pixels in [0, 1], divided by.
+
+    config.model = ml_collections.ConfigDict()
+    config.model.num_classes = stats["num_classes"]  # Must match the data set's classes.
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "sgd"  # sgd | adam | adamw.
+    config.optimizer.learning_rate = 0.1  # Peak learning rate (after warm-up).
+    config.optimizer.momentum = 0.9  # sgd: momentum (0 for plain SGD).
+    config.optimizer.nesterov = True  # sgd: Nesterov momentum.
+    config.optimizer.b1 = 0.9  # adam/adamw: first-moment decay.
+    config.optimizer.b2 = 0.999  # adam/adamw: second-moment decay.
+    config.optimizer.eps = 1e-8  # adam/adamw: denominator epsilon.
+    config.optimizer.weight_decay = 5e-4  # On kernels only: L2 for sgd/adam, decoupled for adamw.
+    config.optimizer.grad_clip_norm = config_dict.placeholder(
+        float
+    )  # Clip global grad norm; None: off.
+
+    config.schedule = ml_collections.ConfigDict()
+    config.schedule.name = "cosine"  # constant | piecewise | cosine | plateau.
+    config.schedule.warmup_epochs = 0.0  # Linear warm-up from 0 (cosine, piecewise, constant).
+    config.schedule.decay_epochs = ()  # piecewise: epochs at which the rate is multiplied by decay_factor.
+    config.schedule.decay_factor = 0.1  # piecewise and plateau: multiplier at each decay.
+    config.schedule.plateau_patience = 3  # plateau: epochs without validation gain before decaying.
+    config.schedule.plateau_min_delta = (
+        1e-3  # plateau: smaller validation-accuracy gains do not count.
+    )
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 128  # Global batch over all devices and hosts.
+    config.train.num_epochs = 30  # Length of training.
+    config.train.label_smoothing = 0.0  # Mass moved from the label to the uniform distribution.
+    config.train.log_every_steps = 50  # Train metrics are averaged and written this often.
+    config.train.early_stopping_patience = config_dict.placeholder(
+        int
+    )  # Stop after this many epochs without validation gain; None: off.
+    config.train.progress_bar = True  # tqdm bars for training and evaluation.
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 512  # Global eval batch; the last partial batch is padded and masked.
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.keep = 3  # Latest checkpoints kept.
+    return config
+
+
+def apply_mode(config: ml_collections.ConfigDict, mode: str | None) -> ml_collections.ConfigDict:
+    """`mode="smoke"`: a few steps on slices of the splits, for tests and debugging."""
+    if mode is None:
+        return config
+    if mode != "smoke":
+        raise ValueError(f"Unknown config mode {mode!r}: use ':smoke' or nothing.")
+    config.data.train_split = "train[:512]"
+    config.data.validation_split = "train[-256:]"
+    config.data.test_split = "test[:256]"
+    config.train.num_epochs = 2
+    config.train.log_every_steps = 2
+    config.train.progress_bar = False
+    return config

@@ -1,0 +1,23 @@
+"""The classic 2-conv ConvNet on Fashion-MNIST (28x28 grey, 60k train / 10k test).
+
+    python -m cnn_lab.train --config=configs/convnet_fashion_mnist.py --workdir=runs/convnet_fmnist
+
+Offline: `apt-get install dataset-fashion-mnist` provides the original IDX files, which
+cnn_lab prepares into TFDS format on first use (or set config.data.source_dir).
+"""
+
+from configs import common
+
+
+def get_config(mode: str | None = None):
+    config = common.get_base_config("fashion_mnist", image_size=28)
+    config.model.name = "convnet"
+    config.model.hidden_size = 1024  # Units of the fully connected layer.
+    config.model.dropout_rate = 0.5  # Before the classifier.
+    config.optimizer.name = "adamw"
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.weight_decay = 1e-4
+    config.schedule.warmup_epochs = 0.5
+    config.train.num_epochs = 15
+    config.train.log_every_steps = 100
+    return common.apply_mode(config, mode)

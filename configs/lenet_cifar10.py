@@ -1,0 +1,20 @@
+"""LeNet-5 on CIFAR-10 (32x32 RGB).
+
+    python -m cnn_lab.train --config=configs/lenet_cifar10.py --workdir=runs/lenet_cifar10
+
+Needs CIFAR-10 prepared in TFDS format (`tfds build cifar10` on a machine with internet).
+"""
+
+from configs import common
+
+
+def get_config(mode: str | None = None):
+    config = common.get_base_config("cifar10", image_size=32)
+    config.model.name = "lenet5"
+    config.model.activation = "relu"  # The 1998 net: tanh.
+    config.model.pooling = "max"  # The 1998 net: avg.
+    config.optimizer.learning_rate = 0.05
+    config.schedule.warmup_epochs = 1.0
+    config.train.num_epochs = 30
+    config.train.log_every_steps = 100
+    return common.apply_mode(config, mode)

@@ -1,0 +1,20 @@
+"""LeNet-5 on the embedded digits data (the default run).
+
+    python -m cnn_lab.train --config=configs/lenet_digits.py --workdir=runs/lenet_digits
+
+2 CPU cores: about a minute; test accuracy ~0.99 (see README's results table).
+`--config=configs/lenet_digits.py:smoke` trains for a few steps (tests, debugging).
+"""
+
+from configs import common
+
+
+def get_config(mode: str | None = None):
+    config = common.get_base_config("digits", image_size=32)
+    config.model.name = "lenet5"
+    config.model.activation = "relu"  # The 1998 net: tanh.
+    config.model.pooling = "max"  # The 1998 net: avg.
+    config.optimizer.learning_rate = 0.05
+    config.schedule.warmup_epochs = 1.0
+    config.train.num_epochs = 40
+    return common.apply_mode(config, mode)

@@ -1,0 +1,18 @@
+"""LeNet-5 on Fashion-MNIST, resized to the 32x32 input of the 1998 paper.
+
+python -m cnn_lab.train --config=configs/lenet_fashion_mnist.py --workdir=runs/lenet_fmnist
+"""
+
+from configs import common
+
+
+def get_config(mode: str | None = None):
+    config = common.get_base_config("fashion_mnist", image_size=32)
+    config.model.name = "lenet5"
+    config.model.activation = "relu"  # The 1998 net: tanh.
+    config.model.pooling = "max"  # The 1998 net: avg.
+    config.optimizer.learning_rate = 0.05
+    config.schedule.warmup_epochs = 0.5
+    config.train.num_epochs = 15
+    config.train.log_every_steps = 100
+    return common.apply_mode(config, mode)

@@ -1,0 +1,115 @@
+"""The sharded train and eval steps: same results on 1 and 8 devices, no recompilation."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cnn_lab import optim, sharding, steps
+from cnn_lab.models import get_model
+from cnn_lab.state import create_train_state
+
+
+def _setup(model_config, devices):
+    mesh = sharding.make_mesh(devices)
+    model = get_model(ml_collections.ConfigDict(model_config))
+    schedule = optim.make_schedule(
+        ml_collections.ConfigDict(dict(name="constant", warmup_epochs=0.0)),
+        0.1,
+        steps_per_epoch=10,
+        total_steps=10,
+    )
+    tx = optim.make_optimizer(
+        ml_collections.ConfigDict(
+            dict(name="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, grad_clip_norm=None)
+        ),
+        schedule,
+    )
+    plateau = optim.make_plateau(
+        ml_collections.ConfigDict(
+            dict(decay_factor=0.1, plateau_patience=2, plateau_min_delta=1e-3)
+        )
+    )
+    repl, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    state = jax.jit(
+        functools.partial(create_train_state, model, tx, plateau, image_shape=(8, 8, 1)),
+        out_shardings=repl,
+    )(jax.random.PRNGKey(0))
+    train_step = jax.jit(
+        functools.partial(
+            steps.train_step, model=model, tx=tx, schedule=schedule, label_smoothing=0.1
+        ),
+        in_shardings=(repl, batch),
+        out_shardings=(repl, repl),
+    )
+    eval_step = jax.jit(
+        functools.partial(steps.eval_step, model=model),
+        in_shardings=(repl, batch),
+        out_shardings=repl,
+    )
+    return mesh, state, train_step, eval_step
+
+
+def _batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(n, 8, 8, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, n).astype(np.int32),
+    }
+
+
+# A model with dropout, so the step RNG is exercised too.
+CONVNET = dict(name="convnet", num_classes=10, hidden_size=32, dropout_rate=0.5)
+
+
+def test_eight_devices_match_one_device():
+    assert jax.device_count() == 8
+    runs = {}
+    for n in (1, 8):
+        mesh, state, train_step, _ = _setup(CONVNET, jax.devices()[:n])
+        for i in range(3):
+            state, metrics = train_step(state, sharding.to_global(_batch(seed=i), mesh))
+        runs[n] = (jax.device_get(state.params), float(metrics["loss"]))
+        assert state.params["Dense_0"]["kernel"].sharding.is_fully_replicated
+    chex.assert_trees_all_close(runs[1][0], runs[8][0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(runs[1][1], runs[8][1], rtol=1e-5)
+
+
+def test_train_step_compiles_once_and_changes_params():
+    mesh, state, train_step, _ = _setup(CONVNET, jax.devices())
+    before = jax.device_get(state.params)
+    for i in range(3):
+        state, _ = train_step(state, sharding.to_global(_batch(seed=i), mesh))
+    assert train_step._cache_size() == 1
+    assert int(state.step) == 3
+    moved = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), before, jax.device_get(state.params)
+    )
+    assert all(jax.tree.leaves(moved))
+
+
+def test_dropout_keys_differ_per_step():
+    _mesh, state, _train_step, _ = _setup(CONVNET, jax.devices()[:1])
+    keys = [steps.step_rngs(state.replace(step=jnp.int32(s)))["dropout"] for s in (0, 1)]
+    assert not np.array_equal(keys[0], keys[1])
+
+
+def test_batch_size_not_divisible_by_devices_is_a_clear_error():
+    mesh = sharding.make_mesh(jax.devices())
+    with pytest.raises(
+        ValueError, match=r"batch_size=12 does not split over 8 devices.*multiple of 8"
+    ):
+        sharding.check_batch_size(12, mesh, "config.train.batch_size")
+
+
+def test_eval_step_counts_only_real_rows():
+    mesh, state, _, eval_step = _setup(CONVNET, jax.devices())
+    batch = _batch(16)
+    batch["mask"] = np.arange(16) < 11
+    sums = eval_step(state, sharding.to_global(batch, mesh))
+    assert float(sums["count"]) == 11
+    assert 0 <= float(sums["correct"]) <= 11

@@ -1,32 +1,239 @@
-"""Orbax checkpoints of the TrainState in `<workdir>/checkpoints/<step>`."""
+"""Orbax checkpoints of the TrainState: latest K, best apart, resume from the newest valid step.
 
+Layout in a workdir: `checkpoints/<step>/` (the latest `keep` steps; resume reads these),
+`best/<step>/` (the step with the best validation accuracy, in its own manager, so keeping
+it can never evict the latest), `broken_checkpoints/` (steps that failed to restore or
+validate, moved aside with a warning rather than deleted). Each step directory holds one
+Orbax PyTree item, `default`, readable without cnn_lab:
+`orbax.checkpoint.StandardCheckpointer().restore("<workdir>/checkpoints/<step>/default")`.
+"""
+
+import shutil
+import time
+import warnings
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
-from cnn_lab.state import TrainState
+from cnn_lab import workdir as workdir_lib
+from cnn_lab.models import get_model
 
-CHECKPOINT_DIR = "checkpoints"
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+BROKEN_DIR = "broken_checkpoints"
 
 
-def make_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
-    """A manager keeping the latest `keep` steps; no `best_fn`, so the newest is never evicted."""
+class CheckpointError(RuntimeError):
+    """A workdir's checkpoints cannot be used for this run; the message says why and what to do."""
+
+
+def make_manager(directory: Path, keep: int | None = None) -> ocp.CheckpointManager:
+    """Keeps the latest `keep` steps; `keep=None` opens it read-only (evaluation, inspection).
+
+    No `best_fn`: with one, Orbax deletes the newest step when its metric is worse.
+    """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        max_to_keep=keep,
+        create=keep is not None,
+        read_only=keep is None,
+        cleanup_tmp_directories=keep is not None,
     )
-    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+    return ocp.CheckpointManager(
+        Path(directory).absolute(), item_handlers=ocp.PyTreeCheckpointHandler(), options=options
+    )
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
-    """Start saving `state` as `step` (asynchronously; the manager waits before the next save)."""
-    manager.save(step, args=ocp.args.StandardSave(state))
+def save(manager: ocp.CheckpointManager, state, step: int) -> None:
+    """Start saving `state` as `step`; the host copy is taken before this returns (async write)."""
+    manager.save(step, args=ocp.args.PyTreeSave(state))
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> TrainState | None:
-    """The newest saved state, placed like `target` (shapes, dtypes, shardings); None if none."""
-    step = manager.latest_step()
-    if step is None:
-        return None
+def _flat(tree) -> dict[tuple[str, ...], object]:
+    return ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
+
+
+def _layout(leaf) -> tuple[tuple[int, ...], np.dtype]:
+    return tuple(leaf.shape), np.dtype(leaf.dtype)
+
+
+def incompatibilities(saved_metadata, target, *, partial: bool = False) -> list[str]:
+    """Where a saved tree (Orbax metadata) differs from `target` in structure, shape or dtype.
+
+    With `partial`, entries saved but absent from `target` are fine (they are not read).
+    """
+    saved, wanted = _flat(saved_metadata), _flat(target)
+    problems = [f"{'/'.join(k)} is missing from the checkpoint" for k in wanted.keys() - saved]
+    if not partial:
+        problems += [f"{'/'.join(k)} is in the checkpoint only" for k in saved.keys() - wanted]
+    for key in wanted.keys() & saved.keys():
+        if _layout(saved[key]) != _layout(wanted[key]):
+            (s_shape, s_dtype), (w_shape, w_dtype) = _layout(saved[key]), _layout(wanted[key])
+            problems.append(
+                f"{'/'.join(key)}: saved {s_shape} {s_dtype}, this run has {w_shape} {w_dtype}"
+            )
+    return sorted(problems)
+
+
+def _nonfinite(tree) -> list[str]:
+    flat = _flat(tree)
+    floats = {k: v for k, v in flat.items() if jnp.issubdtype(v.dtype, jnp.floating)}
+    finite = jax.device_get({k: jnp.all(jnp.isfinite(v)) for k, v in floats.items()})
+    return [f"{'/'.join(k)} has non-finite values" for k, ok in finite.items() if not ok]
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, target, *, partial: bool = False):
+    """Step `step` placed like `target` (a tree of arrays or ShapeDtypeStructs with shardings).
+
+    Saved dtypes are kept (not cast to the target's), so a caller can validate them.
+    With `partial`, only the subtrees present in `target` are read.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+    return manager.restore(
+        step,
+        args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=partial
+        ),
+    )
+
+
+def _move_aside(
+    manager: ocp.CheckpointManager, step: int, reasons: list[str], *, repair: bool
+) -> None:
+    if not repair:  # Readers (evaluation scripts) skip damaged steps but never move files.
+        warnings.warn(
+            f"Checkpoint step {step} in {manager.directory} is damaged "
+            f"({'; '.join(reasons)[:500]}); skipping it.",
+            stacklevel=3,
+        )
+        return
+    source = Path(manager.directory) / str(step)
+    broken = Path(manager.directory).parent / BROKEN_DIR
+    broken.mkdir(exist_ok=True)
+    destination = broken / f"{Path(manager.directory).name}-{step}-{int(time.time())}"
+    shutil.move(str(source), str(destination))
+    warnings.warn(
+        f"Checkpoint step {step} in {manager.directory} is damaged ({'; '.join(reasons)[:500]}); "
+        f"moved it to {destination} and trying the next older step.",
+        stacklevel=3,
+    )
+    manager.reload()
+
+
+def restore_newest_valid(
+    manager: ocp.CheckpointManager,
+    target,
+    *,
+    partial: bool = False,
+    repair: bool = True,
+    steps: list[int] | None = None,
+):
+    """The newest step that restores and validates against `target`; None if there are none.
+
+    Validation: tree structure, shapes and dtypes as in `target`, and finite values.
+    Damaged steps (unreadable, half-written or half-deleted, non-finite) are moved aside
+    (only skipped without `repair`) and the next older one is tried. `steps` limits the
+    candidates. A readable step that does not fit `target` (another model
+    or optimizer) raises CheckpointError: that is a config problem, not damage.
+    """
+    for step in sorted(manager.all_steps() if steps is None else steps, reverse=True):
+        try:
+            metadata = manager.item_metadata(step).tree
+        except Exception as error:  # Orbax raises many types for damaged metadata.
+            _move_aside(
+                manager,
+                step,
+                [f"metadata unreadable: {type(error).__name__}: {error}"],
+                repair=repair,
+            )
+            continue
+        if metadata is None:
+            _move_aside(manager, step, ["metadata missing"], repair=repair)
+            continue
+        problems = incompatibilities(metadata, target, partial=partial)
+        if problems:
+            raise CheckpointError(
+                f"Checkpoint step {step} in {manager.directory} does not fit this run: "
+                f"{'; '.join(problems[:10])}. It was written by a different model or optimizer "
+                "config. Use a new --workdir, or the config that wrote it (its config.json)."
+            )
+        try:
+            state = restore_step(manager, step, target, partial=partial)
+            damage = _nonfinite(state)
+        except Exception as error:  # Truncated or missing files surface as many error types.
+            damage = [f"{type(error).__name__}: {error}"]
+        if not damage:
+            return state
+        _move_aside(manager, step, damage, repair=repair)
+    return None
+
+
+def load_run(
+    workdir: str | Path, checkpoint: str | int = "best", params: str = "raw"
+) -> tuple[nn.Module, dict, ml_collections.ConfigDict]:
+    """(model, variables, config) of a finished or running run, on CPU, for inference.
+
+    `model.apply(variables, images, train=False)` gives logits (B, num_classes) for images
+    (B, H, W, C) preprocessed as in `config.data`. `checkpoint` is "best" (validation
+    accuracy), "latest" or a step number. Only the parameters and BatchNorm statistics are
+    read (no optimizer state); files are never modified.
+    """
+    model, variables, config, _ = restore_for_inference(workdir, checkpoint, params)
+    return model, variables, config
+
+
+def restore_for_inference(
+    workdir: str | Path, checkpoint: str | int = "best", params: str = "raw"
+) -> tuple[nn.Module, dict, ml_collections.ConfigDict, int]:
+    """As `load_run`, plus the step that was restored."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"Workdir {workdir} does not exist. Pass the --workdir of a run.")
+    config = workdir_lib.read_config(workdir)
+    if params != "raw":
+        raise ValueError(f"params={params!r}: this run keeps only 'raw' parameters.")
+    model = get_model(config.model)
+    shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+    )
+    target = {
+        "params": variables["params"],
+        "batch_stats": variables.get("batch_stats", {}),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), target)
+    directory = workdir / (BEST_DIR if checkpoint == "best" else LATEST_DIR)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{workdir} has no {directory.name}/ directory: the run has not saved a "
+            f"{'best ' if checkpoint == 'best' else ''}checkpoint yet."
+        )
+    with make_manager(directory) as manager:
+        available = sorted(manager.all_steps())
+        if isinstance(checkpoint, int) or str(checkpoint).isdigit():
+            wanted = int(checkpoint)
+            if wanted not in available:
+                raise CheckpointError(
+                    f"{workdir} has no checkpoint at step {wanted}. Saved steps: {available}; "
+                    "or use --checkpoint=best / latest."
+                )
+            available = [wanted]
+        elif checkpoint not in ("best", "latest"):
+            raise ValueError(f"checkpoint={checkpoint!r}: use 'best', 'latest' or a step number.")
+        restored = restore_newest_valid(
+            manager, target, partial=True, repair=False, steps=available
+        )
+    if restored is None:
+        raise CheckpointError(
+            f"{directory} holds no valid checkpoint (steps found: {available}). The run has "
+            "not saved one yet, or they are damaged."
+        )
+    step = int(restored.pop("step"))
+    return model, restored, config, step

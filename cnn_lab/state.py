@@ -22,6 +22,11 @@ class TrainState:
     best_val_accuracy: jax.Array  # () float32, for early stopping.
     best_val_epoch: jax.Array  # () int32, the epoch that reached it.
 
+    @property
+    def variables(self) -> dict:
+        """What `model.apply` needs for inference."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
 
 def create_train_state(
     model: nn.Module,

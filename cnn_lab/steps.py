@@ -19,6 +19,21 @@ def step_rngs(state: TrainState) -> dict[str, jax.Array]:
     return dict(zip(RNG_STREAMS, jax.random.split(key, len(RNG_STREAMS)), strict=True))
 
 
+def sown_metrics(intermediates: dict) -> Metrics:
+    """The mean of every scalar a model sowed under a name starting with "ode_", by name.
+
+    Models sow into the "intermediates" collection (`self.sow("intermediates", name, x)`),
+    e.g. an ODE block its function evaluations as "ode_nfe"; several blocks sowing the same
+    name are averaged. A model that sows nothing gives {}.
+    """
+    values: dict[str, list[jax.Array]] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(intermediates):
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        if name.startswith("ode_"):
+            values.setdefault(name, []).append(jnp.asarray(leaf, jnp.float32))
+    return {name: jnp.mean(jnp.stack(v)) for name, v in sorted(values.items())}
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -36,12 +51,14 @@ def train_step(
             batch["image"],
             train=True,
             rngs=step_rngs(state),
-            mutable=["batch_stats"],
+            mutable=["batch_stats", "intermediates"],
         )
         loss = jnp.mean(losses.cross_entropy(logits, batch["label"], label_smoothing))
-        return loss, (logits, updates.get("batch_stats", {}))
+        return loss, (logits, updates.get("batch_stats", {}), updates.get("intermediates", {}))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats, sown)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     scale = state.plateau.scale
     updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
@@ -56,20 +73,29 @@ def train_step(
         "accuracy": jnp.mean(losses.topk_correct(logits, batch["label"])),
         "learning_rate": schedule(state.step) * scale,
         "grad_norm": optax.tree.norm(grads),
+        **sown_metrics(sown),
     }
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, model: nn.Module) -> Metrics:
-    """Sums over the real rows (batch["mask"]) of a padded batch: loss, correct, top5, count."""
-    logits = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
-    )
+def eval_step(variables: dict, batch: Batch, *, model: nn.Module) -> Metrics:
+    """Sums over the real rows (batch["mask"]) of a padded batch.
+
+    Returns loss, correct, correct_top5, count (scalars) and class_correct, class_count (K,);
+    sown "ode_*" scalars (one per batch) weighted by the batch's real rows, so that summed over
+    batches and divided by count they are means per example.
+    """
+    logits, sown = model.apply(variables, batch["image"], train=False, mutable=["intermediates"])
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
+    correct = losses.topk_correct(logits, labels) * mask
+    in_class = jax.nn.one_hot(labels, logits.shape[-1]) * mask[:, None]  # (B, K)
     return {
         "loss": jnp.sum(losses.cross_entropy(logits, labels) * mask),
-        "correct": jnp.sum(losses.topk_correct(logits, labels) * mask),
+        "correct": jnp.sum(correct),
         "correct_top5": jnp.sum(losses.topk_correct(logits, labels, 5) * mask),
         "count": jnp.sum(mask),
+        "class_correct": jnp.sum(in_class * correct[:, None], axis=0),
+        "class_count": jnp.sum(in_class, axis=0),
+        **{k: v * jnp.sum(mask) for k, v in sown_metrics(sown.get("intermediates", {})).items()},
     }

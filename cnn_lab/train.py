@@ -1,8 +1,14 @@
-"""Train and evaluate a config: `python -m cnn_lab.train --config=configs/<name>.py --workdir=<dir>`."""
+"""Train and evaluate a config: `python -m cnn_lab.train --config=configs/<name>.py --workdir=<dir>`.
 
+Resume order: re-running on a workdir continues from its newest checkpoint that restores
+and validates (damaged ones are moved aside); with none, training starts from scratch.
+"""
+
+import contextlib
 import functools
-import json
-import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,15 +19,26 @@ import numpy as np
 from tqdm import tqdm
 
 from cnn_lab import checkpoint, optim, provenance, sharding, steps
+from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import loading, pipeline
+from cnn_lab.evaluate import evaluate, make_eval_fn
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.models import get_model
 from cnn_lab.state import TrainState, create_train_state
 
+# Exit code of a run stopped by SIGTERM after saving: "temporary failure, run me again".
+PREEMPTED_EXIT_CODE = 75
 
-def _load_data(
-    data_config: ml_collections.ConfigDict, num_classes: int
-) -> dict[str, pipeline.Split]:
+
+class Preempted(Exception):
+    """SIGTERM (or a multi-host preemption notice) arrived; the state was saved at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"Preempted: saved a checkpoint at step {step}; rerun to resume.")
+        self.step = step
+
+
+def _load_data(data_config: ml_collections.ConfigDict, num_classes: int) -> dict:
     found = loading.num_classes(
         data_config.name, data_dir=data_config.data_dir, source_dir=data_config.source_dir
     )
@@ -30,33 +47,12 @@ def _load_data(
             f"Data set {data_config.name!r} has {found} classes but config.model.num_classes="
             f"{num_classes}. Set --config.model.num_classes={found}."
         )
-    splits = {"train": data_config.train_split, "val": data_config.validation_split}
-    splits["test"] = data_config.test_split
+    splits = {
+        "train": data_config.train_split,
+        "val": data_config.validation_split,
+        "test": data_config.test_split,
+    }
     return {name: pipeline.load(data_config, split) for name, split in splits.items()}
-
-
-def evaluate(eval_fn, state: TrainState, split: pipeline.Split, config, mesh, desc: str) -> dict:
-    """Loss, top-1 (and top-5 past 5 classes) accuracy over every example of `split`."""
-    batches = pipeline.eval_batches(
-        split,
-        config.data,
-        config.eval.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    totals = None
-    show = config.train.progress_bar and jax.process_index() == 0
-    total_batches = math.ceil(len(split) / config.eval.batch_size)
-    for batch in tqdm(batches, desc=desc, total=total_batches, leave=False, disable=not show):
-        sums = eval_fn(state, sharding.to_global(batch, mesh))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = float(totals["count"])
-    result = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
-    if config.model.num_classes > 5:
-        result["top5_accuracy"] = float(totals["correct_top5"]) / count
-    result["count"] = int(count)
-    return result
 
 
 def _record_validation(state: TrainState, accuracy: jax.Array, epoch: jax.Array, *, plateau):
@@ -70,22 +66,43 @@ def _record_validation(state: TrainState, accuracy: jax.Array, epoch: jax.Array,
 
 
 def _mean_metrics(pending: list[dict], first_step: int) -> dict[str, float]:
+    """Average a window of step metrics; halt on the first non-finite loss or gradient."""
     stacked = jax.device_get(pending)
     for offset, metrics in enumerate(stacked):
         if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
             raise FloatingPointError(
                 f"Non-finite loss or gradient at step {first_step + offset + 1} "
                 f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}). Training stopped; "
-                "the last checkpoint (saved before this step) is kept. Lower "
+                "checkpoints saved before this step are kept. Lower "
                 "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
             )
     return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+@contextlib.contextmanager
+def _sigterm_flag():
+    """An Event set by SIGTERM while the block runs (signals only reach the main thread)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    allow_config_changes: tuple[str, ...] = (),
+) -> dict:
     """Train `config` in `workdir` (resuming from its checkpoints), then evaluate on test.
 
-    Returns the final validation and test metrics.
+    `allow_config_changes` names config fields that may differ from the run being resumed.
+    Returns the final validation and test metrics. Raises Preempted after a SIGTERM save.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -93,8 +110,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
-
     model = get_model(config.model)
+
+    latest = checkpoint.make_manager(workdir / checkpoint.LATEST_DIR, config.checkpoint.keep)
+    if latest.all_steps() and (workdir / workdir_lib.CONFIG_FILE).exists():
+        workdir_lib.check_resumable(workdir, config, allow_config_changes)
+
     data = _load_data(config.data, config.model.num_classes)
     steps_per_epoch = pipeline.steps_per_epoch(len(data["train"]), config.train.batch_size)
     if steps_per_epoch == 0:
@@ -103,7 +124,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"fewer than config.train.batch_size={config.train.batch_size}. Lower the batch size."
         )
     total_steps = config.train.num_epochs * steps_per_epoch
-
     schedule = optim.make_schedule(
         config.schedule,
         config.optimizer.learning_rate,
@@ -120,16 +140,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         out_shardings=replicated,
     )
     state = init(jax.random.PRNGKey(config.seed))
-    manager = checkpoint.make_manager(workdir, config.checkpoint.keep)
-    restored = checkpoint.restore_latest(manager, state)
+    restored = checkpoint.restore_newest_valid(latest, state)
     state = restored if restored is not None else state
     step = int(state.step)
+    best = checkpoint.make_manager(workdir / checkpoint.BEST_DIR, 1)
 
     writer = MetricWriter(workdir, enabled=is_lead)
     if is_lead:
-        record = {"config": config.to_dict(), "provenance": provenance.collect(mesh)}
-        (workdir / "config.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
-        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        workdir_lib.write_config(workdir, config, provenance.collect(mesh))
         print(
             model.tabulate(
                 jax.random.PRNGKey(0),
@@ -138,11 +156,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 console_kwargs={"width": 120},
             )
         )
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
         print(
             f"{config.model.name}: {n_params:,} parameters; {len(data['train'])} train, "
-            f"{len(data['val'])} val, {len(data['test'])} test examples; "
-            f"{mesh.size} device(s); "
-            + (f"resuming at step {step}" if restored else "from scratch")
+            f"{len(data['val'])} val, {len(data['test'])} test examples; {mesh.size} "
+            f"device(s); " + (f"resuming at step {step}" if restored else "from scratch")
         )
 
     train_step = jax.jit(
@@ -157,81 +175,121 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(
-        functools.partial(steps.eval_step, model=model),
-        in_shardings=(replicated, batch_sharded),
-        out_shardings=replicated,
-    )
+    eval_fn = make_eval_fn(model, mesh)
     record_validation = jax.jit(
         functools.partial(_record_validation, plateau=plateau), out_shardings=replicated
     )
 
-    results = {}
-    for epoch in range(step // steps_per_epoch, config.train.num_epochs):
-        epoch_start = time.perf_counter()
-        batches = pipeline.train_batches(
-            data["train"],
+    def run_eval(split: str) -> dict:
+        return evaluate(
+            eval_fn,
+            state.variables,
+            data[split],
             config.data,
-            config.train.batch_size,
-            seed=config.seed,
-            epoch=epoch,
-            first_step=step % steps_per_epoch,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            config.eval.batch_size,
+            mesh,
+            progress=config.train.progress_bar,
+            desc=split,
         )
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=step % steps_per_epoch,
-            leave=False,
-            desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
-            disable=not (config.train.progress_bar and is_lead),
+
+    pending, window_start, window_step = [], time.perf_counter(), step
+    train_metrics: dict = {}
+
+    def flush() -> None:
+        """Write the pending window of train metrics (and stop on non-finite ones)."""
+        nonlocal pending, window_start, window_step, train_metrics
+        if not pending:
+            return
+        train_metrics = _mean_metrics(pending, window_step)
+        train_metrics["images_per_second"] = (
+            len(pending) * config.train.batch_size / (time.perf_counter() - window_start)
         )
+        writer.write(step=step, epoch=step / steps_per_epoch, split="train", metrics=train_metrics)
         pending, window_start, window_step = [], time.perf_counter(), step
-        for batch in batches:
-            state, metrics = train_step(state, sharding.to_global(batch, mesh))
-            pending.append(metrics)
-            step += 1
-            bar.update()
-            if step % config.train.log_every_steps == 0 or step % steps_per_epoch == 0:
-                train_metrics = _mean_metrics(pending, window_step)
-                elapsed = time.perf_counter() - window_start
-                train_metrics["images_per_second"] = (
-                    len(pending) * config.train.batch_size / elapsed
-                )
-                writer.write(
-                    step=step, epoch=step / steps_per_epoch, split="train", metrics=train_metrics
-                )
-                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}")
-                pending, window_start, window_step = [], time.perf_counter(), step
-        bar.close()
 
-        val = evaluate(eval_fn, state, data["val"], config, mesh, "validation")
-        writer.write(step=step, epoch=step / steps_per_epoch, split="val", metrics=val)
-        state = record_validation(state, jnp.float32(val["accuracy"]), jnp.int32(epoch + 1))
+    def save(manager) -> None:
+        flush()  # Checks the steps since the last check are finite before anything is saved.
         checkpoint.save(manager, state, step)
-        if is_lead:
-            print(
-                f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
-                f"{train_metrics['loss']:.4f} acc {train_metrics['accuracy']:.4f} | val loss "
-                f"{val['loss']:.4f} acc {val['accuracy']:.4f} | lr "
-                f"{train_metrics['learning_rate']:.3g} | "
-                f"{train_metrics['images_per_second']:.0f} img/s | "
-                f"{time.perf_counter() - epoch_start:.1f}s"
-            )
-            writer.plot()
-        results["val"] = val
-        patience = config.train.early_stopping_patience
-        if patience is not None and epoch + 1 - int(state.best_val_epoch) >= patience:
-            if is_lead:
-                print(
-                    f"Early stopping: no validation gain for {patience} epochs "
-                    f"(best {float(state.best_val_accuracy):.4f} at epoch {int(state.best_val_epoch)})."
-                )
-            break
 
-    manager.wait_until_finished()
-    manager.close()
-    results["test"] = evaluate(eval_fn, state, data["test"], config, mesh, "test")
+    results = {}
+    try:
+        with _sigterm_flag() as sigterm:
+            for epoch in range(step // steps_per_epoch, config.train.num_epochs):
+                epoch_start = time.perf_counter()
+                batches = pipeline.train_batches(
+                    data["train"],
+                    config.data,
+                    config.train.batch_size,
+                    seed=config.seed,
+                    epoch=epoch,
+                    first_step=step % steps_per_epoch,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                )
+                bar = tqdm(
+                    total=steps_per_epoch,
+                    initial=step % steps_per_epoch,
+                    leave=False,
+                    desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
+                    disable=not (config.train.progress_bar and is_lead),
+                )
+                for batch in batches:
+                    state, metrics = train_step(state, sharding.to_global(batch, mesh))
+                    pending.append(metrics)
+                    step += 1
+                    bar.update()
+                    if step % config.train.log_every_steps == 0:
+                        flush()
+                        bar.set_postfix(loss=f"{train_metrics['loss']:.4f}")
+                    preempted = (
+                        sigterm.is_set()
+                        if jax.process_count() == 1
+                        else (latest.reached_preemption(step))
+                    )
+                    if preempted:
+                        save(latest)
+                        raise Preempted(step)
+                    every = config.checkpoint.every_steps
+                    if every and step % every == 0 and step % steps_per_epoch:
+                        save(latest)
+                bar.close()
+                flush()
+
+                val = run_eval("val")
+                val.pop("per_class_accuracy")
+                writer.write(step=step, epoch=step / steps_per_epoch, split="val", metrics=val)
+                improved = val["accuracy"] > float(state.best_val_accuracy) or epoch == 0
+                state = record_validation(state, jnp.float32(val["accuracy"]), jnp.int32(epoch + 1))
+                save(latest)
+                if improved:
+                    save(best)
+                if is_lead:
+                    print(
+                        f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
+                        f"{train_metrics['loss']:.4f} acc {train_metrics['accuracy']:.4f} | "
+                        f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} | lr "
+                        f"{train_metrics['learning_rate']:.3g} | "
+                        f"{train_metrics['images_per_second']:.0f} img/s | "
+                        f"{time.perf_counter() - epoch_start:.1f}s"
+                    )
+                    writer.plot()
+                results["val"] = val
+                patience = config.train.early_stopping_patience
+                if patience is not None and epoch + 1 - int(state.best_val_epoch) >= patience:
+                    if is_lead:
+                        print(
+                            f"Early stopping: no validation gain for {patience} epochs (best "
+                            f"{float(state.best_val_accuracy):.4f} at epoch "
+                            f"{int(state.best_val_epoch)})."
+                        )
+                    break
+    finally:
+        # Whatever stopped the loop, let saves already started (of good states) complete.
+        for manager in (latest, best):
+            manager.wait_until_finished()
+            manager.close()
+
+    results["test"] = run_eval("test")
     writer.write(step=step, epoch=step / steps_per_epoch, split="test", metrics=results["test"])
     if is_lead:
         writer.plot()
@@ -251,12 +309,19 @@ def main() -> None:
         "config", None, "Config file (configs/*.py).", lock_config=True
     )
     workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+    allow = flags.DEFINE_list(
+        "allow_config_changes", [], "Config fields that may differ from the run being resumed."
+    )
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch.
-        train_and_evaluate(config.value, workdir.value)
+        try:
+            train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))
+        except Preempted as preempted:
+            print(preempted, file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
 
     app.run(run)
 

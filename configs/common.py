@@ -14,6 +14,9 @@ DATASETS = {
     "cifar100": dict(
         channels=3, num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)
     ),
+    "imagenet2012": dict(
+        channels=3, num_classes=1000, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    ),
 }
 
 
@@ -82,7 +85,8 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.eval.batch_size = 512  # Global eval batch; the last partial batch is padded and masked.
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.keep = 3  # Latest checkpoints kept.
+    config.checkpoint.keep = 3  # Latest checkpoints kept (the best is kept apart, in best/).
+    config.checkpoint.every_steps = 0  # Also save every this many steps (0: at epoch ends only).
     return config
 
 

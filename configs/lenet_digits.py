@@ -14,7 +14,11 @@ def get_config(mode: str | None = None):
     config.model.name = "lenet5"
     config.model.activation = "relu"  # The 1998 net: tanh.
     config.model.pooling = "max"  # The 1998 net: avg.
-    config.optimizer.learning_rate = 0.05
+    config.data.random_crop_padding = 3  # Shifts of up to 3 of 32 pixels.
+    config.optimizer.name = "adamw"
+    config.optimizer.learning_rate = 2e-3
+    config.optimizer.weight_decay = 0.05
     config.schedule.warmup_epochs = 1.0
+    config.train.label_smoothing = 0.1
     config.train.num_epochs = 40
     return common.apply_mode(config, mode)

@@ -110,6 +110,10 @@ def test_eval_step_counts_only_real_rows():
     mesh, state, _, eval_step = _setup(CONVNET, jax.devices())
     batch = _batch(16)
     batch["mask"] = np.arange(16) < 11
-    sums = eval_step(state, sharding.to_global(batch, mesh))
+    sums = eval_step(state.variables, sharding.to_global(batch, mesh))
     assert float(sums["count"]) == 11
     assert 0 <= float(sums["correct"]) <= 11
+    np.testing.assert_array_equal(
+        sums["class_count"], np.bincount(batch["label"][:11], minlength=10)
+    )
+    assert float(sums["class_correct"].sum()) == float(sums["correct"])

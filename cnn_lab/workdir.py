@@ -1,0 +1,84 @@
+"""A run's config.json: the resolved config with provenance, and what may change on resume."""
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+
+# Changing these never changes what is trained, so a resumed run may always change them.
+ALWAYS_CHANGEABLE = (
+    "train.log_every_steps",
+    "train.progress_bar",
+    "eval.batch_size",
+    "checkpoint.keep",
+    "checkpoint.every_steps",
+    "data.data_dir",
+    "data.source_dir",
+)
+
+
+def write_config(workdir: Path, config: ml_collections.ConfigDict, provenance: dict) -> None:
+    """Write config.json: {"config": the resolved config, "provenance": ...}, atomically."""
+    record = {"config": config.to_dict(), "provenance": provenance}
+    tmp = Path(workdir) / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=list) + "\n")
+    tmp.replace(Path(workdir) / CONFIG_FILE)  # A kill mid-write leaves the old file intact.
+
+
+def read_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was trained with (lists as tuples, as config files write them)."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{workdir} holds no cnn_lab run ({CONFIG_FILE} not found). Pass the --workdir "
+            "of a run started with `python -m cnn_lab.train`."
+        )
+    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())["config"]))
+
+
+def _tuples(value):
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(
+    saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict
+) -> dict[str, tuple]:
+    """{"a.b": (saved value, new value)} for every field that differs between two configs."""
+    old = _flatten(_tuples(json.loads(json.dumps(saved.to_dict(), default=list))))
+    cur = _flatten(_tuples(json.loads(json.dumps(new.to_dict(), default=list))))
+    return {
+        k: (old.get(k), cur.get(k))
+        for k in sorted(old.keys() | cur.keys())
+        if old.get(k) != cur.get(k)
+    }
+
+
+def check_resumable(
+    workdir: Path, config: ml_collections.ConfigDict, allowed: tuple[str, ...] = ()
+) -> None:
+    """Raise ValueError naming each field that differs from the run in `workdir`, unless allowed."""
+    changes = config_changes(read_config(workdir), config)
+    refused = {k: v for k, v in changes.items() if k not in (*ALWAYS_CHANGEABLE, *allowed)}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ValueError(
+            f"{workdir} holds a run trained with a different config ({listed}). Resuming would "
+            "mix two experiments. Use a new --workdir for the new config, or, if the change is "
+            f"intended (e.g. more epochs), pass --allow_config_changes={','.join(refused)}."
+        )

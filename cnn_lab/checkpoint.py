@@ -26,6 +26,7 @@ from cnn_lab.models import get_model
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 BROKEN_DIR = "broken_checkpoints"
+_MUST_BE_FINITE = ("batch_stats", "opt_state")
 
 
 class CheckpointError(RuntimeError):
@@ -80,7 +81,9 @@ def incompatibilities(saved_metadata, target, *, partial: bool = False) -> list[
 
 
 def _nonfinite(tree) -> list[str]:
-    flat = _flat(tree)
+    # Weights, statistics and optimizer moments must be finite; bookkeeping such as the
+    # plateau tracker's "best so far" legitimately starts at infinity.
+    flat = {k: v for k, v in _flat(tree).items() if k[0] in _MUST_BE_FINITE or "params" in k[0]}
     floats = {k: v for k, v in flat.items() if jnp.issubdtype(v.dtype, jnp.floating)}
     finite = jax.device_get({k: jnp.all(jnp.isfinite(v)) for k, v in floats.items()})
     return [f"{'/'.join(k)} has non-finite values" for k, ok in finite.items() if not ok]

@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,7 +126,10 @@ def main() -> None:
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)
-        results = [evaluate_run(w, which.value, split.value) for w in workdirs.value]
+        try:
+            results = [evaluate_run(w, which.value, split.value) for w in workdirs.value]
+        except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
+            sys.exit(f"error: {error}")  # The message says what to change; no traceback.
         print(format_table(results))
 
     app.run(run)

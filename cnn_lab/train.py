@@ -205,6 +205,12 @@ def train_and_evaluate(
             len(pending) * config.train.batch_size / (time.perf_counter() - window_start)
         )
         writer.write(step=step, epoch=step / steps_per_epoch, split="train", metrics=train_metrics)
+        # ODE blocks (models/ode.py) report solves that stopped at max_steps short of t1.
+        if is_lead and train_metrics.get("ode_max_steps_reached", 0.0) > 0:
+            print(
+                f"Warning: steps {window_step + 1}-{step}: an ODE solve reached max_steps before"
+                " t1; raise config.model.max_steps or loosen config.model.rtol/atol."
+            )
         pending, window_start, window_step = [], time.perf_counter(), step
 
     def save(manager) -> None:
@@ -322,6 +328,13 @@ def main() -> None:
         except Preempted as preempted:
             print(preempted, file=sys.stderr)
             sys.exit(PREEMPTED_EXIT_CODE)
+        except (
+            ValueError,
+            FileNotFoundError,
+            FloatingPointError,
+            checkpoint.CheckpointError,
+        ) as error:
+            sys.exit(f"error: {error}")  # The message says what to change; no traceback.
 
     app.run(run)
 

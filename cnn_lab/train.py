@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from cnn_lab import checkpoint, optim, provenance, sharding, steps
@@ -55,8 +56,17 @@ def _load_data(data_config: ml_collections.ConfigDict, num_classes: int) -> dict
     return {name: pipeline.load(data_config, split) for name, split in splits.items()}
 
 
-def _record_validation(state: TrainState, accuracy: jax.Array, epoch: jax.Array, *, plateau):
-    _, plateau_state = plateau.update({}, state.plateau, value=1.0 - accuracy)
+def record_validation(
+    state: TrainState,
+    accuracy: jax.Array,
+    epoch: jax.Array,
+    *,
+    plateau: optax.GradientTransformation | None,
+) -> TrainState:
+    """Track the best validation accuracy; with a `plateau` schedule, feed it too."""
+    plateau_state = state.plateau
+    if plateau is not None:  # Other schedules must not be cut when validation stalls.
+        _, plateau_state = plateau.update({}, state.plateau, value=1.0 - accuracy)
     improved = accuracy > state.best_val_accuracy
     return state.replace(
         plateau=plateau_state,
@@ -176,8 +186,11 @@ def train_and_evaluate(
         donate_argnums=0,
     )
     eval_fn = make_eval_fn(model, mesh)
-    record_validation = jax.jit(
-        functools.partial(_record_validation, plateau=plateau), out_shardings=replicated
+    validation_update = jax.jit(
+        functools.partial(
+            record_validation, plateau=plateau if config.schedule.name == "plateau" else None
+        ),
+        out_shardings=replicated,
     )
 
     def run_eval(split: str) -> dict:
@@ -265,7 +278,7 @@ def train_and_evaluate(
                 val.pop("per_class_accuracy")
                 writer.write(step=step, epoch=step / steps_per_epoch, split="val", metrics=val)
                 improved = val["accuracy"] > float(state.best_val_accuracy) or epoch == 0
-                state = record_validation(state, jnp.float32(val["accuracy"]), jnp.int32(epoch + 1))
+                state = validation_update(state, jnp.float32(val["accuracy"]), jnp.int32(epoch + 1))
                 save(latest)
                 if improved:
                     save(best)

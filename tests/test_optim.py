@@ -62,3 +62,31 @@ def test_plateau_divides_by_ten_after_patience():
         scales.append(float(state.scale))
     assert scales[:3] == [1.0, 1.0, 1.0]
     assert scales[3] == pytest.approx(0.1)
+
+
+def test_only_the_plateau_schedule_is_cut_by_stalled_validation():
+    from cnn_lab.state import TrainState
+    from cnn_lab.train import record_validation
+
+    plateau = optim.make_plateau(
+        ml_collections.ConfigDict(
+            dict(decay_factor=0.1, plateau_patience=1, plateau_min_delta=1e-3)
+        )
+    )
+    scales = {}
+    for name, transform in (("plateau", plateau), ("cosine", None)):
+        state = TrainState(
+            step=0,
+            params={},
+            batch_stats={},
+            opt_state=(),
+            rng=None,
+            plateau=plateau.init({}),
+            best_val_accuracy=jnp.float32(0),
+            best_val_epoch=jnp.int32(0),
+        )
+        for epoch in range(1, 5):
+            state = record_validation(state, jnp.float32(0.5), jnp.int32(epoch), plateau=transform)
+        scales[name] = float(state.plateau.scale)
+        assert int(state.best_val_epoch) == 1
+    assert scales == {"plateau": pytest.approx(0.001), "cosine": 1.0}

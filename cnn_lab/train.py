@@ -254,6 +254,12 @@ def train_and_evaluate(
                 )
                 for batch in batches:
                     state, metrics = train_step(state, sharding.to_global(batch, mesh))
+                    if pending:
+                        # At most two steps in flight: the host prepares the next batch while
+                        # the devices compute, and XLA never has a long queue of steps whose
+                        # cross-device collectives could interleave (seen to deadlock with
+                        # 8 CPU devices on 2 cores).
+                        jax.block_until_ready(pending[-1])
                     pending.append(metrics)
                     step += 1
                     bar.update()

@@ -1,0 +1,176 @@
+"""Measure a config's step speed and checkpoint cost: `python -m cnn_lab.benchmark --config=...`.
+
+Synthetic batches already on the devices isolate the compiled steps from the input
+pipeline. Figures are medians over timed windows after warm-up, with their spread.
+"""
+
+import functools
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from cnn_lab import checkpoint, optim, sharding, steps
+from cnn_lab.evaluate import make_eval_fn
+from cnn_lab.models import get_model
+from cnn_lab.state import create_train_state
+
+
+def _timed_windows(run_window, windows: int) -> list[float]:
+    times = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        run_window()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def benchmark(
+    config: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    steps_per_window: int = 10,
+    windows: int = 5,
+) -> dict:
+    """Train/eval images per second, compile seconds and checkpoint save ms of `config`."""
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(batch_size, mesh, "--batch_size")
+    sharding.check_batch_size(eval_batch_size, mesh, "--eval_batch_size")
+    model = get_model(config.model)
+    schedule = optim.make_schedule(
+        config.schedule, config.optimizer.learning_rate, steps_per_epoch=100, total_steps=10_000
+    )
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    plateau = optim.make_plateau(config.schedule)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    state = jax.jit(
+        functools.partial(create_train_state, model, tx, plateau, image_shape=shape),
+        out_shardings=replicated,
+    )(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+
+    def batch(n, with_mask=False):
+        b = {
+            "image": rng.normal(size=(n, *shape)).astype(np.float32),
+            "label": rng.integers(0, config.model.num_classes, n).astype(np.int32),
+        }
+        if with_mask:
+            b["mask"] = np.ones(n, bool)
+        return jax.device_put(b, batch_sharded)
+
+    train_step = jax.jit(
+        functools.partial(
+            steps.train_step, model=model, tx=tx, schedule=schedule, label_smoothing=0.0
+        ),
+        in_shardings=(replicated, batch_sharded),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    train_batch = batch(batch_size)
+    start = time.perf_counter()
+    compiled = train_step.lower(state, train_batch).compile()
+    compile_seconds = time.perf_counter() - start
+    holder = {"state": state}
+
+    def train_window():
+        s = holder["state"]
+        for _ in range(steps_per_window):
+            s, metrics = compiled(s, train_batch)
+        jax.block_until_ready(metrics)
+        holder["state"] = s
+
+    train_window()  # warm-up
+    train_times = _timed_windows(train_window, windows)
+
+    eval_fn = make_eval_fn(model, mesh)
+    eval_batch = batch(eval_batch_size, with_mask=True)
+    variables = holder["state"].variables
+
+    def eval_window():
+        for _ in range(steps_per_window):
+            sums = eval_fn(variables, eval_batch)
+        jax.block_until_ready(sums)
+
+    eval_window()
+    eval_times = _timed_windows(eval_window, windows)
+
+    with tempfile.TemporaryDirectory() as directory:
+        manager = checkpoint.make_manager(Path(directory), keep=2)
+        blocking, total = [], []
+        for step in range(1, windows + 2):
+            start = time.perf_counter()
+            checkpoint.save(manager, holder["state"], step)
+            blocking.append(time.perf_counter() - start)
+            manager.wait_until_finished()
+            total.append(time.perf_counter() - start)
+        manager.close()
+
+    def rate(times, n):
+        values = [n * steps_per_window / t for t in times]
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    return {
+        "model": config.model.name,
+        "image_shape": list(shape),
+        "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "devices": mesh.size,
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size,
+        "compile_seconds": compile_seconds,
+        "train_images_per_second": rate(train_times, batch_size),
+        "eval_images_per_second": rate(eval_times, eval_batch_size),
+        # The first save also creates directories and compiles; report the steady state.
+        "checkpoint_blocking_ms": 1000 * statistics.median(blocking[1:]),
+        "checkpoint_total_ms": 1000 * statistics.median(total[1:]),
+    }
+
+
+def format_result(r: dict) -> str:
+    """A few lines a person can read."""
+    t, e = r["train_images_per_second"], r["eval_images_per_second"]
+    return (
+        f"{r['model']} {tuple(r['image_shape'])}, {r['parameters']:,} params, "
+        f"{r['devices']} {r['device_kind']} device(s)\n"
+        f"  train (batch {r['batch_size']}): {t['median']:.0f} img/s "
+        f"[{t['min']:.0f}-{t['max']:.0f}]; compile {r['compile_seconds']:.1f} s\n"
+        f"  eval (batch {r['eval_batch_size']}): {e['median']:.0f} img/s "
+        f"[{e['min']:.0f}-{e['max']:.0f}]\n"
+        f"  checkpoint save: {r['checkpoint_blocking_ms']:.0f} ms blocking, "
+        f"{r['checkpoint_total_ms']:.0f} ms until written"
+    )
+
+
+def main() -> None:
+    """Command line: --config, --batch_size, --eval_batch_size, --json."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    batch_size = flags.DEFINE_integer("batch_size", 128, "Global train batch.")
+    eval_batch_size = flags.DEFINE_integer("eval_batch_size", 512, "Global eval batch.")
+    output = flags.DEFINE_string("json", None, "Also write the figures here.")
+    flags.mark_flags_as_required(["config"])
+
+    def run(argv: list[str]) -> None:
+        del argv
+        logging.set_verbosity(logging.WARNING)
+        result = benchmark(
+            config.value, batch_size=batch_size.value, eval_batch_size=eval_batch_size.value
+        )
+        print(format_result(result))
+        if output.value:
+            Path(output.value).write_text(json.dumps(result, indent=2) + "\n")
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

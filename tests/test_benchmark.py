@@ -1,0 +1,16 @@
+"""The benchmark measures what it says on a tiny config."""
+
+from cnn_lab.benchmark import benchmark, format_result
+from configs import mlp_digits
+
+
+def test_benchmark_reports_rates_compile_time_and_checkpoint_cost():
+    config = mlp_digits.get_config()
+    result = benchmark(config, batch_size=16, eval_batch_size=32, steps_per_window=2, windows=2)
+    assert result["parameters"] == 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+    for key in ("train_images_per_second", "eval_images_per_second"):
+        rate = result[key]
+        assert 0 < rate["min"] <= rate["median"] <= rate["max"]
+    assert result["compile_seconds"] > 0
+    assert 0 < result["checkpoint_blocking_ms"] <= result["checkpoint_total_ms"]
+    assert "img/s" in format_result(result)

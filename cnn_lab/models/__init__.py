@@ -9,6 +9,7 @@ from cnn_lab.models.alexnet import AlexNet
 from cnn_lab.models.convnet import ConvNet
 from cnn_lab.models.lenet import LeNet5
 from cnn_lab.models.mlp import MLP
+from cnn_lab.models.ode import ODENet, ODEResNet
 from cnn_lab.models.resnet import ResNet
 from cnn_lab.models.vgg import VGG
 
@@ -19,6 +20,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "alexnet": AlexNet,
     "vgg": VGG,
     "resnet": ResNet,
+    "odenet": ODENet,
+    "ode_resnet": ODEResNet,
 }
 
 # Every random stream a model may draw from; the train step supplies a key for each.

@@ -80,7 +80,8 @@ def incompatibilities(saved_metadata, target, *, partial: bool = False) -> list[
     return sorted(problems)
 
 
-def _nonfinite(tree) -> list[str]:
+def nonfinite(tree) -> list[str]:
+    """Which weights, statistics or optimizer moments of `tree` hold NaN or infinity."""
     # Weights, statistics and optimizer moments must be finite; bookkeeping such as the
     # plateau tracker's "best so far" legitimately starts at infinity.
     flat = {k: v for k, v in _flat(tree).items() if k[0] in _MUST_BE_FINITE or "params" in k[0]}
@@ -144,7 +145,8 @@ def restore_newest_valid(
     candidates. A readable step that does not fit `target` (another model
     or optimizer) raises CheckpointError: that is a config problem, not damage.
     """
-    for step in sorted(manager.all_steps() if steps is None else steps, reverse=True):
+    candidates = sorted(manager.all_steps() if steps is None else steps, reverse=True)
+    for step in candidates:
         try:
             metadata = manager.item_metadata(step).tree
         except Exception as error:  # Orbax raises many types for damaged metadata.
@@ -167,17 +169,23 @@ def restore_newest_valid(
             )
         try:
             state = restore_step(manager, step, target, partial=partial)
-            damage = _nonfinite(state)
+            damage = nonfinite(state)
         except Exception as error:  # Truncated or missing files surface as many error types.
             damage = [f"{type(error).__name__}: {error}"]
         if not damage:
             return state
         _move_aside(manager, step, damage, repair=repair)
+    if candidates and repair:
+        raise CheckpointError(
+            f"None of the checkpoint steps {candidates} in {manager.directory} restores; they "
+            f"were moved to {Path(manager.directory).parent / BROKEN_DIR} (see the warnings for "
+            "why). Rerun to start this run from scratch, or use a new --workdir."
+        )
     return None
 
 
 def load_run(
-    workdir: str | Path, checkpoint: str | int = "best", params: str = "raw"
+    workdir: str | Path, checkpoint: str | int = "best"
 ) -> tuple[nn.Module, dict, ml_collections.ConfigDict]:
     """(model, variables, config) of a finished or running run, on CPU, for inference.
 
@@ -186,20 +194,18 @@ def load_run(
     accuracy), "latest" or a step number. Only the parameters and BatchNorm statistics are
     read (no optimizer state); files are never modified.
     """
-    model, variables, config, _ = restore_for_inference(workdir, checkpoint, params)
+    model, variables, config, _ = restore_for_inference(workdir, checkpoint)
     return model, variables, config
 
 
 def restore_for_inference(
-    workdir: str | Path, checkpoint: str | int = "best", params: str = "raw"
+    workdir: str | Path, checkpoint: str | int = "best"
 ) -> tuple[nn.Module, dict, ml_collections.ConfigDict, int]:
     """As `load_run`, plus the step that was restored."""
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"Workdir {workdir} does not exist. Pass the --workdir of a run.")
     config = workdir_lib.read_config(workdir)
-    if params != "raw":
-        raise ValueError(f"params={params!r}: this run keeps only 'raw' parameters.")
     model = get_model(config.model)
     shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])

@@ -81,12 +81,11 @@ def evaluate_run(workdir: str | Path, checkpoint_name: str = "best", split: str 
     """Restore a run's checkpoint, evaluate it on `split`, write eval_<checkpoint>_<split>.json."""
     model, variables, config, step = checkpoint.restore_for_inference(workdir, checkpoint_name)
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.eval.batch_size, mesh, "eval batch size")
+    # Padding and masking make any batch size exact: round up to split over these devices.
+    batch_size = -(-config.eval.batch_size // mesh.size) * mesh.size
     data = pipeline.load(config.data, split_string(config.data, split))
     variables = jax.device_put(variables, sharding.replicated(mesh))
-    result = evaluate(
-        make_eval_fn(model, mesh), variables, data, config.data, config.eval.batch_size, mesh
-    )
+    result = evaluate(make_eval_fn(model, mesh), variables, data, config.data, batch_size, mesh)
     result = {
         "workdir": str(workdir),
         "checkpoint": checkpoint_name,

@@ -17,10 +17,22 @@ class MetricWriter:
     Only one process of a multi-host run should write: pass `enabled=False` on the others.
     """
 
-    def __init__(self, workdir: Path, *, enabled: bool = True):
+    def __init__(self, workdir: Path, *, enabled: bool = True, resume_step: int = 0):
+        """`resume_step`: records after it (written before a crash) are dropped and rewritten."""
         self.workdir = Path(workdir)
         self.enabled = enabled
-        self._tb = SummaryWriter(str(self.workdir / "tensorboard")) if enabled else None
+        self._tb = None
+        if enabled:
+            path = self.workdir / METRICS_FILE
+            kept = [
+                r
+                for r in read_metrics(self.workdir)
+                if r["step"] <= resume_step and r["split"] != "test"
+            ]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(path)
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, *, step: int, epoch: float, split: str, metrics: dict[str, float]) -> None:
         """Record `metrics` of `split` ("train", "val" or "test") at `step`."""

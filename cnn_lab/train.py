@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cnn_lab import checkpoint, optim, provenance, sharding, steps
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import loading, pipeline
-from cnn_lab.evaluate import evaluate, make_eval_fn
+from cnn_lab.evaluate import evaluate, make_eval_fn, split_string
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.models import get_model
 from cnn_lab.state import TrainState, create_train_state
@@ -48,12 +48,10 @@ def _load_data(data_config: ml_collections.ConfigDict, num_classes: int) -> dict
             f"Data set {data_config.name!r} has {found} classes but config.model.num_classes="
             f"{num_classes}. Set --config.model.num_classes={found}."
         )
-    splits = {
-        "train": data_config.train_split,
-        "val": data_config.validation_split,
-        "test": data_config.test_split,
+    return {
+        name: pipeline.load(data_config, split_string(data_config, name))
+        for name in ("train", "val", "test")
     }
-    return {name: pipeline.load(data_config, split) for name, split in splits.items()}
 
 
 def record_validation(
@@ -93,7 +91,8 @@ def _mean_metrics(pending: list[dict], first_step: int) -> dict[str, float]:
 def _sigterm_flag():
     """An Event set by SIGTERM while the block runs (signals only reach the main thread)."""
     flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    # Multi-host runs leave SIGTERM to JAX's preemption notifier (read through Orbax).
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
         yield flag
         return
     previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
@@ -155,7 +154,7 @@ def train_and_evaluate(
     step = int(state.step)
     best = checkpoint.make_manager(workdir / checkpoint.BEST_DIR, 1)
 
-    writer = MetricWriter(workdir, enabled=is_lead)
+    writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
     if is_lead:
         workdir_lib.write_config(workdir, config, provenance.collect(mesh))
         print(
@@ -191,6 +190,7 @@ def train_and_evaluate(
             record_validation, plateau=plateau if config.schedule.name == "plateau" else None
         ),
         out_shardings=replicated,
+        donate_argnums=0,
     )
 
     def run_eval(split: str) -> dict:
@@ -228,12 +228,34 @@ def train_and_evaluate(
 
     def save(manager) -> None:
         flush()  # Checks the steps since the last check are finite before anything is saved.
+        damage = checkpoint.nonfinite(state)
+        if damage:
+            raise FloatingPointError(
+                f"Non-finite state at step {step} ({'; '.join(damage[:5])}); not saved, training "
+                "stopped, earlier checkpoints kept. Lower config.optimizer.learning_rate or set "
+                "config.optimizer.grad_clip_norm."
+            )
         checkpoint.save(manager, state, step)
 
+    def preempted(at_step: int) -> bool:
+        if jax.process_count() > 1:  # Orbax agrees on preemption across hosts.
+            return latest.reached_preemption(at_step)
+        return sigterm.is_set()
+
+    # A kill between the latest and the best save of an epoch leaves best/ behind: catch up.
+    best_step = int(state.best_val_epoch) * steps_per_epoch
+    if restored is not None and best_step == step and best.latest_step() != step:
+        checkpoint.save(best, state, step)
+
     results = {}
+    patience = config.train.early_stopping_patience
+    stopped_early = (  # A rerun of a run that stopped early goes straight to the test.
+        patience is not None and step // steps_per_epoch - int(state.best_val_epoch) >= patience
+    )
+    last_epoch = step // steps_per_epoch if stopped_early else config.train.num_epochs
     try:
         with _sigterm_flag() as sigterm:
-            for epoch in range(step // steps_per_epoch, config.train.num_epochs):
+            for epoch in range(step // steps_per_epoch, last_epoch):
                 epoch_start = time.perf_counter()
                 batches = pipeline.train_batches(
                     data["train"],
@@ -266,16 +288,13 @@ def train_and_evaluate(
                     if step % config.train.log_every_steps == 0:
                         flush()
                         bar.set_postfix(loss=f"{train_metrics['loss']:.4f}")
-                    preempted = (
-                        sigterm.is_set()
-                        if jax.process_count() == 1
-                        else (latest.reached_preemption(step))
-                    )
-                    if preempted:
+                    if step % steps_per_epoch == 0:
+                        break  # The epoch's end: validation, then its save (and preemption).
+                    if preempted(step):
                         save(latest)
                         raise Preempted(step)
                     every = config.checkpoint.every_steps
-                    if every and step % every == 0 and step % steps_per_epoch:
+                    if every and step % every == 0:
                         save(latest)
                 bar.close()
                 flush()
@@ -283,10 +302,9 @@ def train_and_evaluate(
                 val = run_eval("val")
                 val.pop("per_class_accuracy")
                 writer.write(step=step, epoch=step / steps_per_epoch, split="val", metrics=val)
-                improved = val["accuracy"] > float(state.best_val_accuracy) or epoch == 0
                 state = validation_update(state, jnp.float32(val["accuracy"]), jnp.int32(epoch + 1))
                 save(latest)
-                if improved:
+                if int(state.best_val_epoch) == epoch + 1:
                     save(best)
                 if is_lead:
                     print(
@@ -299,7 +317,6 @@ def train_and_evaluate(
                     )
                     writer.plot()
                 results["val"] = val
-                patience = config.train.early_stopping_patience
                 if patience is not None and epoch + 1 - int(state.best_val_epoch) >= patience:
                     if is_lead:
                         print(
@@ -308,6 +325,8 @@ def train_and_evaluate(
                             f"{int(state.best_val_epoch)})."
                         )
                     break
+                if preempted(step):
+                    raise Preempted(step)
     finally:
         # Whatever stopped the loop, let saves already started (of good states) complete.
         for manager in (latest, best):

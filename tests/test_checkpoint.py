@@ -169,9 +169,14 @@ def test_no_valid_checkpoint_is_a_clear_error_not_a_crash_loop(tmp_path, data_di
         for f in step_dir.rglob("*"):
             if f.is_file():
                 f.write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="moved it"):
-        train_and_evaluate(_config(data_dir, num_epochs=1), workdir)  # starts afresh
+    with (
+        pytest.warns(UserWarning, match="moved it"),
+        pytest.raises(checkpoint.CheckpointError, match=r"None of the checkpoint steps \[16, 12\]"),
+    ):
+        train_and_evaluate(_config(data_dir, num_epochs=1), workdir)
     assert len(list((workdir / checkpoint.BROKEN_DIR).iterdir())) == 2
+    results = train_and_evaluate(_config(data_dir, num_epochs=1), workdir)  # rerun: afresh
+    assert results["test"]["count"] == 256
 
 
 def _config(data_dir, **train):

@@ -95,3 +95,16 @@ def make_optimizer(
             f"Unknown optimizer {oc.name!r} (config.optimizer.name). Known: sgd, adam, adamw."
         )
     return optax.chain(*clip, *l2, *base)
+
+
+def from_config(
+    config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int
+) -> tuple[optax.Schedule, optax.GradientTransformation, optax.GradientTransformation]:
+    """(schedule, optimizer, plateau tracker) of a whole run config."""
+    schedule = make_schedule(
+        config.schedule,
+        config.optimizer.learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+    return schedule, make_optimizer(config.optimizer, schedule), make_plateau(config.schedule)

@@ -1,5 +1,6 @@
 """TrainState: the one pytree that is jitted, donated and checkpointed."""
 
+import functools
 from typing import Any
 
 import flax
@@ -7,6 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+
+from cnn_lab import sharding
 
 
 @flax.struct.dataclass
@@ -49,3 +53,16 @@ def create_train_state(
         best_val_accuracy=jnp.zeros((), jnp.float32),
         best_val_epoch=jnp.zeros((), jnp.int32),
     )
+
+
+def init_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    plateau: optax.GradientTransformation,
+    rng: jax.Array,
+    image_shape: tuple[int, int, int],
+    mesh: Mesh,
+) -> TrainState:
+    """`create_train_state`, jitted so the state is created replicated over `mesh`."""
+    create = functools.partial(create_train_state, model, tx, plateau, image_shape=image_shape)
+    return jax.jit(create, out_shardings=sharding.replicated(mesh))(rng)

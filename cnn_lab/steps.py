@@ -1,11 +1,15 @@
 """train_step and eval_step: pure functions of (state, batch), jitted once by the caller."""
 
+import functools
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from cnn_lab import losses
+from cnn_lab import losses, sharding
 from cnn_lab.models import RNG_STREAMS
 from cnn_lab.state import TrainState
 
@@ -76,6 +80,26 @@ def train_step(
         **sown_metrics(sown),
     }
     return new_state, metrics
+
+
+def jit_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    *,
+    label_smoothing: float,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """train_step jitted over `mesh`: state replicated and donated, batch split on the data axis."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        functools.partial(
+            train_step, model=model, tx=tx, schedule=schedule, label_smoothing=label_smoothing
+        ),
+        in_shardings=(replicated, sharding.batch_sharded(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
 
 
 def eval_step(variables: dict, batch: Batch, *, model: nn.Module) -> Metrics:

@@ -25,7 +25,7 @@ from cnn_lab.data import loading, pipeline
 from cnn_lab.evaluate import evaluate, make_eval_fn, split_string
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.models import get_model
-from cnn_lab.state import TrainState, create_train_state
+from cnn_lab.state import TrainState, init_state
 
 # Exit code of a run stopped by SIGTERM after saving: "temporary failure, run me again".
 PREEMPTED_EXIT_CODE = 75
@@ -133,22 +133,11 @@ def train_and_evaluate(
             f"fewer than config.train.batch_size={config.train.batch_size}. Lower the batch size."
         )
     total_steps = config.train.num_epochs * steps_per_epoch
-    schedule = optim.make_schedule(
-        config.schedule,
-        config.optimizer.learning_rate,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
+    schedule, tx, plateau = optim.from_config(
+        config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )
-    tx = optim.make_optimizer(config.optimizer, schedule)
-    plateau = optim.make_plateau(config.schedule)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-
-    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    init = jax.jit(
-        functools.partial(create_train_state, model, tx, plateau, image_shape=image_shape),
-        out_shardings=replicated,
-    )
-    state = init(jax.random.PRNGKey(config.seed))
+    state = init_state(model, tx, plateau, jax.random.PRNGKey(config.seed), image_shape, mesh)
     restored = checkpoint.restore_newest_valid(latest, state)
     state = restored if restored is not None else state
     step = int(state.step)
@@ -172,24 +161,15 @@ def train_and_evaluate(
             f"device(s); " + (f"resuming at step {step}" if restored else "from scratch")
         )
 
-    train_step = jax.jit(
-        functools.partial(
-            steps.train_step,
-            model=model,
-            tx=tx,
-            schedule=schedule,
-            label_smoothing=config.train.label_smoothing,
-        ),
-        in_shardings=(replicated, batch_sharded),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
+    train_step = steps.jit_train_step(
+        model, tx, schedule, mesh, label_smoothing=config.train.label_smoothing
     )
     eval_fn = make_eval_fn(model, mesh)
     validation_update = jax.jit(
         functools.partial(
             record_validation, plateau=plateau if config.schedule.name == "plateau" else None
         ),
-        out_shardings=replicated,
+        out_shardings=sharding.replicated(mesh),
         donate_argnums=0,
     )
 

@@ -11,8 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.linalg
+import tiny_steps
 
-from cnn_lab import optim, sharding, steps
+from cnn_lab import sharding, steps
 from cnn_lab.models import get_model
 from cnn_lab.models.ode import (
     ADAPTIVE_SOLVERS,
@@ -26,7 +27,6 @@ from cnn_lab.models.ode import (
     solve,
 )
 from cnn_lab.models.resnet import ResNet
-from cnn_lab.state import create_train_state
 from configs import common
 
 ALL_SOLVERS = (*FIXED_STEP_SOLVERS, *ADAPTIVE_SOLVERS)
@@ -324,51 +324,13 @@ TINY_ODENET = dict(name="odenet", num_classes=10, width=8, solver="dopri5", max_
 
 
 def _setup(model_config: dict, devices):
-    mesh = sharding.make_mesh(devices)
-    model = get_model(ml_collections.ConfigDict(model_config))
-    schedule = optim.make_schedule(
-        ml_collections.ConfigDict(dict(name="constant", warmup_epochs=0.0)),
-        0.01,
-        steps_per_epoch=10,
-        total_steps=10,
+    return tiny_steps.setup(
+        model_config, devices, image_size=12, learning_rate=0.01, label_smoothing=0.0
     )
-    tx = optim.make_optimizer(
-        ml_collections.ConfigDict(
-            dict(name="sgd", momentum=0.9, nesterov=True, weight_decay=5e-4, grad_clip_norm=None)
-        ),
-        schedule,
-    )
-    plateau = optim.make_plateau(
-        ml_collections.ConfigDict(
-            dict(decay_factor=0.1, plateau_patience=2, plateau_min_delta=1e-3)
-        )
-    )
-    repl, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    state = jax.jit(
-        functools.partial(create_train_state, model, tx, plateau, image_shape=(12, 12, 1)),
-        out_shardings=repl,
-    )(jax.random.PRNGKey(0))
-    train_step = jax.jit(
-        functools.partial(
-            steps.train_step, model=model, tx=tx, schedule=schedule, label_smoothing=0.0
-        ),
-        in_shardings=(repl, batch),
-        out_shardings=(repl, repl),
-    )
-    eval_step = jax.jit(
-        functools.partial(steps.eval_step, model=model),
-        in_shardings=(repl, batch),
-        out_shardings=repl,
-    )
-    return mesh, state, train_step, eval_step
 
 
 def _batch(n=16, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "image": rng.normal(size=(n, 12, 12, 1)).astype(np.float32),
-        "label": rng.integers(0, 10, n).astype(np.int32),
-    }
+    return tiny_steps.batch(12, n, seed)
 
 
 def test_odenet_sharded_train_step_matches_one_device_and_reports_nfe():

@@ -62,7 +62,14 @@ def init_state(
     rng: jax.Array,
     image_shape: tuple[int, int, int],
     mesh: Mesh,
+    *,
+    abstract: bool = False,
 ) -> TrainState:
-    """`create_train_state`, jitted so the state is created replicated over `mesh`."""
+    """`create_train_state`, jitted so the state is created replicated over `mesh`.
+
+    With `abstract`, only its shapes, dtypes and shardings: a restore target that
+    allocates nothing.
+    """
     create = functools.partial(create_train_state, model, tx, plateau, image_shape=image_shape)
-    return jax.jit(create, out_shardings=sharding.replicated(mesh))(rng)
+    jitted = jax.jit(create, out_shardings=sharding.replicated(mesh))
+    return jitted.eval_shape(rng) if abstract else jitted(rng)

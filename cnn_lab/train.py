@@ -137,9 +137,11 @@ def train_and_evaluate(
         config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    state = init_state(model, tx, plateau, jax.random.PRNGKey(config.seed), image_shape, mesh)
-    restored = checkpoint.restore_newest_valid(latest, state)
-    state = restored if restored is not None else state
+    init = functools.partial(
+        init_state, model, tx, plateau, jax.random.PRNGKey(config.seed), image_shape, mesh
+    )
+    restored = checkpoint.restore_newest_valid(latest, init(abstract=True))
+    state = restored if restored is not None else init()
     step = int(state.step)
     best = checkpoint.make_manager(workdir / checkpoint.BEST_DIR, 1)
 

@@ -4,17 +4,18 @@ import functools
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from cnn_lab import checkpoint, sharding, steps
+from cnn_lab import averaging, checkpoint, predict, sharding, steps
 from cnn_lab.data import pipeline
 
 
@@ -67,6 +68,38 @@ def evaluate(
     return result
 
 
+def recompute_batch_stats(
+    model: nn.Module, variables: dict, batches: Iterable[pipeline.Batch], mesh: Mesh
+) -> dict:
+    """`variables` with BatchNorm statistics re-estimated over training `batches`.
+
+    Each statistic becomes the mean over the batches of its batch value (SWA's recipe for
+    averaged weights, whose activations match no single model's running statistics).
+    """
+    if not variables["batch_stats"]:
+        return variables
+    replicated = sharding.replicated(mesh)
+    stats_after = jax.jit(
+        functools.partial(steps.batch_stats_sums, model=model),
+        in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
+        out_shardings=replicated,
+    )
+    zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+    total, count = None, 0
+    for batch in batches:
+        images = sharding.to_global(batch, mesh)["image"]
+        from_zeros = stats_after(variables, images, zeros)  # (1 - m) * batch value
+        if total is None:
+            ones = jax.tree.map(jnp.ones_like, zeros)
+            momentum = jax.tree.map(jnp.subtract, stats_after(variables, images, ones), from_zeros)
+            total = from_zeros
+        else:
+            total = jax.tree.map(jnp.add, total, from_zeros)
+        count += 1
+    stats = jax.tree.map(lambda t, m: t / (count * (1.0 - m)), total, momentum)
+    return {**variables, "batch_stats": stats}
+
+
 def split_string(data_config: ml_collections.ConfigDict, split: str) -> str:
     """The TFDS split string of "train", "val" or "test" in this config; others pass through."""
     named = {
@@ -77,60 +110,217 @@ def split_string(data_config: ml_collections.ConfigDict, split: str) -> str:
     return named.get(split, split)
 
 
-def evaluate_run(workdir: str | Path, checkpoint_name: str = "best", split: str = "test") -> dict:
-    """Restore a run's checkpoint, evaluate it on `split`, write eval_<checkpoint>_<split>.json."""
-    model, variables, config, step = checkpoint.restore_for_inference(workdir, checkpoint_name)
+PREDICTIONS_DIR = "predictions"  # Cached log-probabilities of each evaluated model variant.
+
+
+def _row(
+    workdir: Path, model: str, checkpoint_name: str, members: list[np.ndarray], labels
+) -> dict:
+    """One table row: scores of the members' ensemble, and the members' own accuracy."""
+    row = {"workdir": str(workdir), "model": model, "checkpoint": checkpoint_name}
+    row |= predict.scores(predict.ensemble(members), labels)
+    row["members"] = len(members)
+    if len(members) > 1:
+        accuracies = [predict.scores(m, labels)["accuracy"] for m in members]
+        row["member_accuracies"] = accuracies
+        row["disagreement"] = predict.disagreement(members)
+    return row
+
+
+def evaluate_run(
+    workdir: str | Path,
+    checkpoint_name: str = "best",
+    split: str = "test",
+    variants: tuple[str, ...] | None = None,
+) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Table rows of a run's model variants on `split`; writes eval_<checkpoint>_<split>.json.
+
+    Variants: raw, each kept average (ema, polyak), the snapshot ensemble, and test-time
+    augmentations of the raw model (flip, crops, scales, mc_dropout) where they apply;
+    `variants` picks some. Predictions are cached in <workdir>/predictions/. Returns the
+    rows, and the raw model's log-probabilities (N, K) and labels (N,) for ensembles.
+    """
+    workdir = Path(workdir)
+    model, raw, config, step = checkpoint.restore_for_inference(workdir, checkpoint_name)
     mesh = sharding.make_mesh()
     # Padding and masking make any batch size exact: round up to split over these devices.
     batch_size = -(-config.eval.batch_size // mesh.size) * mesh.size
     data = pipeline.load(config.data, split_string(config.data, split))
-    variables = jax.device_put(variables, sharding.replicated(mesh))
-    result = evaluate(make_eval_fn(model, mesh), variables, data, config.data, batch_size, mesh)
-    result = {
-        "workdir": str(workdir),
-        "checkpoint": checkpoint_name,
-        "step": step,
-        "split": split,
-        **result,
-    }
-    name = f"eval_{checkpoint_name}_{split}.json".replace("/", "_").replace(":", "_")
-    (Path(workdir) / name).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
-
-def format_table(results: list[dict]) -> str:
-    """One row per evaluated run, then each run's per-class accuracy."""
-    header = f"{'workdir':<32} {'checkpoint':>12} {'split':>8} {'loss':>8} {'top-1':>7} {'top-5':>7} {'n':>7}"
-    lines = [header, "-" * len(header)]
-    for r in results:
-        top5 = f"{r['top5_accuracy']:.4f}" if "top5_accuracy" in r else "-"
-        lines.append(
-            f"{r['workdir'][-32:]:<32} {r['checkpoint'] + '@' + str(r['step']):>12} "
-            f"{r['split'][:8]:>8} {r['loss']:8.4f} {r['accuracy']:7.4f} {top5:>7} {r['count']:>7}"
+    def log_probs(name: str, variables: dict, variant: str = "plain") -> np.ndarray:
+        """Predictions of one model and variant, from the cache when they are there."""
+        detail = {
+            "crops": f"{config.eval.crop_fraction}{'-flip' if config.data.flip_preserves_label else ''}",
+            "scales": "-".join(map(str, config.eval.scales)),
+            "mc_dropout": str(config.eval.mc_dropout_samples),
+        }.get(variant, "")
+        key = f"{split}-{name}-{variant}{'-' + detail if detail else ''}"
+        path = workdir / PREDICTIONS_DIR / (key.replace("/", "_").replace(":", "_") + ".npy")
+        if path.exists():
+            return np.load(path)
+        fn = predict.make_predict_fn(
+            model,
+            variant,
+            image_size=config.data.image_size,
+            flip=config.data.flip_preserves_label,
+            crop_fraction=config.eval.crop_fraction,
+            scales=tuple(config.eval.scales),
+            mc_samples=config.eval.mc_dropout_samples,
         )
-    for r in results:
-        per_class = "  ".join(f"{k}: {a:.3f}" for k, a in enumerate(r["per_class_accuracy"]))
-        lines.append(f"per-class accuracy, {r['workdir'][-40:]}: {per_class}")
+        variables = jax.device_put(variables, sharding.replicated(mesh))
+        key = jax.random.PRNGKey(config.seed)
+        result, _ = predict.predict(fn, variables, data, config.data, batch_size, mesh, key)
+        if jax.process_index() == 0:
+            path.parent.mkdir(exist_ok=True)
+            temporary = path.with_suffix(".tmp.npy")
+            np.save(temporary, result)
+            temporary.replace(path)  # Never a half-written cache file.
+        return result
+
+    raw_name = f"{checkpoint_name}@{step}"
+    snapshot_steps = checkpoint.snapshot_steps(workdir)
+    if config.eval.snapshots:
+        snapshot_steps = snapshot_steps[-config.eval.snapshots :]
+    applicable = {
+        "raw": True,
+        **dict.fromkeys(averaging.from_config(config.averaging, steps_per_epoch=1).names, True),
+        "snapshots": bool(snapshot_steps),
+        "flip": config.data.flip_preserves_label,
+        "crops": True,
+        "scales": bool(config.eval.scales)
+        and all(
+            predict.accepts_size(model, raw, size, config.data.channels)
+            for size in config.eval.scales
+        ),
+        "mc_dropout": config.eval.mc_dropout_samples > 0
+        and predict.has_dropout(model, raw, image_shape),
+    }
+    wanted = [v for v, ok in applicable.items() if ok and (variants is None or v in variants)]
+    raw_log_probs = log_probs(raw_name, raw)
+    rows = []
+    for variant in wanted:
+        if variant == "raw":
+            rows.append(_row(workdir, "raw", raw_name, [raw_log_probs], data.labels))
+        elif variant in ("ema", "polyak"):
+            _, variables, _, _ = checkpoint.restore_for_inference(workdir, checkpoint_name, variant)
+            members = [log_probs(f"{raw_name}-{variant}", variables)]
+            rows.append(_row(workdir, variant, raw_name, members, data.labels))
+        elif variant == "snapshots":
+            members = [
+                log_probs(
+                    f"snapshot@{s}", checkpoint.restore_for_inference(workdir, f"snapshot:{s}")[1]
+                )
+                for s in snapshot_steps
+            ]
+            name = f"snapshot@{snapshot_steps[0]}..{snapshot_steps[-1]}"
+            rows.append(_row(workdir, f"snapshots({len(members)})", name, members, data.labels))
+        else:
+            members = [log_probs(raw_name, raw, variant)]
+            rows.append(_row(workdir, f"tta:{variant}", raw_name, members, data.labels))
+    correct = raw_log_probs.argmax(-1) == data.labels
+    per_class = [
+        float(np.mean(correct[data.labels == k])) if np.any(data.labels == k) else math.nan
+        for k in range(raw_log_probs.shape[-1])
+    ]
+    for row in rows:
+        if row["model"] == "raw":
+            row["per_class_accuracy"] = per_class
+    result = {"workdir": str(workdir), "checkpoint": checkpoint_name, "step": step, "split": split}
+    result |= predict.scores(raw_log_probs, data.labels)
+    result |= {"per_class_accuracy": per_class, "rows": rows}
+    name = f"eval_{checkpoint_name}_{split}.json".replace("/", "_").replace(":", "_")
+    if jax.process_index() == 0:
+        (workdir / name).write_text(json.dumps(result, indent=2) + "\n")
+    return rows, raw_log_probs, data.labels
+
+
+def ensemble_row(
+    workdirs: list[str | Path], members: list[np.ndarray], labels: list[np.ndarray]
+) -> dict:
+    """The row of an ensemble of runs' raw models: they must share the split's examples."""
+    for workdir, other in zip(workdirs[1:], labels[1:], strict=True):
+        if other.shape != labels[0].shape or not np.array_equal(other, labels[0]):
+            raise ValueError(
+                f"--ensemble: {workdir} was evaluated on other examples than {workdirs[0]} "
+                f"({len(other)} vs {len(labels[0])} labels, or in another order). Ensemble runs "
+                "of the same data set, classes and split."
+            )
+    if len({m.shape[-1] for m in members}) > 1:
+        raise ValueError(
+            f"--ensemble: the runs predict different numbers of classes "
+            f"({[m.shape[-1] for m in members]}). Ensemble runs of the same data set."
+        )
+    return _row(Path("ensemble"), f"ensemble({len(members)})", "raw", members, labels[0])
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per evaluated model: accuracy, NLL, ECE; ensembles add members' accuracy."""
+    header = (
+        f"{'workdir':<28} {'model':<14} {'checkpoint':>18} {'top-1':>7} {'NLL':>7} {'ECE':>7} "
+        f"{'members top-1 (min-max)':>25} {'disagree':>8} {'n':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        members = "-"
+        if "member_accuracies" in r:
+            acc = r["member_accuracies"]
+            members = f"{r['members']}: {np.mean(acc):.4f} ({min(acc):.4f}-{max(acc):.4f})"
+        disagree = f"{r['disagreement']:.4f}" if "disagreement" in r else "-"
+        lines.append(
+            f"{r['workdir'][-28:]:<28} {r['model']:<14} {r['checkpoint'][-18:]:>18} "
+            f"{r['accuracy']:7.4f} {r['nll']:7.4f} {r['ece']:7.4f} {members:>25} "
+            f"{disagree:>8} {r['count']:>6}"
+        )
+    for r in rows:
+        if "per_class_accuracy" in r:
+            per_class = "  ".join(f"{k}: {a:.3f}" for k, a in enumerate(r["per_class_accuracy"]))
+            lines.append(f"per-class accuracy, {r['workdir'][-40:]}: {per_class}")
     return "\n".join(lines)
 
 
 def main() -> None:
-    """Command line: one or more --workdir, --checkpoint, --split."""
+    """Command line: workdirs (--workdir, repeatable, or positional), --checkpoint, --split."""
     from absl import app, flags, logging
 
-    workdirs = flags.DEFINE_multi_string("workdir", None, "Run directory; repeat for several.")
+    workdirs = flags.DEFINE_multi_string("workdir", [], "Run directory; repeat for several.")
     which = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number.")
     split = flags.DEFINE_string("split", "test", "train | val | test | any TFDS split string.")
-    flags.mark_flags_as_required(["workdir"])
+    ensemble = flags.DEFINE_bool(
+        "ensemble", False, "Also average the softmax outputs of the runs' raw models."
+    )
+    variants = flags.DEFINE_list(
+        "variants",
+        None,
+        "Evaluate only these: raw, ema, polyak, snapshots, flip, crops, scales, mc_dropout "
+        "(default: every one that applies).",
+    )
 
     def run(argv: list[str]) -> None:
-        del argv
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.ERROR)  # Orbax warns about every read-only directory.
+        runs = [*workdirs.value, *argv[1:]]
         try:
-            results = [evaluate_run(w, which.value, split.value) for w in workdirs.value]
+            if not runs:
+                raise ValueError("No run given: pass --workdir=<dir> or workdirs as arguments.")
+            if ensemble.value and len(runs) < 2:
+                raise ValueError(f"--ensemble needs at least 2 workdirs, got {runs}.")
+            rows, members, labels = [], [], []
+            for w in runs:
+                run_rows, log_probs, run_labels = evaluate_run(
+                    w, which.value, split.value, tuple(variants.value) if variants.value else None
+                )
+                rows += run_rows
+                members.append(log_probs)
+                labels.append(run_labels)
+            if ensemble.value:
+                rows.append(ensemble_row(runs, members, labels))
+                path = Path(runs[0]) / f"ensemble_{which.value}_{split.value}.json".replace(
+                    ":", "_"
+                )
+                path.write_text(json.dumps({"workdirs": runs, "rows": rows}, indent=2) + "\n")
         except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
             sys.exit(f"error: {error}")  # The message says what to change; no traceback.
-        print(format_table(results))
+        print(format_table(rows))
 
     app.run(run)
 

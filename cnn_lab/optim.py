@@ -19,9 +19,11 @@ def make_schedule(
     steps_per_epoch: int,
     total_steps: int,
 ) -> optax.Schedule:
-    """Learning rate as a function of the step: constant | piecewise | cosine | plateau.
+    """Learning rate as a function of the step: constant | piecewise | cosine | cyclic_cosine | plateau.
 
     `plateau` is constant here; its decays come from `make_plateau`, driven by validation.
+    `cyclic_cosine` restarts a cosine decay `schedule_config.cycles` times (SGDR without
+    growth; the snapshot ensembles of Huang et al. 2017), ending at `cycle_ends`.
     """
     name = schedule_config.name
     warmup = epochs_to_steps(schedule_config.warmup_epochs, steps_per_epoch)
@@ -37,16 +39,42 @@ def make_schedule(
         )
     elif name == "cosine":
         main = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup, 1))
+    elif name == "cyclic_cosine":
+        ends = cycle_ends(schedule_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        starts = [warmup, *ends[:-1]]
+        main = optax.join_schedules(
+            [
+                optax.cosine_decay_schedule(learning_rate, e - s)
+                for s, e in zip(starts, ends, strict=True)
+            ],
+            boundaries=[e - warmup for e in ends[:-1]],
+        )
     else:
         raise ValueError(
             f"Unknown schedule {name!r} (config.schedule.name). "
-            "Known: constant, piecewise, cosine, plateau."
+            "Known: constant, piecewise, cosine, cyclic_cosine, plateau."
         )
     if not warmup:
         return main
     return optax.join_schedules(
         [optax.linear_schedule(0.0, learning_rate, warmup), main], boundaries=[warmup]
     )
+
+
+def cycle_ends(
+    schedule_config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int
+) -> list[int]:
+    """The steps at which each cycle of `cyclic_cosine` ends (and a snapshot is taken); else []."""
+    if schedule_config.name != "cyclic_cosine":
+        return []
+    warmup = epochs_to_steps(schedule_config.warmup_epochs, steps_per_epoch)
+    cycles = schedule_config.cycles
+    if not 1 <= cycles <= total_steps - warmup:
+        raise ValueError(
+            f"config.schedule.cycles={cycles} does not fit {total_steps - warmup} steps after "
+            "warm-up. Use between 1 and that many cycles, or train for more epochs."
+        )
+    return [warmup + round(i * (total_steps - warmup) / cycles) for i in range(1, cycles + 1)]
 
 
 def make_plateau(schedule_config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 from cnn_lab import sharding
+from cnn_lab.averaging import NO_AVERAGES, Averaging
 
 
 @flax.struct.dataclass
@@ -25,6 +26,7 @@ class TrainState:
     plateau: optax.OptState  # Reduce-on-plateau state; its scale multiplies every update.
     best_val_accuracy: jax.Array  # () float32, for early stopping.
     best_val_epoch: jax.Array  # () int32, the epoch that reached it.
+    averages: dict  # {"ema"|"polyak": variables}: accumulators of averaging.Averaging ({} if off).
 
     @property
     def variables(self) -> dict:
@@ -38,20 +40,22 @@ def create_train_state(
     plateau: optax.GradientTransformation,
     rng: jax.Array,
     image_shape: tuple[int, int, int],
+    averaging: Averaging = NO_AVERAGES,
 ) -> TrainState:
     """A fresh state: parameters initialised from `rng` for images of `image_shape` (H, W, C)."""
     init_rng, train_rng = jax.random.split(rng)
     variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    params = variables["params"]
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=batch_stats,
         opt_state=tx.init(params),
         rng=train_rng,
         plateau=plateau.init({}),
         best_val_accuracy=jnp.zeros((), jnp.float32),
         best_val_epoch=jnp.zeros((), jnp.int32),
+        averages=averaging.init({"params": params, "batch_stats": batch_stats}),
     )
 
 
@@ -63,6 +67,7 @@ def init_state(
     image_shape: tuple[int, int, int],
     mesh: Mesh,
     *,
+    averaging: Averaging = NO_AVERAGES,
     abstract: bool = False,
 ) -> TrainState:
     """`create_train_state`, jitted so the state is created replicated over `mesh`.
@@ -70,6 +75,8 @@ def init_state(
     With `abstract`, only its shapes, dtypes and shardings: a restore target that
     allocates nothing.
     """
-    create = functools.partial(create_train_state, model, tx, plateau, image_shape=image_shape)
+    create = functools.partial(
+        create_train_state, model, tx, plateau, image_shape=image_shape, averaging=averaging
+    )
     jitted = jax.jit(create, out_shardings=sharding.replicated(mesh))
     return jitted.eval_shape(rng) if abstract else jitted(rng)

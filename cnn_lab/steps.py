@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from cnn_lab import losses, sharding
+from cnn_lab.averaging import NO_AVERAGES, Averaging
 from cnn_lab.models import RNG_STREAMS
 from cnn_lab.state import TrainState
 
@@ -46,8 +47,12 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     label_smoothing: float,
+    averaging: Averaging = NO_AVERAGES,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer step on batch {"image": (B, H, W, C), "label": (B,)}; metrics are scalars."""
+    """One optimizer step on batch {"image": (B, H, W, C), "label": (B,)}; metrics are scalars.
+
+    Also updates the parameter averages the state keeps (`averaging`).
+    """
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -66,11 +71,14 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     scale = state.plateau.scale
     updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+    params = optax.apply_updates(state.params, updates)
+    variables = {"params": params, "batch_stats": batch_stats}
     new_state = state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
+        params=params,
         batch_stats=batch_stats,
         opt_state=opt_state,
+        averages=averaging.update(state.averages, variables, state.step + 1),
     )
     metrics = {
         "loss": loss,
@@ -89,12 +97,18 @@ def jit_train_step(
     mesh: Mesh,
     *,
     label_smoothing: float,
+    averaging: Averaging = NO_AVERAGES,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """train_step jitted over `mesh`: state replicated and donated, batch split on the data axis."""
     replicated = sharding.replicated(mesh)
     return jax.jit(
         functools.partial(
-            train_step, model=model, tx=tx, schedule=schedule, label_smoothing=label_smoothing
+            train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            label_smoothing=label_smoothing,
+            averaging=averaging,
         ),
         in_shardings=(replicated, sharding.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),
@@ -123,3 +137,19 @@ def eval_step(variables: dict, batch: Batch, *, model: nn.Module) -> Metrics:
         "class_count": jnp.sum(in_class, axis=0),
         **{k: v * jnp.sum(mask) for k, v in sown_metrics(sown.get("intermediates", {})).items()},
     }
+
+
+def batch_stats_sums(variables: dict, images: jax.Array, start: dict, *, model: nn.Module) -> dict:
+    """BatchNorm statistics after one training-mode pass over images (B, H, W, C) from `start`.
+
+    Flax updates each statistic as s <- m * s + (1 - m) * batch_value, with the layer's
+    momentum m; `recompute_batch_stats` starts from zeros and ones to solve for both.
+    """
+    _, updates = model.apply(
+        {"params": variables["params"], "batch_stats": start},
+        images,
+        train=True,
+        rngs=dict.fromkeys(RNG_STREAMS, jax.random.PRNGKey(0)),
+        mutable=["batch_stats"],
+    )
+    return updates["batch_stats"]

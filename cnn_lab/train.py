@@ -6,6 +6,7 @@ and validates (damaged ones are moved aside); with none, training starts from sc
 
 import contextlib
 import functools
+import itertools
 import signal
 import sys
 import threading
@@ -19,10 +20,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cnn_lab import checkpoint, optim, provenance, sharding, steps
+from cnn_lab import averaging, checkpoint, optim, provenance, sharding, steps
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import loading, pipeline
-from cnn_lab.evaluate import evaluate, make_eval_fn, split_string
+from cnn_lab.evaluate import evaluate, make_eval_fn, recompute_batch_stats, split_string
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.models import get_model
 from cnn_lab.state import TrainState, init_state
@@ -56,15 +57,19 @@ def _load_data(data_config: ml_collections.ConfigDict, num_classes: int) -> dict
 
 def record_validation(
     state: TrainState,
+    raw_accuracy: jax.Array,
     accuracy: jax.Array,
     epoch: jax.Array,
     *,
     plateau: optax.GradientTransformation | None,
 ) -> TrainState:
-    """Track the best validation accuracy; with a `plateau` schedule, feed it too."""
+    """Track the best validation `accuracy` (of config.averaging.select's model).
+
+    With a `plateau` schedule, feed it `raw_accuracy`: the rate steers the raw model.
+    """
     plateau_state = state.plateau
     if plateau is not None:  # Other schedules must not be cut when validation stalls.
-        _, plateau_state = plateau.update({}, state.plateau, value=1.0 - accuracy)
+        _, plateau_state = plateau.update({}, state.plateau, value=1.0 - raw_accuracy)
     improved = accuracy > state.best_val_accuracy
     return state.replace(
         plateau=plateau_state,
@@ -136,14 +141,29 @@ def train_and_evaluate(
     schedule, tx, plateau = optim.from_config(
         config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )
+    averages = averaging.from_config(config.averaging, steps_per_epoch=steps_per_epoch)
+    snapshot_steps = optim.cycle_ends(
+        config.schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     init = functools.partial(
-        init_state, model, tx, plateau, jax.random.PRNGKey(config.seed), image_shape, mesh
+        init_state,
+        model,
+        tx,
+        plateau,
+        jax.random.PRNGKey(config.seed),
+        image_shape,
+        mesh,
+        averaging=averages,
     )
     restored = checkpoint.restore_newest_valid(latest, init(abstract=True))
     state = restored if restored is not None else init()
     step = int(state.step)
     best = checkpoint.make_manager(workdir / checkpoint.BEST_DIR, 1)
+    managers = [latest, best]
+    if snapshot_steps:  # Keeps every snapshot.
+        snapshots = checkpoint.make_manager(workdir / checkpoint.SNAPSHOT_DIR)
+        managers.append(snapshots)
 
     writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
     if is_lead:
@@ -164,8 +184,14 @@ def train_and_evaluate(
         )
 
     train_step = steps.jit_train_step(
-        model, tx, schedule, mesh, label_smoothing=config.train.label_smoothing
+        model,
+        tx,
+        schedule,
+        mesh,
+        label_smoothing=config.train.label_smoothing,
+        averaging=averages,
     )
+    read_averages = jax.jit(averages.read, out_shardings=sharding.replicated(mesh))
     eval_fn = make_eval_fn(model, mesh)
     validation_update = jax.jit(
         functools.partial(
@@ -175,17 +201,48 @@ def train_and_evaluate(
         donate_argnums=0,
     )
 
+    def models() -> dict[str, dict]:
+        """The variables evaluated side by side: the raw model's, then each average's."""
+        variants = {"raw": state.variables}
+        for name, variables in read_averages(state.averages, state.step).items():
+            if config.averaging.batch_stats == "recompute":
+                batches = pipeline.train_batches(
+                    data["train"],
+                    config.data,
+                    config.train.batch_size,
+                    seed=config.seed,
+                    epoch=step // steps_per_epoch,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                )
+                batches = itertools.islice(batches, config.averaging.recompute_batches)
+                variables = recompute_batch_stats(model, variables, batches, mesh)
+            variants[name] = variables
+        return variants
+
     def run_eval(split: str) -> dict:
-        return evaluate(
-            eval_fn,
-            state.variables,
-            data[split],
-            config.data,
-            config.eval.batch_size,
-            mesh,
-            progress=config.train.progress_bar,
-            desc=split,
-        )
+        """Metrics of the raw model, and "<average>_loss" etc. of each average."""
+        results = {}
+        for name, variables in models().items():
+            metrics = evaluate(
+                eval_fn,
+                variables,
+                data[split],
+                config.data,
+                config.eval.batch_size,
+                mesh,
+                progress=config.train.progress_bar,
+                desc=f"{split} ({name})",
+            )
+            if name != "raw":
+                keep = ("loss", "accuracy", "top5_accuracy")
+                metrics = {f"{name}_{k}": v for k, v in metrics.items() if k in keep}
+            results |= metrics
+        return results
+
+    def accuracies(metrics: dict) -> str:
+        """ "ema 0.9911 polyak 0.9900 " for the averages kept ("" for none)."""
+        return "".join(f"{name} {metrics[f'{name}_accuracy']:.4f} " for name in averages.names)
 
     pending, window_start, window_step = [], time.perf_counter(), step
     train_metrics: dict = {}
@@ -228,6 +285,8 @@ def train_and_evaluate(
     best_step = int(state.best_val_epoch) * steps_per_epoch
     if restored is not None and best_step == step and best.latest_step() != step:
         checkpoint.save(best, state, step)
+    if restored is not None and step in snapshot_steps and step not in snapshots.all_steps():
+        checkpoint.save(snapshots, state, step)
 
     results = {}
     patience = config.train.early_stopping_patience
@@ -267,6 +326,8 @@ def train_and_evaluate(
                     pending.append(metrics)
                     step += 1
                     bar.update()
+                    if step in snapshot_steps:
+                        save(snapshots)
                     if step % config.train.log_every_steps == 0:
                         flush()
                         bar.set_postfix(loss=f"{train_metrics['loss']:.4f}")
@@ -284,7 +345,13 @@ def train_and_evaluate(
                 val = run_eval("val")
                 val.pop("per_class_accuracy")
                 writer.write(step=step, epoch=step / steps_per_epoch, split="val", metrics=val)
-                state = validation_update(state, jnp.float32(val["accuracy"]), jnp.int32(epoch + 1))
+                selected = config.averaging.select
+                state = validation_update(
+                    state,
+                    jnp.float32(val["accuracy"]),
+                    jnp.float32(val["accuracy" if selected == "raw" else f"{selected}_accuracy"]),
+                    jnp.int32(epoch + 1),
+                )
                 save(latest)
                 if int(state.best_val_epoch) == epoch + 1:
                     save(best)
@@ -292,7 +359,8 @@ def train_and_evaluate(
                     print(
                         f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
                         f"{train_metrics['loss']:.4f} acc {train_metrics['accuracy']:.4f} | "
-                        f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} | lr "
+                        f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
+                        f"{accuracies(val)}| lr "
                         f"{train_metrics['learning_rate']:.3g} | "
                         f"{train_metrics['images_per_second']:.0f} img/s | "
                         f"{time.perf_counter() - epoch_start:.1f}s"
@@ -311,7 +379,7 @@ def train_and_evaluate(
                     raise Preempted(step)
     finally:
         # Whatever stopped the loop, let saves already started (of good states) complete.
-        for manager in (latest, best):
+        for manager in managers:
             manager.wait_until_finished()
             manager.close()
 
@@ -321,7 +389,8 @@ def train_and_evaluate(
         writer.plot()
         print(
             f"test: loss {results['test']['loss']:.4f}, accuracy "
-            f"{results['test']['accuracy']:.4f} ({results['test']['count']} examples)"
+            f"{results['test']['accuracy']:.4f} {accuracies(results['test'])}"
+            f"({results['test']['count']} examples)"
         )
     return results
 

@@ -12,10 +12,15 @@ ALWAYS_CHANGEABLE = (
     "train.log_every_steps",
     "train.progress_bar",
     "eval.batch_size",
+    "eval.snapshots",
+    "eval.crop_fraction",
+    "eval.scales",
+    "eval.mc_dropout_samples",
     "checkpoint.keep",
     "checkpoint.every_steps",
     "data.data_dir",
     "data.source_dir",
+    "data.keep_decoded",
 )
 
 

@@ -3,19 +3,32 @@
 import ml_collections
 from ml_collections import config_dict
 
-# Native image shape and per-channel statistics of the data sets cnn_lab knows.
+# Native image shape and per-channel statistics of the data sets cnn_lab knows;
+# `flip`: a horizontal mirror keeps the label (not for digits: a mirrored 3 is no digit).
 DATASETS = {
-    "digits": dict(channels=1, num_classes=10, mean=(0.3,), std=(0.38,)),
-    "mnist": dict(channels=1, num_classes=10, mean=(0.1307,), std=(0.3081,)),
-    "fashion_mnist": dict(channels=1, num_classes=10, mean=(0.286,), std=(0.353,)),
+    "digits": dict(channels=1, num_classes=10, mean=(0.3,), std=(0.38,), flip=False),
+    "mnist": dict(channels=1, num_classes=10, mean=(0.1307,), std=(0.3081,), flip=False),
+    "fashion_mnist": dict(channels=1, num_classes=10, mean=(0.286,), std=(0.353,), flip=True),
     "cifar10": dict(
-        channels=3, num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616)
+        channels=3,
+        num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.247, 0.2435, 0.2616),
+        flip=True,
     ),
     "cifar100": dict(
-        channels=3, num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)
+        channels=3,
+        num_classes=100,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        flip=True,
     ),
     "imagenet2012": dict(
-        channels=3, num_classes=1000, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+        channels=3,
+        num_classes=1000,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        flip=True,
     ),
 }
 
@@ -38,12 +51,16 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     )
     config.data.test_split = "test"  # Evaluated once, at the end.
     config.data.image_size = image_size  # Images are resized to this square side.
+    config.data.keep_decoded = (
+        True  # Keep decoded, resized splits by the TFDS files: fast restarts.
+    )
     config.data.channels = stats["channels"]  # Channels of the images (1 grey, 3 RGB).
     config.data.random_crop_padding = (
         0  # Training: zero-pad by this many pixels, crop back at random (0: off).
     )
     config.data.mean = stats["mean"]  # Per-channel mean of pixels in [0, 1], subtracted.
     config.data.std = stats["std"]  # Per-channel std of pixels in [0, 1], divided by.
+    config.data.flip_preserves_label = stats["flip"]  # Mirrored images keep their label.
 
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = stats["num_classes"]  # Must match the data set's classes.
@@ -62,13 +79,16 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     )  # Clip global grad norm; None: off.
 
     config.schedule = ml_collections.ConfigDict()
-    config.schedule.name = "cosine"  # constant | piecewise | cosine | plateau.
+    config.schedule.name = "cosine"  # constant | piecewise | cosine | cyclic_cosine | plateau.
     config.schedule.warmup_epochs = 0.0  # Linear warm-up from 0 (cosine, piecewise, constant).
     config.schedule.decay_epochs = ()  # piecewise: epochs at which the rate is multiplied by decay_factor.
     config.schedule.decay_factor = 0.1  # piecewise and plateau: multiplier at each decay.
     config.schedule.plateau_patience = 3  # plateau: epochs without validation gain before decaying.
     config.schedule.plateau_min_delta = (
         1e-3  # plateau: smaller validation-accuracy gains do not count.
+    )
+    config.schedule.cycles = (
+        5  # cyclic_cosine: restarts (snapshot ensembles save each cycle's end).
     )
 
     config.train = ml_collections.ConfigDict()
@@ -81,8 +101,26 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     )  # Stop after this many epochs without validation gain; None: off.
     config.train.progress_bar = True  # tqdm bars for training and evaluation.
 
+    config.averaging = ml_collections.ConfigDict()
+    config.averaging.ema_decay = config_dict.placeholder(
+        float
+    )  # EMA of the weights and BN statistics, e.g. 0.999; None: off.
+    config.averaging.ema_debias = (
+        True  # EMA starts at zero and is bias-corrected (no warm-up bias).
+    )
+    config.averaging.polyak_start_epoch = config_dict.placeholder(
+        float
+    )  # Uniform (Polyak) average of the weights from this epoch on; None: off.
+    config.averaging.batch_stats = "average"  # average | recompute: BN statistics of averages.
+    config.averaging.recompute_batches = 20  # recompute: training batches to re-estimate them.
+    config.averaging.select = "raw"  # raw | ema | polyak: picks best/ and drives early stopping.
+
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 512  # Global eval batch; the last partial batch is padded and masked.
+    config.eval.snapshots = 0  # Snapshot ensemble: average the last this many snapshots; 0: all.
+    config.eval.crop_fraction = 0.875  # Crop TTA: resize to image_size / this, take 5 (10) crops.
+    config.eval.scales = ()  # Multi-scale TTA: extra input sides (models with global pooling).
+    config.eval.mc_dropout_samples = 8  # MC-dropout TTA: stochastic passes averaged.
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.keep = 3  # Latest checkpoints kept (the best is kept apart, in best/).

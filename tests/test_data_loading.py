@@ -2,6 +2,8 @@
 
 import gzip
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -227,3 +229,46 @@ def test_fashion_mnist_inconsistent_idx_file_is_named(tmp_path, damage):
             "fashion_mnist", "train", data_dir=str(tmp_path / "tfds"), source_dir=str(source)
         )
     assert not (tmp_path / "tfds" / "fashion_mnist" / "3.0.1").exists()
+
+
+def test_decoded_copy_is_kept_and_read_back_without_tfds(tmp_path, monkeypatch):
+    first = loading.load_split("digits", "train[:100]", data_dir=str(tmp_path), image_size=32)
+    kept = list((tmp_path / "digits" / "1.0.0" / loading.DECODED_DIR).glob("*.npz"))
+    assert [p.name for p in kept] == ["train%5B%3A100%5D-32-v1.npz"]
+
+    def no_tfds(*args):
+        raise AssertionError("read through TFDS although a decoded copy is kept")
+
+    monkeypatch.setattr(loading, "_read_split", no_tfds)
+    again = loading.load_split("digits", "train[:100]", data_dir=str(tmp_path), image_size=32)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert again[0].shape == (100, 32, 32, 1)
+    with pytest.raises(AssertionError, match="decoded copy"):  # another size is another copy
+        loading.load_split("digits", "train[:100]", data_dir=str(tmp_path), image_size=28)
+
+
+def test_damaged_decoded_copy_is_made_again(tmp_path):
+    first = loading.load_split("digits", "test", data_dir=str(tmp_path))
+    (kept,) = (tmp_path / "digits" / "1.0.0" / loading.DECODED_DIR).glob("*.npz")
+    kept.write_bytes(kept.read_bytes()[:100])
+    again = loading.load_split("digits", "test", data_dir=str(tmp_path))
+    np.testing.assert_array_equal(again[0], first[0])
+    assert kept.stat().st_size > 100  # rewritten whole
+
+
+def test_keep_decoded_off_writes_nothing(tmp_path):
+    loading.load_split("digits", "test", data_dir=str(tmp_path), keep_decoded=False)
+    assert not (tmp_path / "digits" / "1.0.0" / loading.DECODED_DIR).exists()
+
+
+def test_a_restart_reads_the_decoded_copy_without_importing_tensorflow(tmp_path):
+    loading.load_split("digits", "test", data_dir=str(tmp_path), image_size=32)
+    code = (
+        "import sys; from cnn_lab.data import loading; "
+        f"x, y = loading.load_split('digits', 'test', data_dir={str(tmp_path)!r}, image_size=32); "
+        "assert x.shape == (450, 32, 32, 1), x.shape; "
+        "assert 'tensorflow' not in sys.modules, 'TF imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -5,13 +5,20 @@ import ml_collections
 import numpy as np
 
 from cnn_lab import optim, sharding, steps
+from cnn_lab.averaging import NO_AVERAGES, Averaging
 from cnn_lab.evaluate import make_eval_fn
 from cnn_lab.models import get_model
 from cnn_lab.state import init_state
 
 
 def setup(
-    model_config: dict, devices, *, image_size: int, learning_rate: float, label_smoothing: float
+    model_config: dict,
+    devices,
+    *,
+    image_size: int,
+    learning_rate: float,
+    label_smoothing: float,
+    averaging: Averaging = NO_AVERAGES,
 ):
     """(mesh, state, train_step, eval_step): SGD with Nesterov momentum, constant rate."""
     mesh = sharding.make_mesh(devices)
@@ -36,8 +43,18 @@ def setup(
         )
     )
     schedule, tx, plateau = optim.from_config(config, steps_per_epoch=10, total_steps=10)
-    state = init_state(model, tx, plateau, jax.random.PRNGKey(0), (image_size, image_size, 1), mesh)
-    train_step = steps.jit_train_step(model, tx, schedule, mesh, label_smoothing=label_smoothing)
+    state = init_state(
+        model,
+        tx,
+        plateau,
+        jax.random.PRNGKey(0),
+        (image_size, image_size, 1),
+        mesh,
+        averaging=averaging,
+    )
+    train_step = steps.jit_train_step(
+        model, tx, schedule, mesh, label_smoothing=label_smoothing, averaging=averaging
+    )
     return mesh, state, train_step, make_eval_fn(model, mesh)
 
 

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tensorflow_datasets.image_classification import mnist
 
 _DIGITS_CITATION = """\
@@ -64,6 +62,10 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         del dl_manager  # The data ships with scikit-learn.
+        # Imported here: only preparation needs scikit-learn, and it slows every start-up.
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
         digits = load_digits()
         images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
         # train_test_split returns shuffled indices; writing them in that order makes the tail

@@ -2,18 +2,31 @@
 
 import contextlib
 import difflib
+import functools
 import os
+import urllib.parse
+import zipfile
+from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnn_lab.data.builders import FASHION_MNIST_FILE_NAMES, Digits, FashionMnistLocal
 
-# TF only reads data here. Hide GPUs before it initialises devices, or it grabs most of their
-# memory, which JAX needs; once TF has initialised them (RuntimeError) it is too late to change.
-with contextlib.suppress(RuntimeError):
-    tf.config.set_visible_devices([], "GPU")
+
+@functools.cache
+def _start_tensorflow() -> None:
+    """Import TF (seconds; only when data is read or prepared) with the GPUs hidden from it.
+
+    TF only reads data here. Hidden before it initialises devices, or it grabs most of
+    their memory, which JAX needs; once TF has initialised them (RuntimeError) it is too
+    late to change.
+    """
+    import tensorflow as tf
+
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_visible_devices([], "GPU")
+
 
 # Where the IDX files of Fashion-MNIST are looked for when no source_dir is given.
 FASHION_MNIST_SOURCE_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian: dataset-fashion-mnist
@@ -22,15 +35,67 @@ FASHION_MNIST_SOURCE_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian: da
 _OFFLINE = tfds.download.DownloadConfig(try_download_gcs=False)
 
 
+# Decoded (and resized) splits, kept under each prepared data set's TFDS directory.
+DECODED_DIR = "cnn_lab_decoded"
+_DECODED_FORMAT = 1  # Bump when decoding or resizing changes, so old copies are not read.
+
+
 class DatasetNotPreparedError(FileNotFoundError):
     """The data set is not in the data dir and cannot be prepared without internet access."""
 
 
 def load_split(
-    name: str, split: str, *, data_dir: str | None = None, source_dir: str | None = None
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    source_dir: str | None = None,
+    image_size: int | None = None,
+    keep_decoded: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, H, W, C) uint8 and labels (N,) int32 of `split` (a TFDS split string, slicing allowed, e.g. "train[:90%]")."""
+    """Images (N, H, W, C) uint8 and labels (N,) int32 of `split` (a TFDS split string, slicing allowed, e.g. "train[:90%]").
+
+    Images are resized to `image_size` x `image_size` when given. With `keep_decoded`, the
+    arrays are also written to <TFDS dir>/cnn_lab_decoded/, and later loads of the same split
+    and size read them from there: restarts skip decoding, resizing and importing TF.
+    """
     builder = _prepared_builder(name, data_dir, source_dir)
+    decoded = None
+    if keep_decoded and not _tfds_is_mocked():
+        size = image_size or "native"
+        file_name = f"{urllib.parse.quote(split, safe='')}-{size}-v{_DECODED_FORMAT}.npz"
+        decoded = Path(builder.data_dir) / DECODED_DIR / file_name
+        # A missing or damaged copy is made again below.
+        damaged = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+        with contextlib.suppress(*damaged), np.load(decoded) as arrays:
+            return arrays["images"], arrays["labels"]
+    images, labels = _read_split(builder, split)
+    if image_size is not None:
+        images = _resize(images, image_size)
+    if decoded is not None:
+        with contextlib.suppress(OSError):  # A read-only data dir just goes without a copy.
+            decoded.parent.mkdir(exist_ok=True)
+            partial = decoded.with_name(f"{decoded.name}.{os.getpid()}.tmp.npz")
+            np.savez(partial, images=images, labels=labels)
+            partial.replace(decoded)  # Readers see the whole file or none.
+    return images, labels
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """images (N, H, W, C) uint8 -> (N, size, size, C) uint8, bilinear with antialiasing."""
+    if images.shape[1:3] == (size, size):
+        return images
+    _start_tensorflow()
+    import tensorflow as tf
+
+    resized = tf.image.resize(images, (size, size), method="bilinear", antialias=True)
+    return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+
+
+def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The whole split through TFDS and tf.data: images (N, H, W, C) uint8, labels (N,) int32."""
+    _start_tensorflow()
+    name = builder.name
     ds = builder.as_dataset(
         split=split, as_supervised=True, read_config=tfds.ReadConfig(try_autocache=False)
     )
@@ -60,13 +125,16 @@ def _prepared_builder(
     """Builder of `name` with its data in `data_dir`, preparing it first if that can be done offline."""
     if name == Digits.name:
         builder = Digits(data_dir=data_dir)
-        builder.download_and_prepare(download_config=_OFFLINE)  # Reuses what is already there.
+        if not builder.is_prepared():
+            _start_tensorflow()  # Before TFDS prepares anything, which imports TF.
+            builder.download_and_prepare(download_config=_OFFLINE)
         return builder
     builder = _tfds_builder(name, data_dir)
     if _tfds_is_mocked() or builder.is_prepared():
         return builder
     if name == FashionMnistLocal.name and (idx_dir := _fashion_mnist_source(source_dir)):
         root = builder.data_dir_root
+        _start_tensorflow()
         FashionMnistLocal(data_dir=root, source_dir=idx_dir).download_and_prepare(
             download_config=_OFFLINE
         )

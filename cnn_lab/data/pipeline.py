@@ -22,19 +22,15 @@ class Split:
         return len(self.labels)
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    if images.shape[1:3] == (size, size):
-        return images
-    import tensorflow as tf  # TF is the input library; imported only where it is used.
-
-    resized = tf.image.resize(images, (size, size), method="bilinear", antialias=True)
-    return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
-
-
 def load(data_config: ml_collections.ConfigDict, split: str) -> Split:
     """The TFDS split string `split` of `data_config.name`, resized to `data_config.image_size`."""
     images, labels = loading.load_split(
-        data_config.name, split, data_dir=data_config.data_dir, source_dir=data_config.source_dir
+        data_config.name,
+        split,
+        data_dir=data_config.data_dir,
+        source_dir=data_config.source_dir,
+        image_size=data_config.image_size,
+        keep_decoded=data_config.keep_decoded,
     )
     if images.shape[-1] != data_config.channels:
         raise ValueError(
@@ -42,7 +38,7 @@ def load(data_config: ml_collections.ConfigDict, split: str) -> Split:
             f"config.data.channels={data_config.channels}. Set config.data.channels="
             f"{images.shape[-1]}."
         )
-    return Split(_resize(images, data_config.image_size), labels.astype(np.int32))
+    return Split(images, labels.astype(np.int32))
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cnn_lab.optim import epochs_to_steps
+
 Variables = dict
 
 
@@ -85,6 +87,10 @@ def from_config(averaging_config: ml_collections.ConfigDict, *, steps_per_epoch:
             f"config.averaging.ema_decay={ac.ema_decay} is outside [0, 1). Use e.g. 0.999, or "
             "None to switch EMA off."
         )
+    if ac.recompute_batches < 1:
+        raise ValueError(
+            f"config.averaging.recompute_batches={ac.recompute_batches}: use at least 1."
+        )
     if ac.batch_stats not in ("average", "recompute"):
         raise ValueError(
             f"config.averaging.batch_stats={ac.batch_stats!r}: use 'average' or 'recompute'."
@@ -93,7 +99,7 @@ def from_config(averaging_config: ml_collections.ConfigDict, *, steps_per_epoch:
     averaging = Averaging(
         ema_decay=ac.ema_decay,
         ema_debias=ac.ema_debias,
-        polyak_start_step=None if start is None else round(start * steps_per_epoch),
+        polyak_start_step=None if start is None else epochs_to_steps(start, steps_per_epoch),
     )
     if ac.select not in ("raw", *averaging.names):
         raise ValueError(

@@ -1,9 +1,13 @@
 """Measure a config's step speed and checkpoint cost: `python -m cnn_lab.benchmark --config=...`.
 
+`--pipeline` measures the input pipelines instead, on the config's real data.
+
 Synthetic batches already on the devices isolate the compiled steps from the input
 pipeline. Figures are medians over timed windows after warm-up, with their spread.
 """
 
+import functools
+import itertools
 import json
 import statistics
 import tempfile
@@ -15,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from cnn_lab import checkpoint, optim, sharding, steps
+from cnn_lab.data import augment, inputs
 from cnn_lab.evaluate import make_eval_fn
 from cnn_lab.models import get_model
 from cnn_lab.state import init_state
@@ -118,6 +123,100 @@ def benchmark(
     }
 
 
+def _epochs(data: inputs.Inputs):
+    """Training batches of epoch 0, 1, 2, ... without end."""
+    for epoch in itertools.count():
+        yield from data.train_batches(epoch)
+
+
+def pipeline_benchmark(
+    config: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    steps_per_window: int = 30,
+    windows: int = 3,
+) -> dict:
+    """Per input mode: time to first batch, input alone, and train steps/s real vs synthetic.
+
+    The train step is the run's own (augmentation on the devices included); "synthetic" feeds
+    it one uint8 batch already on the devices, so the ratio is the input's cost to training.
+    """
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(batch_size, mesh, "--batch_size")
+    model = get_model(config.model)
+    schedule, tx, plateau = optim.from_config(config, steps_per_epoch=100, total_steps=10_000)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    train_step = steps.jit_train_step(
+        model,
+        tx,
+        schedule,
+        mesh,
+        label_smoothing=0.0,
+        preprocess=functools.partial(
+            augment.augment_batch,
+            augment_config=config.augment,
+            mean=config.data.mean,
+            std=config.data.std,
+            num_classes=config.model.num_classes,
+        ),
+    )
+    holder = {"state": init_state(model, tx, plateau, jax.random.PRNGKey(0), shape, mesh)}
+
+    def train_rate(batches) -> float:
+        """Median train steps/s over `windows` windows of `steps_per_window` (2 in flight)."""
+
+        def window():
+            state, metrics = holder["state"], None
+            for _ in range(steps_per_window):
+                batch = next(batches)
+                if metrics is not None:
+                    jax.block_until_ready(metrics)
+                state, metrics = train_step(state, batch)
+            jax.block_until_ready(metrics)
+            holder["state"] = state
+
+        window()  # warm-up and compilation
+        return statistics.median(steps_per_window / t for t in _timed_windows(window, windows))
+
+    results = {"model": config.model.name, "data": config.data.name, "batch_size": batch_size}
+    for mode in ("device", "streaming"):
+        data_config = ml_collections.ConfigDict(config.data.to_dict())
+        data_config.input_mode = mode
+        start = time.perf_counter()
+        data = inputs.make_inputs(data_config, batch_size, mesh, seed=0)
+        batches = _epochs(data)
+        jax.block_until_ready(next(batches))
+        first_batch = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps_per_window):
+            jax.block_until_ready(next(batches))
+        input_alone = steps_per_window * batch_size / (time.perf_counter() - start)
+        real = train_rate(batches)
+        synthetic = train_rate(itertools.repeat(jax.block_until_ready(next(batches))))
+        results[mode] = {
+            "first_batch_seconds": first_batch,
+            "input_examples_per_second": input_alone,
+            "train_steps_per_second_real": real,
+            "train_steps_per_second_synthetic": synthetic,
+            "real_over_synthetic": real / synthetic,
+        }
+    return results
+
+
+def format_pipeline(r: dict) -> str:
+    """A few lines a person can read."""
+    lines = [f"{r['model']} on {r['data']}, batch {r['batch_size']}: input pipelines"]
+    for mode in ("device", "streaming"):
+        m = r[mode]
+        lines.append(
+            f"  {mode:<9}: first batch {m['first_batch_seconds']:.1f} s; input alone "
+            f"{m['input_examples_per_second']:.0f} img/s; train {m['train_steps_per_second_real']:.2f}"
+            f" steps/s real vs {m['train_steps_per_second_synthetic']:.2f} synthetic "
+            f"({100 * m['real_over_synthetic']:.0f}%)"
+        )
+    return "\n".join(lines)
+
+
 def format_result(r: dict) -> str:
     """A few lines a person can read."""
     t, e = r["train_images_per_second"], r["eval_images_per_second"]
@@ -142,15 +241,22 @@ def main() -> None:
     batch_size = flags.DEFINE_integer("batch_size", 128, "Global train batch.")
     eval_batch_size = flags.DEFINE_integer("eval_batch_size", 512, "Global eval batch.")
     output = flags.DEFINE_string("json", None, "Also write the figures here.")
+    input_pipeline = flags.DEFINE_bool(
+        "pipeline", False, "Measure the input pipelines (both modes) on the config's data instead."
+    )
     flags.mark_flags_as_required(["config"])
 
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)
-        result = benchmark(
-            config.value, batch_size=batch_size.value, eval_batch_size=eval_batch_size.value
-        )
-        print(format_result(result))
+        if input_pipeline.value:
+            result = pipeline_benchmark(config.value, batch_size=batch_size.value)
+            print(format_pipeline(result))
+        else:
+            result = benchmark(
+                config.value, batch_size=batch_size.value, eval_batch_size=eval_batch_size.value
+            )
+            print(format_result(result))
         if output.value:
             Path(output.value).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,6 +1,8 @@
 """Evaluate runs: `python -m cnn_lab.evaluate --workdir=<dir> [--checkpoint=best] [--split=test]`."""
 
 import functools
+import hashlib
+import itertools
 import json
 import math
 import sys
@@ -16,13 +18,17 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from cnn_lab import averaging, checkpoint, predict, sharding, steps
-from cnn_lab.data import pipeline
+from cnn_lab import workdir as workdir_lib
+from cnn_lab.data import augment, pipeline
+from cnn_lab.data.inputs import split_string
 
 
-def make_eval_fn(model: nn.Module, mesh: Mesh) -> Callable:
+def make_eval_fn(
+    model: nn.Module, mesh: Mesh, normalize: steps.Normalize | None = None
+) -> Callable:
     """eval_step jitted over `mesh`: replicated variables, batch split over the data axis."""
     return jax.jit(
-        functools.partial(steps.eval_step, model=model),
+        functools.partial(steps.eval_step, model=model, normalize=normalize),
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
@@ -31,27 +37,22 @@ def make_eval_fn(model: nn.Module, mesh: Mesh) -> Callable:
 def evaluate(
     eval_fn: Callable,
     variables: dict,
-    split: pipeline.Split,
-    data_config: ml_collections.ConfigDict,
-    batch_size: int,
+    batches: Iterable[pipeline.Batch],
     mesh: Mesh,
     *,
+    total: int | None = None,
     progress: bool = False,
     desc: str = "eval",
 ) -> dict:
-    """Loss, top-1 (and top-5 past 5 classes) and per-class accuracy over every example once."""
-    batches = pipeline.eval_batches(
-        split,
-        data_config,
-        batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    """Loss, top-1 (and top-5 past 5 classes) and per-class accuracy over padded, masked
+    `batches` (this process's rows; `total` batches, for the progress bar)."""
     totals = None
     show = progress and jax.process_index() == 0
-    for batch in tqdm(
-        batches, desc=desc, total=math.ceil(len(split) / batch_size), leave=False, disable=not show
-    ):
+    for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=not show):
+        if totals is not None:
+            # At most two batches in flight, as in training: a long queue of steps with
+            # cross-device collectives was seen to deadlock 8 CPU devices on 2 cores.
+            jax.block_until_ready(totals)
         sums = eval_fn(variables, sharding.to_global(batch, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -69,9 +70,13 @@ def evaluate(
 
 
 def recompute_batch_stats(
-    model: nn.Module, variables: dict, batches: Iterable[pipeline.Batch], mesh: Mesh
+    model: nn.Module,
+    variables: dict,
+    batches: Iterable[pipeline.Batch],
+    mesh: Mesh,
+    normalize: steps.Normalize | None = None,
 ) -> dict:
-    """`variables` with BatchNorm statistics re-estimated over training `batches`.
+    """`variables` with BatchNorm statistics re-estimated over training `batches` (global).
 
     Each statistic becomes the mean over the batches of its batch value (SWA's recipe for
     averaged weights, whose activations match no single model's running statistics).
@@ -87,27 +92,17 @@ def recompute_batch_stats(
     zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
     total, count = None, 0
     for batch in batches:
-        images = sharding.to_global(batch, mesh)["image"]
+        images = batch["image"] if normalize is None else normalize(batch["image"])
         from_zeros = stats_after(variables, images, zeros)  # (1 - m) * batch value
         if total is None:
             ones = jax.tree.map(jnp.ones_like, zeros)
             momentum = jax.tree.map(jnp.subtract, stats_after(variables, images, ones), from_zeros)
             total = from_zeros
         else:
-            total = jax.tree.map(jnp.add, total, from_zeros)
+            total = jax.tree.map(jnp.add, jax.block_until_ready(total), from_zeros)
         count += 1
     stats = jax.tree.map(lambda t, m: t / (count * (1.0 - m)), total, momentum)
     return {**variables, "batch_stats": stats}
-
-
-def split_string(data_config: ml_collections.ConfigDict, split: str) -> str:
-    """The TFDS split string of "train", "val" or "test" in this config; others pass through."""
-    named = {
-        "train": data_config.train_split,
-        "val": data_config.validation_split,
-        "test": data_config.test_split,
-    }
-    return named.get(split, split)
 
 
 PREDICTIONS_DIR = "predictions"  # Cached log-probabilities of each evaluated model variant.
@@ -132,12 +127,13 @@ def evaluate_run(
     checkpoint_name: str = "best",
     split: str = "test",
     variants: tuple[str, ...] | None = None,
+    snapshots: int | None = None,
 ) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Table rows of a run's model variants on `split`; writes eval_<checkpoint>_<split>.json.
 
     Variants: raw, each kept average (ema, polyak), the snapshot ensemble, and test-time
     augmentations of the raw model (flip, crops, scales, mc_dropout) where they apply;
-    `variants` picks some. Predictions are cached in <workdir>/predictions/. Returns the
+    `variants` picks some; `snapshots` overrides config.eval.snapshots. Predictions are cached in <workdir>/predictions/. Returns the
     rows, and the raw model's log-probabilities (N, K) and labels (N,) for ensembles.
     """
     workdir = Path(workdir)
@@ -155,9 +151,9 @@ def evaluate_run(
             "scales": "-".join(map(str, config.eval.scales)),
             "mc_dropout": str(config.eval.mc_dropout_samples),
         }.get(variant, "")
-        key = f"{split}-{name}-{variant}{'-' + detail if detail else ''}"
+        key = f"{split}-{name}-{variant}{'-' + detail if detail else ''}-{fingerprint}"
         path = workdir / PREDICTIONS_DIR / (key.replace("/", "_").replace(":", "_") + ".npy")
-        if path.exists():
+        if cache and path.exists():
             return np.load(path)
         fn = predict.make_predict_fn(
             model,
@@ -171,17 +167,23 @@ def evaluate_run(
         variables = jax.device_put(variables, sharding.replicated(mesh))
         key = jax.random.PRNGKey(config.seed)
         result, _ = predict.predict(fn, variables, data, config.data, batch_size, mesh, key)
-        if jax.process_index() == 0:
+        if cache:
             path.parent.mkdir(exist_ok=True)
             temporary = path.with_suffix(".tmp.npy")
             np.save(temporary, result)
             temporary.replace(path)  # Never a half-written cache file.
         return result
 
+    # The run's config (rewritten by every start or resume) keys the cache: predictions of
+    # another experiment in the same workdir are never read back. Several processes would
+    # each decide on their own whether to predict (a collective): no cache there.
+    fingerprint = hashlib.sha1((workdir / workdir_lib.CONFIG_FILE).read_bytes()).hexdigest()[:10]
+    cache = jax.process_count() == 1
     raw_name = f"{checkpoint_name}@{step}"
     snapshot_steps = checkpoint.snapshot_steps(workdir)
-    if config.eval.snapshots:
-        snapshot_steps = snapshot_steps[-config.eval.snapshots :]
+    last = config.eval.snapshots if snapshots is None else snapshots
+    if last:
+        snapshot_steps = snapshot_steps[-last:]
     applicable = {
         "raw": True,
         **dict.fromkeys(averaging.from_config(config.averaging, steps_per_epoch=1).names, True),
@@ -196,6 +198,13 @@ def evaluate_run(
         "mc_dropout": config.eval.mc_dropout_samples > 0
         and predict.has_dropout(model, raw, image_shape),
     }
+    if variants is not None and (
+        unknown := set(variants) - {v for v, ok in applicable.items() if ok}
+    ):
+        raise ValueError(
+            f"--variants {sorted(unknown)} do not apply to {workdir}; those that do: "
+            f"{', '.join(v for v, ok in applicable.items() if ok)}."
+        )
     wanted = [v for v, ok in applicable.items() if ok and (variants is None or v in variants)]
     raw_log_probs = log_probs(raw_name, raw)
     rows = []
@@ -204,6 +213,10 @@ def evaluate_run(
             rows.append(_row(workdir, "raw", raw_name, [raw_log_probs], data.labels))
         elif variant in ("ema", "polyak"):
             _, variables, _, _ = checkpoint.restore_for_inference(workdir, checkpoint_name, variant)
+            if config.averaging.batch_stats == "recompute":  # As validation in training did.
+                variables = recompute_batch_stats(
+                    model, variables, _train_batches(config, mesh), mesh, _normalizer(config)
+                )
             members = [log_probs(f"{raw_name}-{variant}", variables)]
             rows.append(_row(workdir, variant, raw_name, members, data.labels))
         elif variant == "snapshots":
@@ -233,6 +246,26 @@ def evaluate_run(
     if jax.process_index() == 0:
         (workdir / name).write_text(json.dumps(result, indent=2) + "\n")
     return rows, raw_log_probs, data.labels
+
+
+def _normalizer(config: ml_collections.ConfigDict) -> steps.Normalize:
+    return functools.partial(augment.eval_preprocess, mean=config.data.mean, std=config.data.std)
+
+
+def _train_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> list[pipeline.Batch]:
+    """The first `config.averaging.recompute_batches` training batches of epoch 0 (global)."""
+    train = pipeline.load(config.data, split_string(config.data, "train"))
+    batch_size = -(-config.train.batch_size // mesh.size) * mesh.size
+    batches = pipeline.train_batches(
+        train,
+        batch_size,
+        seed=config.seed,
+        epoch=0,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    batches = itertools.islice(batches, config.averaging.recompute_batches)
+    return [sharding.to_global(b, mesh) for b in batches]
 
 
 def ensemble_row(
@@ -284,10 +317,17 @@ def main() -> None:
     from absl import app, flags, logging
 
     workdirs = flags.DEFINE_multi_string("workdir", [], "Run directory; repeat for several.")
-    which = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number.")
+    which = flags.DEFINE_string(
+        "checkpoint", "best", "best | latest | a step number | snapshot:<step>."
+    )
     split = flags.DEFINE_string("split", "test", "train | val | test | any TFDS split string.")
     ensemble = flags.DEFINE_bool(
         "ensemble", False, "Also average the softmax outputs of the runs' raw models."
+    )
+    snapshots = flags.DEFINE_integer(
+        "snapshots",
+        None,
+        "Snapshot ensemble of the last this many (default: config.eval.snapshots).",
     )
     variants = flags.DEFINE_list(
         "variants",
@@ -307,7 +347,11 @@ def main() -> None:
             rows, members, labels = [], [], []
             for w in runs:
                 run_rows, log_probs, run_labels = evaluate_run(
-                    w, which.value, split.value, tuple(variants.value) if variants.value else None
+                    w,
+                    which.value,
+                    split.value,
+                    tuple(variants.value) if variants.value else None,
+                    snapshots.value,
                 )
                 rows += run_rows
                 members.append(log_probs)
@@ -317,7 +361,8 @@ def main() -> None:
                 path = Path(runs[0]) / f"ensemble_{which.value}_{split.value}.json".replace(
                     ":", "_"
                 )
-                path.write_text(json.dumps({"workdirs": runs, "rows": rows}, indent=2) + "\n")
+                if jax.process_index() == 0:
+                    path.write_text(json.dumps({"workdirs": runs, "rows": rows}, indent=2) + "\n")
         except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
             sys.exit(f"error: {error}")  # The message says what to change; no traceback.
         print(format_table(rows))

@@ -6,8 +6,15 @@ import optax
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Softmax cross-entropy (B,) of logits (B, K) against integer labels (B,)."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    """Softmax cross-entropy (B,) of logits (B, K) against int labels (B,) or float targets (B, K).
+
+    Float targets are one-hot or soft (mixup, cutmix); smoothing makes them
+    (1 - label_smoothing) * targets + label_smoothing / K either way.
+    """
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    else:
+        targets = labels.astype(logits.dtype)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits, targets)

@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from cnn_lab import sharding
-from cnn_lab.data import pipeline
+from cnn_lab.data import augment, pipeline
 
 VARIANTS = ("plain", "flip", "crops", "scales", "mc_dropout")
 
@@ -174,14 +174,16 @@ def predict(
     `batch_size` must be a multiple of `mesh.size`.
     """
     replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    normalize = functools.partial(
+        augment.eval_preprocess, mean=data_config.mean, std=data_config.std
+    )
     fn = jax.jit(
-        predict_fn,
+        lambda variables, images, key: predict_fn(variables, normalize(images), key),
         in_shardings=(replicated, batch_sharded, replicated),
         out_shardings=batch_sharded,
     )
     batches = pipeline.eval_batches(
         split,
-        data_config,
         batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -191,8 +193,10 @@ def predict(
         batch = sharding.to_global(batch, mesh)
         # Folding in the batch index gives each batch its own dropout masks.
         log_probs = fn(variables, batch["image"], jax.random.fold_in(key, index))
+        if outputs:  # At most two batches in flight (see evaluate.evaluate).
+            jax.block_until_ready(outputs[-1][0])
         outputs.append((log_probs, batch["label"], batch["mask"]))
-    # Gathered after the loop, so the host prepares batches while the devices compute.
+    # Gathered after the loop, so the host prepares the next batch while the devices compute.
     host = _to_host(outputs)
     mask = np.concatenate([m for _, _, m in host])
     log_probs = np.concatenate([p for p, _, _ in host])[mask]

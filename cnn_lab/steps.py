@@ -16,12 +16,18 @@ from cnn_lab.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# (uint8 images (B, H, W, C), labels (B,), key) -> (model-ready images, targets (B,) or (B, K)).
+Preprocess = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# uint8 images (B, H, W, C) -> model-ready float images.
+Normalize = Callable[[jax.Array], jax.Array]
 
 
 def step_rngs(state: TrainState) -> dict[str, jax.Array]:
-    """One key per model RNG stream, folded from the state's key and step (resume-exact)."""
+    """One key per model RNG stream and one for augmentation ("augment"), folded from the
+    state's key and step (resume-exact)."""
     key = jax.random.fold_in(state.rng, state.step)
-    return dict(zip(RNG_STREAMS, jax.random.split(key, len(RNG_STREAMS)), strict=True))
+    streams = (*RNG_STREAMS, "augment")
+    return dict(zip(streams, jax.random.split(key, len(streams)), strict=True))
 
 
 def sown_metrics(intermediates: dict) -> Metrics:
@@ -47,22 +53,30 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     label_smoothing: float,
+    preprocess: Preprocess | None = None,
     averaging: Averaging = NO_AVERAGES,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on batch {"image": (B, H, W, C), "label": (B,)}; metrics are scalars.
 
-    Also updates the parameter averages the state keeps (`averaging`).
+    `preprocess` turns the batch's uint8 images into augmented, normalised ones (and labels
+    into targets, e.g. mixed ones); None: the images are used as they are. Also updates the
+    parameter averages the state keeps (`averaging`).
     """
+    rngs = step_rngs(state)
+    augment_key = rngs.pop("augment")
+    images, targets = batch["image"], batch["label"]
+    if preprocess is not None:
+        images, targets = preprocess(images, targets, augment_key)
 
     def loss_fn(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
-            rngs=step_rngs(state),
+            rngs=rngs,
             mutable=["batch_stats", "intermediates"],
         )
-        loss = jnp.mean(losses.cross_entropy(logits, batch["label"], label_smoothing))
+        loss = jnp.mean(losses.cross_entropy(logits, targets, label_smoothing))
         return loss, (logits, updates.get("batch_stats", {}), updates.get("intermediates", {}))
 
     (loss, (logits, batch_stats, sown)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -97,6 +111,7 @@ def jit_train_step(
     mesh: Mesh,
     *,
     label_smoothing: float,
+    preprocess: Preprocess | None = None,
     averaging: Averaging = NO_AVERAGES,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """train_step jitted over `mesh`: state replicated and donated, batch split on the data axis."""
@@ -108,6 +123,7 @@ def jit_train_step(
             tx=tx,
             schedule=schedule,
             label_smoothing=label_smoothing,
+            preprocess=preprocess,
             averaging=averaging,
         ),
         in_shardings=(replicated, sharding.batch_sharded(mesh)),
@@ -116,14 +132,17 @@ def jit_train_step(
     )
 
 
-def eval_step(variables: dict, batch: Batch, *, model: nn.Module) -> Metrics:
-    """Sums over the real rows (batch["mask"]) of a padded batch.
+def eval_step(
+    variables: dict, batch: Batch, *, model: nn.Module, normalize: Normalize | None = None
+) -> Metrics:
+    """Sums over the real rows (batch["mask"]) of a padded batch; `normalize` prepares uint8 images.
 
     Returns loss, correct, correct_top5, count (scalars) and class_correct, class_count (K,);
     sown "ode_*" scalars (one per batch) weighted by the batch's real rows, so that summed over
     batches and divided by count they are means per example.
     """
-    logits, sown = model.apply(variables, batch["image"], train=False, mutable=["intermediates"])
+    images = batch["image"] if normalize is None else normalize(batch["image"])
+    logits, sown = model.apply(variables, images, train=False, mutable=["intermediates"])
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     correct = losses.topk_correct(logits, labels) * mask

@@ -7,6 +7,7 @@ and validates (damaged ones are moved aside); with none, training starts from sc
 import contextlib
 import functools
 import itertools
+import math
 import signal
 import sys
 import threading
@@ -22,8 +23,8 @@ from tqdm import tqdm
 
 from cnn_lab import averaging, checkpoint, optim, provenance, sharding, steps
 from cnn_lab import workdir as workdir_lib
-from cnn_lab.data import loading, pipeline
-from cnn_lab.evaluate import evaluate, make_eval_fn, recompute_batch_stats, split_string
+from cnn_lab.data import augment, inputs, loading
+from cnn_lab.evaluate import evaluate, make_eval_fn, recompute_batch_stats
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.models import get_model
 from cnn_lab.state import TrainState, init_state
@@ -40,7 +41,7 @@ class Preempted(Exception):
         self.step = step
 
 
-def _load_data(data_config: ml_collections.ConfigDict, num_classes: int) -> dict:
+def _check_classes(data_config: ml_collections.ConfigDict, num_classes: int) -> None:
     found = loading.num_classes(
         data_config.name, data_dir=data_config.data_dir, source_dir=data_config.source_dir
     )
@@ -49,10 +50,6 @@ def _load_data(data_config: ml_collections.ConfigDict, num_classes: int) -> dict
             f"Data set {data_config.name!r} has {found} classes but config.model.num_classes="
             f"{num_classes}. Set --config.model.num_classes={found}."
         )
-    return {
-        name: pipeline.load(data_config, split_string(data_config, name))
-        for name in ("train", "val", "test")
-    }
 
 
 def record_validation(
@@ -125,18 +122,19 @@ def train_and_evaluate(
     sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     model = get_model(config.model)
+    if config.augment.flip and not config.data.flip_preserves_label:
+        raise ValueError(
+            f"config.augment.flip=True, but a mirrored {config.data.name} image can change its "
+            "label (config.data.flip_preserves_label=False). Set --config.augment.flip=False."
+        )
 
     latest = checkpoint.make_manager(workdir / checkpoint.LATEST_DIR, config.checkpoint.keep)
     if latest.all_steps() and (workdir / workdir_lib.CONFIG_FILE).exists():
         workdir_lib.check_resumable(workdir, config, allow_config_changes)
 
-    data = _load_data(config.data, config.model.num_classes)
-    steps_per_epoch = pipeline.steps_per_epoch(len(data["train"]), config.train.batch_size)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"The training split {config.data.train_split!r} has {len(data['train'])} examples, "
-            f"fewer than config.train.batch_size={config.train.batch_size}. Lower the batch size."
-        )
+    _check_classes(config.data, config.model.num_classes)
+    data = inputs.make_inputs(config.data, config.train.batch_size, mesh, seed=config.seed)
+    steps_per_epoch = data.steps_per_epoch
     total_steps = config.train.num_epochs * steps_per_epoch
     schedule, tx, plateau = optim.from_config(
         config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
@@ -178,21 +176,32 @@ def train_and_evaluate(
         )
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         print(
-            f"{config.model.name}: {n_params:,} parameters; {len(data['train'])} train, "
-            f"{len(data['val'])} val, {len(data['test'])} test examples; {mesh.size} "
-            f"device(s); " + (f"resuming at step {step}" if restored else "from scratch")
+            f"{config.model.name}: {n_params:,} parameters; "
+            + ", ".join(f"{data.num_examples(s)} {s}" for s in ("train", "val", "test"))
+            + f" examples ({data.mode} input); {mesh.size} device(s); "
+            + (f"resuming at step {step}" if restored else "from scratch")
         )
 
+    normalize = functools.partial(
+        augment.eval_preprocess, mean=config.data.mean, std=config.data.std
+    )
     train_step = steps.jit_train_step(
         model,
         tx,
         schedule,
         mesh,
         label_smoothing=config.train.label_smoothing,
+        preprocess=functools.partial(
+            augment.augment_batch,
+            augment_config=config.augment,
+            mean=config.data.mean,
+            std=config.data.std,
+            num_classes=config.model.num_classes,
+        ),
         averaging=averages,
     )
     read_averages = jax.jit(averages.read, out_shardings=sharding.replicated(mesh))
-    eval_fn = make_eval_fn(model, mesh)
+    eval_fn = make_eval_fn(model, mesh, normalize)
     validation_update = jax.jit(
         functools.partial(
             record_validation, plateau=plateau if config.schedule.name == "plateau" else None
@@ -206,17 +215,9 @@ def train_and_evaluate(
         variants = {"raw": state.variables}
         for name, variables in read_averages(state.averages, state.step).items():
             if config.averaging.batch_stats == "recompute":
-                batches = pipeline.train_batches(
-                    data["train"],
-                    config.data,
-                    config.train.batch_size,
-                    seed=config.seed,
-                    epoch=step // steps_per_epoch,
-                    process_index=jax.process_index(),
-                    process_count=jax.process_count(),
-                )
+                batches = data.train_batches(epoch=step // steps_per_epoch)
                 batches = itertools.islice(batches, config.averaging.recompute_batches)
-                variables = recompute_batch_stats(model, variables, batches, mesh)
+                variables = recompute_batch_stats(model, variables, batches, mesh, normalize)
             variants[name] = variables
         return variants
 
@@ -227,10 +228,9 @@ def train_and_evaluate(
             metrics = evaluate(
                 eval_fn,
                 variables,
-                data[split],
-                config.data,
-                config.eval.batch_size,
+                data.eval_batches(split, config.eval.batch_size),
                 mesh,
+                total=math.ceil((data.num_examples(split) or 0) / config.eval.batch_size) or None,
                 progress=config.train.progress_bar,
                 desc=f"{split} ({name})",
             )
@@ -298,16 +298,7 @@ def train_and_evaluate(
         with _sigterm_flag() as sigterm:
             for epoch in range(step // steps_per_epoch, last_epoch):
                 epoch_start = time.perf_counter()
-                batches = pipeline.train_batches(
-                    data["train"],
-                    config.data,
-                    config.train.batch_size,
-                    seed=config.seed,
-                    epoch=epoch,
-                    first_step=step % steps_per_epoch,
-                    process_index=jax.process_index(),
-                    process_count=jax.process_count(),
-                )
+                batches = data.train_batches(epoch, first_step=step % steps_per_epoch)
                 bar = tqdm(
                     total=steps_per_epoch,
                     initial=step % steps_per_epoch,
@@ -316,7 +307,7 @@ def train_and_evaluate(
                     disable=not (config.train.progress_bar and is_lead),
                 )
                 for batch in batches:
-                    state, metrics = train_step(state, sharding.to_global(batch, mesh))
+                    state, metrics = train_step(state, batch)
                     if pending:
                         # At most two steps in flight: the host prepares the next batch while
                         # the devices compute, and XLA never has a long queue of steps whose
@@ -328,6 +319,9 @@ def train_and_evaluate(
                     bar.update()
                     if step in snapshot_steps:
                         save(snapshots)
+                        # Written before any later save can land: a kill then cannot leave a
+                        # newer latest/ step behind a missing snapshot (it is never re-taken).
+                        snapshots.wait_until_finished()
                     if step % config.train.log_every_steps == 0:
                         flush()
                         bar.set_postfix(loss=f"{train_metrics['loss']:.4f}")

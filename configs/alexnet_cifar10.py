@@ -25,7 +25,8 @@ _EPOCHS = 100
 
 def get_config(mode: str | None = None):
     config = common.get_base_config("cifar10", image_size=32)
-    config.data.random_crop_padding = 4  # Pad 4 and crop 32x32 at random.
+    config.augment.crop_padding = 4  # Pad 4 and crop 32x32 at random.
+    config.augment.flip = True  # Mirrored objects keep their class.
     config.model.name = "alexnet"
     config.model.variant = "cifar"  # Zhang et al.'s two-conv AlexNet (TF's CIFAR tutorial).
     config.model.local_response_norm = True  # As in Zhang et al. (and the tutorial).

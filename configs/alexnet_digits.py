@@ -16,7 +16,7 @@ from configs import common
 
 def get_config(mode: str | None = None):
     config = common.get_base_config("digits", image_size=32)
-    config.data.random_crop_padding = 4  # Shifts of up to one 8x8 source pixel.
+    config.augment.crop_padding = 4  # Shifts of up to one 8x8 source pixel.
     config.model.name = "alexnet"
     config.model.variant = "cifar"  # Two (conv 64 5x5, max pool 3x3/2), fc 384, fc 192.
     config.model.dropout_rate = 0.5  # After both hidden dense layers: 1.2k training images.

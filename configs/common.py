@@ -23,6 +23,13 @@ DATASETS = {
         std=(0.2673, 0.2564, 0.2762),
         flip=True,
     ),
+    "cats_vs_dogs": dict(
+        channels=3,
+        num_classes=2,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        flip=True,
+    ),
     "imagenet2012": dict(
         channels=3,
         num_classes=1000,
@@ -51,16 +58,28 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     )
     config.data.test_split = "test"  # Evaluated once, at the end.
     config.data.image_size = image_size  # Images are resized to this square side.
-    config.data.keep_decoded = (
-        True  # Keep decoded, resized splits by the TFDS files: fast restarts.
-    )
+    config.data.keep_decoded = True  # Keep decoded splits by the TFDS files: fast restarts.
+    config.data.input_mode = "auto"  # device | streaming | auto (device if the split fits).
+    config.data.device_memory_mb = 2048  # auto: largest training split (uint8) kept on devices.
+    config.data.eval_crop_fraction = 1.0  # streaming eval: resize to size / this, centre-crop.
     config.data.channels = stats["channels"]  # Channels of the images (1 grey, 3 RGB).
-    config.data.random_crop_padding = (
-        0  # Training: zero-pad by this many pixels, crop back at random (0: off).
-    )
     config.data.mean = stats["mean"]  # Per-channel mean of pixels in [0, 1], subtracted.
     config.data.std = stats["std"]  # Per-channel std of pixels in [0, 1], divided by.
     config.data.flip_preserves_label = stats["flip"]  # Mirrored images keep their label.
+
+    # Training augmentation, on the devices inside the jitted step (both input modes).
+    config.augment = ml_collections.ConfigDict()
+    config.augment.crop_padding = 0  # Zero-pad by this many pixels, crop back at random (0: off).
+    config.augment.flip = False  # Mirror half the images (only where the label survives it).
+    config.augment.resized_crop = False  # Random area/aspect crop resized back (Inception style).
+    config.augment.resized_crop_scale = (0.08, 1.0)  # resized_crop: range of the area kept.
+    config.augment.resized_crop_ratio = (3 / 4, 4 / 3)  # resized_crop: range of aspect ratios.
+    config.augment.brightness = 0.0  # Colour jitter: brightness factor in [1 - b, 1 + b].
+    config.augment.contrast = 0.0  # Colour jitter: contrast factor in [1 - c, 1 + c].
+    config.augment.saturation = 0.0  # Colour jitter: saturation factor in [1 - s, 1 + s].
+    config.augment.pca_lighting = 0.0  # AlexNet PCA lighting noise std (RGB; 0.1 in the paper).
+    config.augment.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha) (0: off).
+    config.augment.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha) (0: off).
 
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = stats["num_classes"]  # Must match the data set's classes.

@@ -27,7 +27,8 @@ def get_config(mode: str | None = None):
     config = common.get_base_config("cifar10", image_size=32)
     config.data.train_split = f"train[:{_TRAIN_EXAMPLES}]"
     config.data.validation_split = f"train[{_TRAIN_EXAMPLES}:]"
-    config.data.random_crop_padding = 4  # Pad 4 and crop 32x32 at random.
+    config.augment.crop_padding = 4  # Pad 4 and crop 32x32 at random.
+    config.augment.flip = True  # Mirrored objects keep their class.
     config.model.name = "ode_resnet"
     config.model.depth = 20  # 6n+2: blocks per stage n = 3.
     config.model.width = 1.0  # Multiplies the 16/32/64 channels.

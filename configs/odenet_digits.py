@@ -38,7 +38,7 @@ def get_config(mode: str | None = None):
     config.model.im2col = True  # Vector-field convs as matmuls: 5x faster steps on CPU.
     config.model.residual_blocks = 0  # > 0: that many residual blocks instead (a ResNet).
 
-    config.data.random_crop_padding = 2  # Shifts of up to 2 of 16 pixels.
+    config.augment.crop_padding = 2  # Shifts of up to 2 of 16 pixels.
     config.optimizer.name = "adamw"
     config.optimizer.learning_rate = 2e-3
     config.optimizer.weight_decay = 0.05

@@ -22,7 +22,7 @@ def get_config(mode: str | None = None):
     config = common.get_base_config("mnist", image_size=28)
     config.model = odenet_digits.get_config().model  # The same ODE-Net and solver settings.
     config.model.num_classes = 10
-    config.data.random_crop_padding = 2  # Shifts of up to 2 of 28 pixels.
+    config.augment.crop_padding = 2  # Shifts of up to 2 of 28 pixels.
     config.optimizer.name = "adamw"
     config.optimizer.learning_rate = 2e-3
     config.optimizer.weight_decay = 0.05

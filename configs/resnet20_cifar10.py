@@ -35,7 +35,8 @@ def get_config(mode: str | None = None):
     config = common.get_base_config("cifar10", image_size=32)
     config.data.train_split = f"train[:{_TRAIN_EXAMPLES}]"  # The paper's 45k training images.
     config.data.validation_split = f"train[{_TRAIN_EXAMPLES}:]"  # The paper's 5k validation images.
-    config.data.random_crop_padding = 4  # Pad 4 and crop 32x32 at random (flip: not yet).
+    config.augment.crop_padding = 4  # Pad 4 and crop 32x32 at random.
+    config.augment.flip = True  # Mirrored objects keep their class.
     config.model.name = "resnet"
     config.model.family = "cifar"  # 3x3 stem with 16 channels, three stages of 16/32/64.
     config.model.depth = 20  # 6n+2: 20, 32, 44, 56, 110 (Table 6), 1202.

@@ -19,9 +19,12 @@ Expected (Goyal et al., Table 1): top-1 error 23.60% +- 0.12 on the validation s
 top-1 accuracy ~0.764 (the "test" line here, since ImageNet's test labels are not public).
 Not reproduced here. 4.1G multiply-adds per image forward: about a day on 8 GPUs.
 
-Not runnable end to end yet: cnn_lab's input pipeline holds each split in memory at a fixed
-size (1.28M x 224x224x3 bytes is ~190 GB) and has neither random-resized crops, flips nor
-resize-then-centre-crop; a streaming ImageNet pipeline is left for the input-pipeline issue.
+Input: streaming (the split does not fit in memory: 1.28M x 224x224x3 bytes is ~190 GB):
+each host decodes its part of the training split, resized (shorter side) and centre-cropped
+to 224, and the devices apply random-resized crops and flips inside the train step.
+Evaluation resizes the shorter side to 256 (224 / 0.875) and takes the centre 224x224 crop.
+Differs from the papers in one respect: the random-resized crop is taken from that 224 centre
+crop, not from the whole decoded image.
 """
 
 from configs import common
@@ -32,6 +35,10 @@ def get_config(mode: str | None = None):
     config.data.train_split = "train[:99%]"  # Trained on; 1% held out for model selection.
     config.data.validation_split = "train[99%:]"  # "minival", 12.8k images (as big_vision).
     config.data.test_split = "validation"  # The 50k images every paper reports on.
+    config.data.input_mode = "streaming"  # Host decoding, per-host shards, device prefetch.
+    config.data.eval_crop_fraction = 0.875  # Evaluate the centre 224 of the 256-resized image.
+    config.augment.resized_crop = True  # Scale augmentation: 8-100% of the area, 3/4-4/3 aspect.
+    config.augment.flip = True  # Horizontal flips.
     config.model.name = "resnet"
     config.model.family = "imagenet"  # 7x7/2 stem + max pool, four stages.
     config.model.depth = 50  # Bottleneck blocks (3, 4, 6, 3); 25.6M parameters.

@@ -23,7 +23,8 @@ from configs import common
 
 def get_config(mode: str | None = None):
     config = common.get_base_config("cifar10", image_size=32)
-    config.data.random_crop_padding = 4  # Pad 4 and crop 32x32 at random (flip: not yet).
+    config.augment.crop_padding = 4  # Pad 4 and crop 32x32 at random.
+    config.augment.flip = True  # Mirrored objects keep their class.
     config.model.name = "vgg"
     config.model.depth = 16  # Configuration D: 13 convs in stages of 2, 2, 3, 3, 3.
     config.model.batch_norm = True  # BN after every conv (torchvision's vgg16_bn).

@@ -83,12 +83,14 @@ def test_bad_averaging_config_is_a_clear_error():
         ema_debias=True,
         polyak_start_epoch=None,
         batch_stats="average",
+        recompute_batches=20,
         select="raw",
     )
     for change, message in (
         (dict(ema_decay=1.5), "ema_decay=1.5"),
         (dict(select="ema"), "select='ema'"),
         (dict(batch_stats="running"), "batch_stats='running'"),
+        (dict(recompute_batches=0), "recompute_batches=0"),
     ):
         with pytest.raises(ValueError, match=message):
             averaging.from_config(ml_collections.ConfigDict({**base, **change}), steps_per_epoch=5)

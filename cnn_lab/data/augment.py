@@ -1,17 +1,310 @@
-"""Training-time augmentations on host batches; randomness from an explicit NumPy generator."""
+"""Training-time augmentations: jit-able JAX ones on device batches, randomness from a key.
 
-import numpy as np
+Image augmentations take float32 images (B, H, W, C) in [0, 1] (before normalisation), draw
+independent randomness per example from one key, and return the same shape and dtype;
+`augment_batch` chains them for the train step.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# ImageNet RGB statistics of pixels in [0, 1] (fb.resnet.torch, timm): principal components.
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+# ITU-R 601 luma weights of R, G, B (torchvision's greyscale).
+LUMA = (0.299, 0.587, 0.114)
 
 
-def random_crop(images: np.ndarray, padding: int, offsets: np.ndarray) -> np.ndarray:
-    """Zero-pad images (B, H, W, C) by `padding` and crop back to (H, W) at offsets (B, 2)."""
-    _, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    return np.stack(
-        [padded[i, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets)]
+def crop_at(images: jax.Array, offsets: jax.Array, padding: int) -> jax.Array:
+    """Zero-pad images (B, H, W, C) by `padding`, crop back to (H, W) at offsets (B, 2) int32.
+
+    Offset (0, 0) is the padded top-left corner; (padding, padding) is the image itself.
+    """
+    _, height, width, channels = images.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+    def crop(image: jax.Array, offset: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
+def pad_and_crop(images: jax.Array, key: jax.Array, padding: int) -> jax.Array:
+    """CIFAR's random crop of images (B, H, W, C): `crop_at` offsets uniform in [0, 2 * padding]."""
+    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * padding + 1, jnp.int32)
+    return crop_at(images, offsets, padding)
+
+
+def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
+    """Each image of (B, H, W, C) mirrored left-right with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
+def random_resized_crop(
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> jax.Array:
+    """Inception's scale augmentation of images (B, H, W, C), resized back to (H, W) bilinearly.
+
+    Per image: a box of area fraction uniform in `scale` and aspect ratio (width / height)
+    log-uniform in `ratio`, clipped to the image, at a uniform position. `scale` and `ratio`
+    may be traced.
+    """
+    batch, height, width, _ = images.shape
+    area_key, ratio_key, position_key = jax.random.split(key, 3)
+    area = height * width * jax.random.uniform(area_key, (batch,), minval=scale[0], maxval=scale[1])
+    log_ratio = jnp.log(jnp.asarray(ratio, jnp.float32))
+    aspect = jnp.exp(
+        jax.random.uniform(ratio_key, (batch,), minval=log_ratio[0], maxval=log_ratio[1])
+    )
+    # Box sizes and corners are real numbers: the bilinear resize samples between pixels.
+    size = jnp.stack(
+        [
+            jnp.minimum(jnp.sqrt(area / aspect), height),
+            jnp.minimum(jnp.sqrt(area * aspect), width),
+        ],
+        axis=1,
+    )  # (B, 2): box height, width
+    image_size = jnp.array([[height, width]], jnp.float32)
+    corner = jax.random.uniform(position_key, (batch, 2)) * (image_size - size)
+    # scale_and_translate maps input coordinate x to x * zoom + shift: the box onto the image.
+    zoom = image_size / size
+    shift = -corner * zoom
+
+    def resize(image: jax.Array, zoom: jax.Array, shift: jax.Array) -> jax.Array:
+        return jax.image.scale_and_translate(
+            image, image.shape, (0, 1), zoom, shift, method="linear"
+        )
+
+    return jax.vmap(resize)(images, zoom, shift).astype(images.dtype)
+
+
+def _grey(images: jax.Array) -> jax.Array:
+    """Luma (B, H, W, 1) of RGB or single-channel images (B, H, W, C)."""
+    channels = images.shape[-1]
+    if channels == 1:
+        return images
+    if channels != 3:
+        raise ValueError(f"Colour augmentations need 1 or 3 channels; got {channels}.")
+    return jnp.einsum("bhwc,c->bhw", images, jnp.asarray(LUMA, images.dtype))[..., None]
+
+
+def _factors(key: jax.Array, images: jax.Array, strength: float) -> jax.Array:
+    """Factors (B, 1, 1, 1) uniform in [1 - strength, 1 + strength], never below 0."""
+    shape = (images.shape[0], 1, 1, 1)
+    return jax.random.uniform(
+        key, shape, images.dtype, minval=max(0.0, 1.0 - strength), maxval=1.0 + strength
     )
 
 
-def crop_offsets(rng: np.random.Generator, batch_size: int, padding: int) -> np.ndarray:
-    """Uniform (dy, dx) in [0, 2 * padding] for each of `batch_size` images: (B, 2) int."""
-    return rng.integers(0, 2 * padding + 1, size=(batch_size, 2))
+def _blend(images: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
+    """torchvision's blend: factor * images + (1 - factor) * other, clipped to [0, 1]."""
+    return jnp.clip(factor * images + (1 - factor) * other, 0.0, 1.0)
+
+
+def color_jitter(
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+) -> jax.Array:
+    """torchvision's ColorJitter on images (B, H, W, C), in the fixed order of its arguments.
+
+    Each factor is uniform in [1 - strength, 1 + strength] per image: brightness scales the
+    image, contrast blends it with its mean grey, saturation with its greyscale (a no-op on
+    one channel). A strength of 0 skips that step.
+    """
+    brightness_key, contrast_key, saturation_key = jax.random.split(key, 3)
+    if brightness:
+        images = jnp.clip(images * _factors(brightness_key, images, brightness), 0.0, 1.0)
+    if contrast:
+        mean_grey = jnp.mean(_grey(images), axis=(1, 2, 3), keepdims=True)
+        images = _blend(images, mean_grey, _factors(contrast_key, images, contrast))
+    if saturation:
+        images = _blend(images, _grey(images), _factors(saturation_key, images, saturation))
+    return images
+
+
+def pca_lighting(
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    std: float,
+    eigval: tuple[float, ...] = IMAGENET_EIGVAL,
+    eigvec: tuple[tuple[float, ...], ...] = IMAGENET_EIGVEC,
+) -> jax.Array:
+    """AlexNet's lighting noise on RGB images (B, H, W, 3): eigvec @ (alpha * eigval) per image.
+
+    alpha ~ N(0, std) per image and component; the result is not clipped (as in AlexNet).
+    """
+    if not std:
+        return images
+    if images.shape[-1] != 3:
+        raise ValueError(
+            f"PCA lighting needs RGB images (3 channels); got {images.shape[-1]}. "
+            "Set its strength to 0 for this data set."
+        )
+    alpha = std * jax.random.normal(key, (images.shape[0], 3), images.dtype)
+    weights = alpha * jnp.asarray(eigval, images.dtype)[None, :]  # (B, 3)
+    shift = weights @ jnp.asarray(eigvec, images.dtype).T  # (B, 3): row b is eigvec @ weights[b]
+    return images + shift[:, None, None, :]
+
+
+def _with_partner(x: jax.Array, lam: jax.Array) -> jax.Array:
+    """lam * x + (1 - lam) * x reversed along the batch (each row's partner)."""
+    return lam * x + (1 - lam) * x[::-1]
+
+
+def mix(images: jax.Array, targets: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mixup with a given lambda: images (B, ...) and targets (B, K) blended with their partners.
+
+    The partner of row i is row B - 1 - i: a fixed pairing, so no permutation is drawn.
+    """
+    return _with_partner(images, lam), _with_partner(targets, lam)
+
+
+def cut(
+    images: jax.Array, targets: jax.Array, lam: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """CutMix with a given lambda: images (B, H, W, C) get a box of their partner's pixels.
+
+    One box for the batch, of area fraction about 1 - lam, centred uniformly and clipped to
+    the image; targets (B, K) are mixed by the area actually pasted. Partners as in `mix`.
+    """
+    _, height, width, _ = images.shape
+    size = jnp.array([height, width])
+    centre = jax.random.uniform(key, (2,)) * size
+    half_side = jnp.sqrt(1 - lam) * size / 2
+    low, high = jnp.round(centre - half_side), jnp.round(centre + half_side)
+    rows = (jnp.arange(height) >= low[0]) & (jnp.arange(height) < high[0])
+    cols = (jnp.arange(width) >= low[1]) & (jnp.arange(width) < high[1])
+    box = rows[:, None] & cols[None, :]
+    pasted = jnp.mean(box.astype(targets.dtype))
+    images = jnp.where(box[None, :, :, None], images[::-1], images)
+    return images, _with_partner(targets, 1 - pasted)
+
+
+def mixup(
+    images: jax.Array, targets: jax.Array, key: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+    """Mixup (Zhang et al.) of images (B, H, W, C) and targets (B, K), lambda ~ Beta(alpha, alpha).
+
+    One lambda for the batch; alpha = 0 returns the inputs.
+    """
+    if not alpha:
+        return images, targets
+    return mix(images, targets, jax.random.beta(key, alpha, alpha, dtype=images.dtype))
+
+
+def cutmix(
+    images: jax.Array, targets: jax.Array, key: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+    """CutMix (Yun et al.) of images (B, H, W, C) and targets (B, K), lambda ~ Beta(alpha, alpha).
+
+    One lambda and box for the batch (see `cut`); alpha = 0 returns the inputs.
+    """
+    if not alpha:
+        return images, targets
+    lam_key, box_key = jax.random.split(key)
+    return cut(images, targets, jax.random.beta(lam_key, alpha, alpha, dtype=images.dtype), box_key)
+
+
+def mixup_or_cutmix(
+    images: jax.Array,
+    targets: jax.Array,
+    key: jax.Array,
+    *,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+) -> tuple[jax.Array, jax.Array]:
+    """`mixup` or `cutmix` of images (B, H, W, C) and targets (B, K), each with probability 1/2."""
+    choice_key, lam_key, box_key = jax.random.split(key, 3)
+    use_mixup = jax.random.bernoulli(choice_key)
+    # One Beta draw with the chosen alpha: its sampler's loop is slow to compile, so not twice.
+    alpha = jnp.where(use_mixup, mixup_alpha, cutmix_alpha)
+    lam = jax.random.beta(lam_key, alpha, alpha, dtype=images.dtype)
+    return jax.lax.cond(use_mixup, mix, functools.partial(cut, key=box_key), images, targets, lam)
+
+
+def _normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+    """(images - mean) / std per channel, for float images (B, H, W, C)."""
+    mean = jnp.asarray(mean, jnp.float32)[None, None, None, :]
+    std = jnp.asarray(std, jnp.float32)[None, None, None, :]
+    return (images - mean) / std
+
+
+def eval_preprocess(
+    images: jax.Array, *, mean: tuple[float, ...], std: tuple[float, ...]
+) -> jax.Array:
+    """Normalised float32 images (B, H, W, C) from uint8 ones, as `augment_batch` makes them."""
+    return _normalize(images.astype(jnp.float32) / 255.0, mean, std)
+
+
+def augment_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    augment_config: ml_collections.ConfigDict,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    num_classes: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Augmented, normalised float32 images (B, H, W, C) and targets (B, num_classes).
+
+    From uint8 images (B, H, W, C) and int labels (B,): whatever `augment_config` switches on
+    (fields crop_padding, flip, resized_crop, resized_crop_scale, resized_crop_ratio,
+    brightness, contrast, saturation, pca_lighting, mixup_alpha, cutmix_alpha), in the order
+    resized crop, pad-and-crop, flip, colour jitter, PCA lighting, then normalisation and
+    mixup or cutmix (one of the two per batch, at random, when both are on). With everything
+    off: `eval_preprocess(images)` and one-hot labels.
+    """
+    config = augment_config
+    # One key per step whatever is on, so switching one step leaves the others' draws alone.
+    resize_key, crop_key, flip_key, jitter_key, lighting_key, mix_key = jax.random.split(key, 6)
+    images = images.astype(jnp.float32) / 255.0
+    if config.resized_crop:
+        images = random_resized_crop(
+            images,
+            resize_key,
+            scale=tuple(config.resized_crop_scale),
+            ratio=tuple(config.resized_crop_ratio),
+        )
+    if config.crop_padding:
+        images = pad_and_crop(images, crop_key, config.crop_padding)
+    if config.flip:
+        images = random_flip(images, flip_key)
+    images = color_jitter(
+        images,
+        jitter_key,
+        brightness=config.brightness,
+        contrast=config.contrast,
+        saturation=config.saturation,
+    )
+    images = pca_lighting(images, lighting_key, std=config.pca_lighting)
+    images = _normalize(images, mean, std)
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if config.mixup_alpha and config.cutmix_alpha:
+        return mixup_or_cutmix(
+            images,
+            targets,
+            mix_key,
+            mixup_alpha=config.mixup_alpha,
+            cutmix_alpha=config.cutmix_alpha,
+        )
+    # At most one of the two is on; the other returns its inputs.
+    images, targets = mixup(images, targets, mix_key, config.mixup_alpha)
+    return cutmix(images, targets, mix_key, config.cutmix_alpha)

@@ -113,6 +113,17 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarr
     return images, labels.astype(np.int32)
 
 
+def num_examples(
+    name: str, split: str, *, data_dir: str | None = None, source_dir: str | None = None
+) -> int | None:
+    """Examples in `split` (slicing allowed) from the data set's metadata; None if it has none."""
+    builder = _prepared_builder(name, data_dir, source_dir)
+    try:
+        return builder.info.splits[split].num_examples
+    except (KeyError, ValueError):  # tfds.testing.mock_data serves data without split metadata.
+        return None
+
+
 def num_classes(name: str, *, data_dir: str | None = None, source_dir: str | None = None) -> int:
     """Number of classes of the label (second supervised key) of data set `name`."""
     info = _prepared_builder(name, data_dir, source_dir).info

@@ -1,12 +1,20 @@
-"""In-memory splits and their batches: the data order is a pure function of (seed, epoch)."""
+"""Splits in host or device memory and their batches: the order is a function of (seed, epoch).
+
+Batches hold uint8 images: augmentation and normalisation happen on the devices, inside
+the jitted steps (`augment.augment_batch`, `augment.eval_preprocess`).
+"""
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 
+import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from cnn_lab.data import augment, loading
+from cnn_lab import sharding
+from cnn_lab.data import loading
 
 Batch = dict[str, np.ndarray]
 
@@ -67,9 +75,8 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
-def train_batches(
-    split: Split,
-    data_config: ml_collections.ConfigDict,
+def train_indices(
+    num_examples: int,
     batch_size: int,
     *,
     seed: int,
@@ -77,32 +84,63 @@ def train_batches(
     first_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[Batch]:
-    """This process's rows of each global training batch of `epoch`, from step `first_step` on.
-
-    Yields {"image": (b, H, W, C) float32, "label": (b,) int32}, b = batch_size / process_count.
-    """
-    order = epoch_order(len(split), seed, epoch)
+) -> Iterator[np.ndarray]:
+    """This process's rows (b,) of the example indices of each global batch of `epoch`."""
+    order = epoch_order(num_examples, seed, epoch)
     rows = _process_rows(batch_size, process_index, process_count)
-    padding = data_config.random_crop_padding
-    for step in range(first_step, steps_per_epoch(len(split), batch_size)):
-        index = order[step * batch_size : (step + 1) * batch_size][rows]
-        images = split.images[index]
-        if padding:
-            # Drawn for the whole global batch, so the result does not depend on process count.
-            rng = np.random.default_rng([seed, epoch, step])
-            images = augment.random_crop(
-                images, padding, augment.crop_offsets(rng, batch_size, padding)[rows]
-            )
-        yield {
-            "image": normalize(images, data_config.mean, data_config.std),
-            "label": split.labels[index],
-        }
+    for step in range(first_step, steps_per_epoch(num_examples, batch_size)):
+        yield order[step * batch_size : (step + 1) * batch_size][rows]
+
+
+def train_batches(split: Split, batch_size: int, **order) -> Iterator[Batch]:
+    """Training batches gathered in host memory, in `train_indices(len(split), ...)` order.
+
+    Yields {"image": (b, H, W, C) uint8, "label": (b,) int32}; augmentation and
+    normalisation happen on the devices, in the train step.
+    """
+    for index in train_indices(len(split), batch_size, **order):
+        yield {"image": split.images[index], "label": split.labels[index]}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSplit:
+    """A split held on the devices (replicated): images (N, H, W, C) uint8, labels (N,) int32."""
+
+    images: jax.Array
+    labels: jax.Array
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @classmethod
+    def put(cls, split: Split, mesh: Mesh) -> "DeviceSplit":
+        """Copy `split` once onto every device of `mesh`."""
+        replicated = sharding.replicated(mesh)
+        return cls(
+            jax.device_put(split.images, replicated), jax.device_put(split.labels, replicated)
+        )
+
+
+@functools.cache
+def _gather(mesh: Mesh):
+    return jax.jit(
+        lambda images, labels, index: {"image": images[index], "label": labels[index]},
+        out_shardings=sharding.batch_sharded(mesh),
+    )
+
+
+def device_batches(split: DeviceSplit, batch_size: int, mesh: Mesh, **order) -> Iterator[Batch]:
+    """Global batches gathered on the devices: only the (B,) indices cross from the host.
+
+    Same order and contents as `train_batches` of the same split (`train_indices`).
+    """
+    gather = _gather(mesh)
+    for index in train_indices(len(split), batch_size, **order):
+        yield gather(split.images, split.labels, sharding.to_global({"i": index}, mesh)["i"])
 
 
 def eval_batches(
     split: Split,
-    data_config: ml_collections.ConfigDict,
     batch_size: int,
     *,
     process_index: int = 0,
@@ -110,15 +148,11 @@ def eval_batches(
 ) -> Iterator[Batch]:
     """Every example once, in order; the last batch is padded, and "mask" marks real rows.
 
-    Yields {"image": (b, H, W, C) float32, "label": (b,) int32, "mask": (b,) bool}.
+    Yields {"image": (b, H, W, C) uint8, "label": (b,) int32, "mask": (b,) bool}.
     """
     rows = _process_rows(batch_size, process_index, process_count)
     for start in range(0, len(split), batch_size):
         index = np.arange(start, start + batch_size)[rows]
         mask = index < len(split)
         index = np.where(mask, index, 0)
-        yield {
-            "image": normalize(split.images[index], data_config.mean, data_config.std),
-            "label": split.labels[index],
-            "mask": mask,
-        }
+        yield {"image": split.images[index], "label": split.labels[index], "mask": mask}

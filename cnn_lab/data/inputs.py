@@ -1,0 +1,152 @@
+"""A run's input, device-resident or streaming (config.data.input_mode), behind one interface.
+
+- device: each split is decoded once into host memory (uint8, kept decoded next to the TFDS
+  files); the training split is copied to the devices and each step's batch is gathered
+  there, so only its indices cross from the host.
+- streaming: TFDS + tf.data read, decode and resize on the host, each host its own part of
+  the split, prefetched to the devices two batches ahead (`streaming.py`).
+
+Both yield uint8 images; augmentation and normalisation run on the devices, in the jitted
+steps. In both the order is a function of (seed, epoch), so a resumed run is exact.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from cnn_lab.data import loading, pipeline, streaming
+
+MODES = ("auto", "device", "streaming")
+
+
+def split_string(data_config: ml_collections.ConfigDict, split: str) -> str:
+    """The TFDS split string of "train", "val" or "test" in this config; others pass through."""
+    named = {
+        "train": data_config.train_split,
+        "val": data_config.validation_split,
+        "test": data_config.test_split,
+    }
+    return named.get(split, split)
+
+
+def choose_mode(data_config: ml_collections.ConfigDict) -> str:
+    """config.data.input_mode, with "auto" resolved: device when the training split fits."""
+    mode = data_config.input_mode
+    if mode not in MODES:
+        raise ValueError(f"config.data.input_mode={mode!r}: use one of {', '.join(MODES)}.")
+    if mode != "auto":
+        return mode
+    examples = loading.num_examples(
+        data_config.name,
+        data_config.train_split,
+        data_dir=data_config.data_dir,
+        source_dir=data_config.source_dir,
+    )
+    if examples is None:  # Size unknown (mocked data in tests): small, keep it on device.
+        return "device"
+    image_bytes = data_config.image_size**2 * data_config.channels
+    return (
+        "device" if examples * image_bytes <= data_config.device_memory_mb * 2**20 else "streaming"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Training batches (global, on the devices) and evaluation batches (this process's rows)."""
+
+    mode: str
+    data_config: ml_collections.ConfigDict
+    batch_size: int
+    mesh: Mesh
+    steps_per_epoch: int
+    seed: int
+    in_memory: dict[str, pipeline.Split]  # device mode: "train", "val", "test"; else {}.
+
+    @functools.cached_property
+    def _train_on_devices(self) -> pipeline.DeviceSplit:
+        return pipeline.DeviceSplit.put(self.in_memory["train"], self.mesh)
+
+    def train_batches(self, epoch: int, first_step: int = 0) -> Iterator[pipeline.Batch]:
+        """Global batches {"image": (B, H, W, C) uint8, "label": (B,)} of `epoch`, on the devices."""
+        order = dict(
+            seed=self.seed,
+            epoch=epoch,
+            first_step=first_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        if self.mode == "device":
+            return pipeline.device_batches(
+                self._train_on_devices, self.batch_size, self.mesh, **order
+            )
+        dc = self.data_config
+        batches = streaming.train_batches(
+            dc.name,
+            dc.train_split,
+            data_dir=dc.data_dir,
+            image_size=dc.image_size,
+            batch_size=self.batch_size,
+            **order,
+        )
+        return streaming.prefetch_to_device(batches, self.mesh)
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[pipeline.Batch]:
+        """This process's rows of every example of "train" | "val" | "test" once, padded and masked."""
+        rows = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        if self.mode == "device":
+            return pipeline.eval_batches(self.in_memory[split], batch_size, **rows)
+        dc = self.data_config
+        return streaming.eval_batches(
+            dc.name,
+            split_string(dc, split),
+            data_dir=dc.data_dir,
+            image_size=dc.image_size,
+            batch_size=batch_size,
+            crop_fraction=dc.eval_crop_fraction,
+            **rows,
+        )
+
+    def num_examples(self, split: str) -> int | None:
+        """Examples in "train" | "val" | "test" (None when unknown)."""
+        if split in self.in_memory:
+            return len(self.in_memory[split])
+        dc = self.data_config
+        return loading.num_examples(
+            dc.name, split_string(dc, split), data_dir=dc.data_dir, source_dir=dc.source_dir
+        )
+
+
+def make_inputs(
+    data_config: ml_collections.ConfigDict, batch_size: int, mesh: Mesh, *, seed: int
+) -> Inputs:
+    """The input of a run; raises ValueError when an epoch holds not one training batch."""
+    mode = choose_mode(data_config)
+    in_memory = {}
+    if mode == "device":
+        in_memory = {
+            name: pipeline.load(data_config, split_string(data_config, name))
+            for name in ("train", "val", "test")
+        }
+        examples = len(in_memory["train"])
+        steps = pipeline.steps_per_epoch(examples, batch_size)
+    else:
+        steps = streaming.num_train_steps(
+            data_config.name,
+            data_config.train_split,
+            data_dir=data_config.data_dir,
+            batch_size=batch_size,
+            process_count=jax.process_count(),
+        )
+        examples = loading.num_examples(
+            data_config.name, data_config.train_split, data_dir=data_config.data_dir
+        )
+    if steps == 0:
+        raise ValueError(
+            f"The training split {data_config.train_split!r} has {examples} examples, fewer "
+            f"than config.train.batch_size={batch_size}. Lower the batch size."
+        )
+    return Inputs(mode, data_config, batch_size, mesh, steps, seed, in_memory)

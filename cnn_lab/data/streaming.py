@@ -1,0 +1,229 @@
+"""Batches streamed from a prepared TFDS data set through tf.data, for data sets too large for memory.
+
+The host only decodes, resizes to a fixed size, batches and prefetches uint8 images;
+augmentation is done later, on the devices. Like `pipeline`, the training order is a pure
+function of (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cnn_lab import sharding
+from cnn_lab.data import loading
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+Batch = dict[str, np.ndarray]
+
+# Largest shuffle buffer, in examples: about 1 GB of encoded ImageNet images.
+SHUFFLE_BUFFER = 10_000
+
+
+def train_batches(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None,
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    first_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """This process's rows of each global training batch of `epoch`, from step `first_step` on.
+
+    Yields {"image": (b, image_size, image_size, C) uint8, "label": (b,) int32},
+    b = batch_size / process_count. Each process reads its own part of `split`
+    (tfds.even_splits): the parts are disjoint and equal, so every process takes the same
+    number of steps, and up to process_count - 1 examples of the split are never read.
+    The file order and the shuffle of examples are seeded by (seed, epoch) alone. Images
+    already image_size x image_size pass unchanged; others have their shorter side resized
+    to image_size (bilinear, antialiased), then the centre square is taken. Errors (data set
+    not prepared, batch size) are raised by this call, not by the first batch.
+    """
+    per_process = _per_process(batch_size, process_index, process_count)
+    builder = loading._prepared_builder(name, data_dir, None)
+    part = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+    files_seed, examples_seed = np.random.default_rng([seed, epoch]).integers(2**31, size=2)
+    tf = _tensorflow()
+    ds = _encoded_examples(builder, part, files_seed=int(files_seed))
+    # Encoded images are shuffled and skipped, not decoded ones: 10,000 decoded ImageNet
+    # images would take about 5 GB, and a resumed epoch would decode every image it skips.
+    buffer = min(builder.info.splits[part].num_examples, SHUFFLE_BUFFER)
+    ds = ds.shuffle(buffer, seed=int(examples_seed), reshuffle_each_iteration=False)
+    ds = ds.skip(first_step * per_process)  # The same as skipping first_step whole batches.
+    preprocess = _preprocess(builder, image_size, resize_to=image_size)
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(per_process, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return iter(tfds.as_numpy(ds.with_options(_deterministic())))
+
+
+def num_train_steps(
+    name: str, split: str, *, data_dir: str | None, batch_size: int, process_count: int = 1
+) -> int:
+    """Steps of one epoch of `train_batches` (any process), from the split's metadata; reads no data."""
+    per_process = _per_process(batch_size, 0, process_count)
+    builder = loading._prepared_builder(name, data_dir, None)
+    part = tfds.even_splits(split, n=process_count, drop_remainder=True)[0]
+    return builder.info.splits[part].num_examples // per_process
+
+
+def eval_batches(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None,
+    image_size: int,
+    batch_size: int,
+    crop_fraction: float = 1.0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """Every example of `split` once, in a fixed order; the last global batch is padded, and "mask" marks real rows.
+
+    Yields {"image": (b, image_size, image_size, C) uint8, "label": (b,) int32,
+    "mask": (b,) bool}, b = batch_size / process_count: process p takes rows [p*b, (p+1)*b)
+    of each global batch, as `pipeline.eval_batches` does, and padded rows are zeros. Every
+    process reads the encoded records of the whole split (evaluation splits are small) but
+    decodes only its own rows. Images have their shorter side resized to
+    round(image_size / crop_fraction), then the centre image_size x image_size is taken;
+    with crop_fraction 1, images already at that size pass unchanged.
+    """
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
+    per_process = _per_process(batch_size, process_index, process_count)
+    builder = loading._prepared_builder(name, data_dir, None)
+    tf = _tensorflow()
+    ds = _encoded_examples(builder, split, files_seed=None)
+    ds = ds.map(lambda image, label: (image, label, True))
+    # batch_size - 1 padding rows, then whole global batches only: the last real row's batch is
+    # completed and no further batch is made.
+    padding = (tf.constant(b""), tf.zeros([], ds.element_spec[1].dtype), False)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(batch_size - 1))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    rows = slice(process_index * per_process, (process_index + 1) * per_process)
+    ds = ds.map(lambda images, labels, masks: (images[rows], labels[rows], masks[rows])).unbatch()
+
+    preprocess = _preprocess(builder, image_size, resize_to=round(image_size / crop_fraction))
+    channels = builder.info.features[builder.info.supervised_keys[0]].shape[-1]
+
+    def real_or_zeros(encoded: "tf.Tensor", label: "tf.Tensor", mask: "tf.Tensor") -> dict:
+        # Padding rows hold no image to decode.
+        example = tf.cond(
+            mask,
+            lambda: preprocess(encoded, label),
+            lambda: {
+                "image": tf.zeros((image_size, image_size, channels), tf.uint8),
+                "label": tf.zeros([], tf.int32),
+            },
+        )
+        return {**example, "mask": mask}
+
+    ds = ds.map(real_or_zeros, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(per_process).prefetch(tf.data.AUTOTUNE)
+    return iter(tfds.as_numpy(ds.with_options(_deterministic())))
+
+
+def prefetch_to_device(
+    batches: Iterable[Batch], mesh: jax.sharding.Mesh, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """Each host batch as a global batch sharded over the mesh's data axis, `size` more already sent.
+
+    Transfers are asynchronous, so the host reads and sends the next batches while the
+    devices compute on the one yielded.
+    """
+    ahead = collections.deque()
+    for batch in batches:
+        ahead.append(sharding.to_global(batch, mesh))
+        if len(ahead) > size:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
+
+
+def _per_process(batch_size: int, process_index: int, process_count: int) -> int:
+    """Rows of each global batch that one process reads."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size={batch_size} does not split over process_count={process_count} "
+            f"processes. Use a multiple of {process_count}, e.g. batch_size="
+            f"{max(process_count, batch_size // process_count * process_count)}."
+        )
+    return batch_size // process_count
+
+
+def _tensorflow() -> ModuleType:
+    """The tensorflow module, imported (seconds) and set up for reading data only."""
+    loading._start_tensorflow()
+    import tensorflow as tf
+
+    return tf
+
+
+def _deterministic() -> "tf.data.Options":
+    """tf.data options that keep every parallel step in order: the same batches on every run."""
+    tf = _tensorflow()
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def _encoded_examples(
+    builder: tfds.core.DatasetBuilder, split: str, *, files_seed: int | None
+) -> "tf.data.Dataset":
+    """(encoded image () string, label () int) pairs of `split`; files in an order seeded by `files_seed`, else unshuffled."""
+    image_key = builder.info.supervised_keys[0]
+    feature = builder.info.features[image_key]
+    if not isinstance(feature, tfds.features.Image) or feature.np_dtype != np.uint8:
+        raise ValueError(
+            f"{builder.name}: streaming reads uint8 image features, but {image_key!r} is {feature}."
+        )
+    return builder.as_dataset(
+        split=split,
+        as_supervised=True,
+        # TFDS refuses to shuffle the files of a data set stored in order (disable_shuffling,
+        # e.g. digits); train_batches still shuffles its examples.
+        shuffle_files=files_seed is not None and not builder.info.disable_shuffling,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(shuffle_seed=files_seed, try_autocache=False),
+    )
+
+
+def _preprocess(
+    builder: tfds.core.DatasetBuilder, image_size: int, *, resize_to: int
+) -> Callable[["tf.Tensor", "tf.Tensor"], dict]:
+    """(encoded image, label) -> {"image": (image_size, image_size, C) uint8, "label": () int32}."""
+    tf = _tensorflow()
+    feature = builder.info.features[builder.info.supervised_keys[0]]
+
+    def preprocess(encoded: "tf.Tensor", label: "tf.Tensor") -> dict:
+        image = _resize_and_crop(feature.decode_example(encoded), image_size, resize_to)
+        return {"image": image, "label": tf.cast(label, tf.int32)}
+
+    return preprocess
+
+
+def _resize_and_crop(image: "tf.Tensor", size: int, resize_to: int) -> "tf.Tensor":
+    """(H, W, C) uint8 -> (size, size, C) uint8: shorter side resized to `resize_to` (bilinear, antialiased), centre crop."""
+    tf = _tensorflow()
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scaled = shape * (resize_to / tf.reduce_min(shape))
+    # Rounding must not leave the shorter side below resize_to.
+    new_shape = tf.maximum(tf.cast(tf.round(scaled), tf.int32), resize_to)
+    # Bilinear resizing to the same size gives back the same values: such images pass unchanged.
+    resized = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
+    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    top, left = (new_shape[0] - size) // 2, (new_shape[1] - size) // 2
+    crop = resized[top : top + size, left : left + size]
+    return tf.ensure_shape(crop, (size, size, image.shape[-1]))

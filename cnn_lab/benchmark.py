@@ -6,7 +6,6 @@ Synthetic batches already on the devices isolate the compiled steps from the inp
 pipeline. Figures are medians over timed windows after warm-up, with their spread.
 """
 
-import functools
 import itertools
 import json
 import statistics
@@ -152,13 +151,7 @@ def pipeline_benchmark(
         schedule,
         mesh,
         label_smoothing=0.0,
-        preprocess=functools.partial(
-            augment.augment_batch,
-            augment_config=config.augment,
-            mean=config.data.mean,
-            std=config.data.std,
-            num_classes=config.model.num_classes,
-        ),
+        preprocess=augment.train_preprocess(config),
     )
     holder = {"state": init_state(model, tx, plateau, jax.random.PRNGKey(0), shape, mesh)}
 

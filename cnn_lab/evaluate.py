@@ -83,12 +83,7 @@ def recompute_batch_stats(
     """
     if not variables["batch_stats"]:
         return variables
-    replicated = sharding.replicated(mesh)
-    stats_after = jax.jit(
-        functools.partial(steps.batch_stats_sums, model=model),
-        in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
-        out_shardings=replicated,
-    )
+    stats_after = _batch_stats_fn(model, mesh)
     zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
     total, count = None, 0
     for batch in batches:
@@ -103,6 +98,17 @@ def recompute_batch_stats(
         count += 1
     stats = jax.tree.map(lambda t, m: t / (count * (1.0 - m)), total, momentum)
     return {**variables, "batch_stats": stats}
+
+
+@functools.cache
+def _batch_stats_fn(model: nn.Module, mesh: Mesh) -> Callable:
+    """steps.batch_stats_sums jitted once per model and mesh (not once per evaluation)."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        functools.partial(steps.batch_stats_sums, model=model),
+        in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
+        out_shardings=replicated,
+    )
 
 
 PREDICTIONS_DIR = "predictions"  # Cached log-probabilities of each evaluated model variant.
@@ -155,15 +161,7 @@ def evaluate_run(
         path = workdir / PREDICTIONS_DIR / (key.replace("/", "_").replace(":", "_") + ".npy")
         if cache and path.exists():
             return np.load(path)
-        fn = predict.make_predict_fn(
-            model,
-            variant,
-            image_size=config.data.image_size,
-            flip=config.data.flip_preserves_label,
-            crop_fraction=config.eval.crop_fraction,
-            scales=tuple(config.eval.scales),
-            mc_samples=config.eval.mc_dropout_samples,
-        )
+        fn = make_fn(variant)
         variables = jax.device_put(variables, sharding.replicated(mesh))
         key = jax.random.PRNGKey(config.seed)
         result, _ = predict.predict(fn, variables, data, config.data, batch_size, mesh, key)
@@ -173,6 +171,19 @@ def evaluate_run(
             np.save(temporary, result)
             temporary.replace(path)  # Never a half-written cache file.
         return result
+
+    @functools.cache
+    def make_fn(variant: str) -> predict.PredictFn:
+        """One predict function per variant: members of an ensemble share its compilation."""
+        return predict.make_predict_fn(
+            model,
+            variant,
+            image_size=config.data.image_size,
+            flip=config.data.flip_preserves_label,
+            crop_fraction=config.eval.crop_fraction,
+            scales=tuple(config.eval.scales),
+            mc_samples=config.eval.mc_dropout_samples,
+        )
 
     # The run's config (rewritten by every start or resume) keys the cache: predictions of
     # another experiment in the same workdir are never read back. Several processes would
@@ -215,7 +226,11 @@ def evaluate_run(
             _, variables, _, _ = checkpoint.restore_for_inference(workdir, checkpoint_name, variant)
             if config.averaging.batch_stats == "recompute":  # As validation in training did.
                 variables = recompute_batch_stats(
-                    model, variables, _train_batches(config, mesh), mesh, _normalizer(config)
+                    model,
+                    variables,
+                    _train_batches(config, mesh),
+                    mesh,
+                    augment.normalizer(tuple(config.data.mean), tuple(config.data.std)),
                 )
             members = [log_probs(f"{raw_name}-{variant}", variables)]
             rows.append(_row(workdir, variant, raw_name, members, data.labels))
@@ -246,10 +261,6 @@ def evaluate_run(
     if jax.process_index() == 0:
         (workdir / name).write_text(json.dumps(result, indent=2) + "\n")
     return rows, raw_log_probs, data.labels
-
-
-def _normalizer(config: ml_collections.ConfigDict) -> steps.Normalize:
-    return functools.partial(augment.eval_preprocess, mean=config.data.mean, std=config.data.std)
 
 
 def _train_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> list[pipeline.Batch]:

@@ -160,6 +160,17 @@ def _to_host(tree):
     return jax.device_get(tree)
 
 
+@functools.cache
+def _jitted(predict_fn: PredictFn, normalize: Callable, mesh: Mesh) -> Callable:
+    """`predict_fn` on uint8 images, jitted once per function (snapshot members share it)."""
+    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(
+        lambda variables, images, key: predict_fn(variables, normalize(images), key),
+        in_shardings=(replicated, batch_sharded, replicated),
+        out_shardings=batch_sharded,
+    )
+
+
 def predict(
     predict_fn: PredictFn,
     variables: dict,
@@ -173,14 +184,8 @@ def predict(
 
     `batch_size` must be a multiple of `mesh.size`.
     """
-    replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    normalize = functools.partial(
-        augment.eval_preprocess, mean=data_config.mean, std=data_config.std
-    )
-    fn = jax.jit(
-        lambda variables, images, key: predict_fn(variables, normalize(images), key),
-        in_shardings=(replicated, batch_sharded, replicated),
-        out_shardings=batch_sharded,
+    fn = _jitted(
+        predict_fn, augment.normalizer(tuple(data_config.mean), tuple(data_config.std)), mesh
     )
     batches = pipeline.eval_batches(
         split,

@@ -182,22 +182,14 @@ def train_and_evaluate(
             + (f"resuming at step {step}" if restored else "from scratch")
         )
 
-    normalize = functools.partial(
-        augment.eval_preprocess, mean=config.data.mean, std=config.data.std
-    )
+    normalize = augment.normalizer(tuple(config.data.mean), tuple(config.data.std))
     train_step = steps.jit_train_step(
         model,
         tx,
         schedule,
         mesh,
         label_smoothing=config.train.label_smoothing,
-        preprocess=functools.partial(
-            augment.augment_batch,
-            augment_config=config.augment,
-            mean=config.data.mean,
-            std=config.data.std,
-            num_classes=config.model.num_classes,
-        ),
+        preprocess=augment.train_preprocess(config),
         averaging=averages,
     )
     read_averages = jax.jit(averages.read, out_shardings=sharding.replicated(mesh))

@@ -6,6 +6,7 @@ independent randomness per example from one key, and return the same shape and d
 """
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -308,3 +309,20 @@ def augment_batch(
     # At most one of the two is on; the other returns its inputs.
     images, targets = mixup(images, targets, mix_key, config.mixup_alpha)
     return cutmix(images, targets, mix_key, config.cutmix_alpha)
+
+
+def train_preprocess(config: ml_collections.ConfigDict) -> Callable:
+    """The run's `augment_batch` (config.augment, config.data statistics): the train step's preprocess."""
+    return functools.partial(
+        augment_batch,
+        augment_config=config.augment,
+        mean=tuple(config.data.mean),
+        std=tuple(config.data.std),
+        num_classes=config.model.num_classes,
+    )
+
+
+@functools.cache
+def normalizer(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+    """`eval_preprocess` with these statistics; one object per statistics, so jit caches hit."""
+    return functools.partial(eval_preprocess, mean=mean, std=std)

@@ -1,13 +1,16 @@
-"""Measure a config's step speed and checkpoint cost: `python -m cnn_lab.benchmark --config=...`.
+"""Measure a config's speed against the machine: `python -m cnn_lab.benchmark --config=...`.
 
-`--pipeline` measures the input pipelines instead, on the config's real data.
-
-Synthetic batches already on the devices isolate the compiled steps from the input
-pipeline. Figures are medians over timed windows after warm-up, with their spread.
+One run measures the machine's float32 matmul throughput (the reference peak), the train and
+eval steps on synthetic batches already on the devices (images/s, compile time, GFLOP/s from
+XLA's cost analysis and as a share of the peak), peak host memory and the cost of a
+checkpoint save. `--pipeline` measures the input pipelines instead, on the config's real data;
+`--compare=<saved.json>` prints the ratio of each figure to an earlier run.
+Figures are medians over timed windows after warm-up, with their spread.
 """
 
 import itertools
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -33,6 +36,39 @@ def _timed_windows(run_window, windows: int) -> list[float]:
     return times
 
 
+def _rate(times: list[float], units_per_window: float) -> dict[str, float]:
+    values = [units_per_window / t for t in times]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5, windows: int = 5) -> dict:
+    """The float32 matmul GFLOP/s of one device: the reference the steps are measured against.
+
+    A (size, size) @ (size, size) product is large enough for every core's vector units.
+    """
+    a = jax.random.normal(jax.random.key(0), (size, size), jax.numpy.float32)
+    product = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(product(a))
+
+    def window():
+        for _ in range(repeats):
+            out = product(a)
+        jax.block_until_ready(out)
+
+    window()
+    return _rate(_timed_windows(window, windows), 2 * size**3 * repeats / 1e9)
+
+
+def _flops(compiled, devices: int) -> float:
+    """FLOPs of one call of `compiled` over all devices (XLA reports one device's program)."""
+    return devices * float(compiled.cost_analysis()["flops"])
+
+
+def peak_host_memory_mb() -> float:
+    """The process's peak resident memory so far, in MB (Linux reports ru_maxrss in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def benchmark(
     config: ml_collections.ConfigDict,
     *,
@@ -40,8 +76,10 @@ def benchmark(
     eval_batch_size: int,
     steps_per_window: int = 10,
     windows: int = 5,
+    matmul_size: int = 2048,
 ) -> dict:
-    """Train/eval images per second, compile seconds and checkpoint save ms of `config`."""
+    """Train/eval images/s, GFLOP/s and share of the matmul peak, compile s, memory, checkpoint ms."""
+    peak = matmul_peak_gflops(matmul_size)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch_size, mesh, "--batch_size")
     sharding.check_batch_size(eval_batch_size, mesh, "--eval_batch_size")
@@ -78,9 +116,9 @@ def benchmark(
     train_window()  # warm-up
     train_times = _timed_windows(train_window, windows)
 
-    eval_fn = make_eval_fn(model, mesh)
     eval_batch = batch(eval_batch_size, with_mask=True)
     variables = holder["state"].variables
+    eval_fn = make_eval_fn(model, mesh).lower(variables, eval_batch).compile()
 
     def eval_window():
         for _ in range(steps_per_window):
@@ -101,9 +139,13 @@ def benchmark(
             total.append(time.perf_counter() - start)
         manager.close()
 
-    def rate(times, n):
-        values = [n * steps_per_window / t for t in times]
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    train_rate = _rate(train_times, batch_size * steps_per_window)
+    eval_rate = _rate(eval_times, eval_batch_size * steps_per_window)
+    train_flops, eval_flops = _flops(compiled, mesh.size), _flops(eval_fn, mesh.size)
+
+    def gflops(flops_per_image: float, rate: dict) -> dict:
+        achieved = flops_per_image * rate["median"] / 1e9
+        return {"gflops": achieved, "percent_of_peak": 100 * achieved / peak["median"]}
 
     return {
         "model": config.model.name,
@@ -114,8 +156,14 @@ def benchmark(
         "batch_size": batch_size,
         "eval_batch_size": eval_batch_size,
         "compile_seconds": compile_seconds,
-        "train_images_per_second": rate(train_times, batch_size),
-        "eval_images_per_second": rate(eval_times, eval_batch_size),
+        "matmul_peak_gflops": peak,
+        "train_images_per_second": train_rate,
+        "train_flops_per_image": train_flops / batch_size,
+        "train": gflops(train_flops / batch_size, train_rate),
+        "eval_images_per_second": eval_rate,
+        "eval_flops_per_image": eval_flops / eval_batch_size,
+        "eval": gflops(eval_flops / eval_batch_size, eval_rate),
+        "peak_host_memory_mb": peak_host_memory_mb(),
         # The first save also creates directories and compiles; report the steady state.
         "checkpoint_blocking_ms": 1000 * statistics.median(blocking[1:]),
         "checkpoint_total_ms": 1000 * statistics.median(total[1:]),
@@ -210,23 +258,49 @@ def format_pipeline(r: dict) -> str:
     return "\n".join(lines)
 
 
-def format_result(r: dict) -> str:
-    """A few lines a person can read."""
+# (label, path into the result, format) of each figure in the table and the comparison.
+FIGURES = (
+    ("matmul peak GFLOP/s", ("matmul_peak_gflops", "median"), "{:.1f}"),
+    ("train img/s", ("train_images_per_second", "median"), "{:.0f}"),
+    ("train GFLOP/s", ("train", "gflops"), "{:.1f}"),
+    ("train % of peak", ("train", "percent_of_peak"), "{:.1f}"),
+    ("eval img/s", ("eval_images_per_second", "median"), "{:.0f}"),
+    ("eval GFLOP/s", ("eval", "gflops"), "{:.1f}"),
+    ("eval % of peak", ("eval", "percent_of_peak"), "{:.1f}"),
+    ("train compile s", ("compile_seconds",), "{:.1f}"),
+    ("peak host memory MB", ("peak_host_memory_mb",), "{:.0f}"),
+    ("checkpoint save ms", ("checkpoint_total_ms",), "{:.0f}"),
+)
+
+
+def _figure(result: dict, path: tuple[str, ...]) -> float:
+    for key in path:
+        result = result[key]
+    return result
+
+
+def format_result(r: dict, baseline: dict | None = None) -> str:
+    """A table a person can read; with `baseline`, each figure's ratio to it."""
     t, e = r["train_images_per_second"], r["eval_images_per_second"]
-    return (
+    lines = [
         f"{r['model']} {tuple(r['image_shape'])}, {r['parameters']:,} params, "
-        f"{r['devices']} {r['device_kind']} device(s)\n"
-        f"  train (batch {r['batch_size']}): {t['median']:.0f} img/s "
-        f"[{t['min']:.0f}-{t['max']:.0f}]; compile {r['compile_seconds']:.1f} s\n"
-        f"  eval (batch {r['eval_batch_size']}): {e['median']:.0f} img/s "
-        f"[{e['min']:.0f}-{e['max']:.0f}]\n"
-        f"  checkpoint save: {r['checkpoint_blocking_ms']:.0f} ms blocking, "
-        f"{r['checkpoint_total_ms']:.0f} ms until written"
-    )
+        f"{r['devices']} {r['device_kind']} device(s); train batch {r['batch_size']} "
+        f"[{t['min']:.0f}-{t['max']:.0f} img/s], eval batch {r['eval_batch_size']} "
+        f"[{e['min']:.0f}-{e['max']:.0f} img/s]",
+        f"  {'figure':<22}{'value':>10}" + (f"{'baseline':>10}{'ratio':>8}" if baseline else ""),
+    ]
+    for label, path, fmt in FIGURES:
+        value = _figure(r, path)
+        line = f"  {label:<22}{fmt.format(value):>10}"
+        if baseline:
+            old = _figure(baseline, path)
+            line += f"{fmt.format(old):>10}{value / old:>8.2f}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main() -> None:
-    """Command line: --config, --batch_size, --eval_batch_size, --json."""
+    """Command line: --config, --batch_size, --eval_batch_size, --json, --compare, --pipeline."""
     from absl import app, flags, logging
     from ml_collections import config_flags
 
@@ -234,6 +308,7 @@ def main() -> None:
     batch_size = flags.DEFINE_integer("batch_size", 128, "Global train batch.")
     eval_batch_size = flags.DEFINE_integer("eval_batch_size", 512, "Global eval batch.")
     output = flags.DEFINE_string("json", None, "Also write the figures here.")
+    compare = flags.DEFINE_string("compare", None, "A saved --json result: print ratios to it.")
     input_pipeline = flags.DEFINE_bool(
         "pipeline", False, "Measure the input pipelines (both modes) on the config's data instead."
     )
@@ -249,7 +324,8 @@ def main() -> None:
             result = benchmark(
                 config.value, batch_size=batch_size.value, eval_batch_size=eval_batch_size.value
             )
-            print(format_result(result))
+            baseline = json.loads(Path(compare.value).read_text()) if compare.value else None
+            print(format_result(result, baseline))
         if output.value:
             Path(output.value).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,19 +1,40 @@
 """The benchmark measures what it says on a tiny config."""
 
+import json
+
+import pytest
+
 from cnn_lab.benchmark import benchmark, format_pipeline, format_result, pipeline_benchmark
 from configs import mlp_digits
 
 
 def test_benchmark_reports_rates_compile_time_and_checkpoint_cost():
     config = mlp_digits.get_config()
-    result = benchmark(config, batch_size=16, eval_batch_size=32, steps_per_window=2, windows=2)
+    result = benchmark(
+        config, batch_size=16, eval_batch_size=32, steps_per_window=2, windows=2, matmul_size=256
+    )
     assert result["parameters"] == 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
     for key in ("train_images_per_second", "eval_images_per_second"):
         rate = result[key]
         assert 0 < rate["min"] <= rate["median"] <= rate["max"]
     assert result["compile_seconds"] > 0
     assert 0 < result["checkpoint_blocking_ms"] <= result["checkpoint_total_ms"]
-    assert "img/s" in format_result(result)
+    assert result["peak_host_memory_mb"] > 0
+    peak = result["matmul_peak_gflops"]["median"]
+    for step in ("train", "eval"):
+        images_per_second = result[f"{step}_images_per_second"]["median"]
+        gflops = result[f"{step}_flops_per_image"] * images_per_second / 1e9
+        assert result[step]["gflops"] == pytest.approx(gflops)
+        assert result[step]["percent_of_peak"] == pytest.approx(100 * gflops / peak)
+    # The MLP's forward pass is one multiply-add per weight; training costs more than that.
+    weights = 64 * 256 + 256 * 128 + 128 * 10
+    assert result["eval_flops_per_image"] >= 2 * weights
+    assert result["train_flops_per_image"] > 2 * result["eval_flops_per_image"]
+    assert "train % of peak" in format_result(result)
+    halved = json.loads(json.dumps(result))
+    halved["train_images_per_second"]["median"] /= 2
+    row = next(line for line in format_result(result, halved).splitlines() if "train img/s" in line)
+    assert row.split()[-1] == "2.00"
 
 
 def test_pipeline_benchmark_measures_both_input_modes(tmp_path):

@@ -317,6 +317,7 @@ def main() -> None:
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)
+        sharding.use_cpu_devices(config.value.train.cpu_devices)
         if input_pipeline.value:
             result = pipeline_benchmark(config.value, batch_size=batch_size.value)
             print(format_pipeline(result))

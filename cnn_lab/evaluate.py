@@ -355,6 +355,9 @@ def main() -> None:
                 raise ValueError("No run given: pass --workdir=<dir> or workdirs as arguments.")
             if ensemble.value and len(runs) < 2:
                 raise ValueError(f"--ensemble needs at least 2 workdirs, got {runs}.")
+            sharding.use_cpu_devices(
+                workdir_lib.read_config(Path(runs[0])).train.get("cpu_devices", 0)
+            )
             rows, members, labels = [], [], []
             for w in runs:
                 run_rows, log_probs, run_labels = evaluate_run(

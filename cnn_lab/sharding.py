@@ -1,10 +1,24 @@
 """Data parallelism: one mesh axis over every device of every host, batch split along it."""
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+
+
+def use_cpu_devices(count: int) -> None:
+    """Split the CPU backend into `count` devices (0: one per core); call before JAX starts.
+
+    XLA's CPU convolutions and small ops keep about one core busy; with one device per core
+    the data-sharded step runs its shards in parallel. Accelerator backends are unaffected.
+    A device count already forced through XLA_FLAGS (tests, multi-process debugging) wins.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    jax.config.update("jax_num_cpu_devices", count or len(os.sched_getaffinity(0)))
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -398,6 +398,7 @@ def main() -> None:
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch.
+        sharding.use_cpu_devices(config.value.train.cpu_devices)
         try:
             train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))
         except Preempted as preempted:

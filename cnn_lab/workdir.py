@@ -11,6 +11,7 @@ CONFIG_FILE = "config.json"
 ALWAYS_CHANGEABLE = (
     "train.log_every_steps",
     "train.progress_bar",
+    "train.cpu_devices",  # Changes only the order of floating-point reductions.
     "eval.batch_size",
     "eval.snapshots",
     "eval.crop_fraction",

@@ -119,6 +119,9 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
         int
     )  # Stop after this many epochs without validation gain; None: off.
     config.train.progress_bar = True  # tqdm bars for training and evaluation.
+    config.train.cpu_devices = (
+        0  # CPU only: split the cores into this many devices; 0: one per core.
+    )
 
     config.averaging = ml_collections.ConfigDict()
     config.averaging.ema_decay = config_dict.placeholder(

@@ -40,7 +40,10 @@ def check_overrides(config: str, overrides: sweep.Overrides) -> ml_collections.C
         config.keys()  # A config file that failed to load raises its error on first use.
         return config
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as error:
-        detail = error.args[0] if isinstance(error, KeyError) else error  # KeyError quotes it.
+        cause = error
+        while isinstance(cause, KeyError | AttributeError) and cause.args:  # Unwrap, unquoted.
+            cause = cause.args[0]
+        detail = " ".join(str(cause).split()).rstrip(".")
         raise ValueError(
             f"The overrides {' '.join(argv[2:]) or '(none)'} do not apply to --config={config}: "
             f"{detail}. Check each field name against the config file and each value's type."

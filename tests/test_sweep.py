@@ -79,7 +79,7 @@ def local_sweep(tmp_path_factory):
         "--seeds=2",
         *sweep.override_flags(TINY_RUN | {"data.data_dir": str(data_dir)}),
     ]
-    out = launch("launch.sweep", *args, "--parallel=2")
+    out = launch("launch.sweep", *args, "--parallel=2", timeout=900)  # ~45 s of CPU in all.
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "grid", args
 

@@ -1,0 +1,1 @@
+"""Launchers: SLURM, Cloud TPU VMs, local processes, and the sweep runner (no training logic)."""

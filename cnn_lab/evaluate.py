@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cnn_lab import averaging, checkpoint, predict, sharding, steps
 from cnn_lab import workdir as workdir_lib
-from cnn_lab.data import augment, pipeline
+from cnn_lab.data import augment, inputs, pipeline
 from cnn_lab.data.inputs import split_string
 
 
@@ -147,7 +147,13 @@ def evaluate_run(
     mesh = sharding.make_mesh()
     # Padding and masking make any batch size exact: round up to split over these devices.
     batch_size = -(-config.eval.batch_size // mesh.size) * mesh.size
-    data = pipeline.load(config.data, split_string(config.data, split))
+    tfds_split = split_string(config.data, split)
+    # Device mode reads the split into memory once for every variant; streaming re-reads it.
+    in_memory = (
+        pipeline.load(config.data, tfds_split)
+        if inputs.choose_mode(config.data) == "device"
+        else None
+    )
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
     def log_probs(name: str, variables: dict, variant: str = "plain") -> np.ndarray:
@@ -158,18 +164,19 @@ def evaluate_run(
             "mc_dropout": str(config.eval.mc_dropout_samples),
         }.get(variant, "")
         key = f"{split}-{name}-{variant}{'-' + detail if detail else ''}-{fingerprint}"
-        path = workdir / PREDICTIONS_DIR / (key.replace("/", "_").replace(":", "_") + ".npy")
-        if cache and path.exists():
+        path = _cache_path(workdir, key)
+        if cache and path.exists() and labels_path.exists():
             return np.load(path)
         fn = make_fn(variant)
         variables = jax.device_put(variables, sharding.replicated(mesh))
-        key = jax.random.PRNGKey(config.seed)
-        result, _ = predict.predict(fn, variables, data, config.data, batch_size, mesh, key)
+        batches = inputs.eval_batches(config.data, tfds_split, batch_size, in_memory=in_memory)
+        result, labels = predict.predict(
+            fn, variables, batches, config.data, mesh, jax.random.PRNGKey(config.seed)
+        )
+        split_labels.append(labels)
         if cache:
-            path.parent.mkdir(exist_ok=True)
-            temporary = path.with_suffix(".tmp.npy")
-            np.save(temporary, result)
-            temporary.replace(path)  # Never a half-written cache file.
+            _save(path, result)
+            _save(labels_path, labels)
         return result
 
     @functools.cache
@@ -217,11 +224,14 @@ def evaluate_run(
             f"{', '.join(v for v, ok in applicable.items() if ok)}."
         )
     wanted = [v for v, ok in applicable.items() if ok and (variants is None or v in variants)]
+    split_labels: list[np.ndarray] = []  # Labels as the predictions saw them.
+    labels_path = _cache_path(workdir, f"{split}-labels-{fingerprint}")
     raw_log_probs = log_probs(raw_name, raw)
+    labels = split_labels[0] if split_labels else np.load(labels_path)
     rows = []
     for variant in wanted:
         if variant == "raw":
-            rows.append(_row(workdir, "raw", raw_name, [raw_log_probs], data.labels))
+            rows.append(_row(workdir, "raw", raw_name, [raw_log_probs], labels))
         elif variant in ("ema", "polyak"):
             _, variables, _, _ = checkpoint.restore_for_inference(workdir, checkpoint_name, variant)
             if config.averaging.batch_stats == "recompute":  # As validation in training did.
@@ -233,7 +243,7 @@ def evaluate_run(
                     augment.normalizer(tuple(config.data.mean), tuple(config.data.std)),
                 )
             members = [log_probs(f"{raw_name}-{variant}", variables)]
-            rows.append(_row(workdir, variant, raw_name, members, data.labels))
+            rows.append(_row(workdir, variant, raw_name, members, labels))
         elif variant == "snapshots":
             members = [
                 log_probs(
@@ -242,41 +252,44 @@ def evaluate_run(
                 for s in snapshot_steps
             ]
             name = f"snapshot@{snapshot_steps[0]}..{snapshot_steps[-1]}"
-            rows.append(_row(workdir, f"snapshots({len(members)})", name, members, data.labels))
+            rows.append(_row(workdir, f"snapshots({len(members)})", name, members, labels))
         else:
             members = [log_probs(raw_name, raw, variant)]
-            rows.append(_row(workdir, f"tta:{variant}", raw_name, members, data.labels))
-    correct = raw_log_probs.argmax(-1) == data.labels
+            rows.append(_row(workdir, f"tta:{variant}", raw_name, members, labels))
+    correct = raw_log_probs.argmax(-1) == labels
     per_class = [
-        float(np.mean(correct[data.labels == k])) if np.any(data.labels == k) else math.nan
+        float(np.mean(correct[labels == k])) if np.any(labels == k) else math.nan
         for k in range(raw_log_probs.shape[-1])
     ]
     for row in rows:
         if row["model"] == "raw":
             row["per_class_accuracy"] = per_class
     result = {"workdir": str(workdir), "checkpoint": checkpoint_name, "step": step, "split": split}
-    result |= predict.scores(raw_log_probs, data.labels)
+    result |= predict.scores(raw_log_probs, labels)
     result |= {"per_class_accuracy": per_class, "rows": rows}
     name = f"eval_{checkpoint_name}_{split}.json".replace("/", "_").replace(":", "_")
     if jax.process_index() == 0:
         (workdir / name).write_text(json.dumps(result, indent=2) + "\n")
-    return rows, raw_log_probs, data.labels
+    return rows, raw_log_probs, labels
+
+
+def _cache_path(workdir: Path, key: str) -> Path:
+    return workdir / PREDICTIONS_DIR / (key.replace("/", "_").replace(":", "_") + ".npy")
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    """Write `array` to `path` atomically: never a half-written cache file."""
+    path.parent.mkdir(exist_ok=True)
+    temporary = path.with_suffix(".tmp.npy")
+    np.save(temporary, array)
+    temporary.replace(path)
 
 
 def _train_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> list[pipeline.Batch]:
     """The first `config.averaging.recompute_batches` training batches of epoch 0 (global)."""
-    train = pipeline.load(config.data, split_string(config.data, "train"))
     batch_size = -(-config.train.batch_size // mesh.size) * mesh.size
-    batches = pipeline.train_batches(
-        train,
-        batch_size,
-        seed=config.seed,
-        epoch=0,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    batches = itertools.islice(batches, config.averaging.recompute_batches)
-    return [sharding.to_global(b, mesh) for b in batches]
+    data = inputs.make_inputs(config.data, batch_size, mesh, seed=config.seed)
+    return list(itertools.islice(data.train_batches(0), config.averaging.recompute_batches))
 
 
 def ensemble_row(
@@ -355,9 +368,9 @@ def main() -> None:
                 raise ValueError("No run given: pass --workdir=<dir> or workdirs as arguments.")
             if ensemble.value and len(runs) < 2:
                 raise ValueError(f"--ensemble needs at least 2 workdirs, got {runs}.")
-            sharding.use_cpu_devices(
-                workdir_lib.read_config(Path(runs[0])).train.get("cpu_devices", 0)
-            )
+            if (Path(runs[0]) / workdir_lib.CONFIG_FILE).exists():  # Else evaluate_run says why.
+                config = workdir_lib.read_config(Path(runs[0]))
+                sharding.use_cpu_devices(config.train.get("cpu_devices", 0))
             rows, members, labels = [], [], []
             for w in runs:
                 run_rows, log_probs, run_labels = evaluate_run(

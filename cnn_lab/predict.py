@@ -3,7 +3,7 @@
 import functools
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -174,24 +174,18 @@ def _jitted(predict_fn: PredictFn, normalize: Callable, mesh: Mesh) -> Callable:
 def predict(
     predict_fn: PredictFn,
     variables: dict,
-    split: pipeline.Split,
+    batches: Iterable[pipeline.Batch],
     data_config: ml_collections.ConfigDict,
-    batch_size: int,
     mesh: Mesh,
     key: jax.Array,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(log_probs (N, K) float32, labels (N,) int32) for every example of `split` once, in order.
+    """(log_probs (N, K) float32, labels (N,) int32) of the real rows of `batches`, in order.
 
-    `batch_size` must be a multiple of `mesh.size`.
+    `batches` are this process's rows of padded, masked uint8 batches {"image": (b, H, W, C),
+    "label": (b,), "mask": (b,)} (`inputs.eval_batches`); the global batch splits over `mesh`.
     """
     fn = _jitted(
         predict_fn, augment.normalizer(tuple(data_config.mean), tuple(data_config.std)), mesh
-    )
-    batches = pipeline.eval_batches(
-        split,
-        batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
     )
     outputs = []
     for index, batch in enumerate(batches):

@@ -1,6 +1,7 @@
 """Evaluation of saved runs: the CLI, its table and JSON, load_run, and bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 import cnn_lab
+from cnn_lab.data import streaming
+from cnn_lab.evaluate import evaluate_run
 from cnn_lab.train import train_and_evaluate
 from configs import lenet_digits
 
@@ -100,3 +103,25 @@ def test_plain_orbax_restore_from_readme(run):
     np.testing.assert_array_equal(
         scope["state"]["params"]["Dense_2"]["kernel"], variables["params"]["Dense_2"]["kernel"]
     )
+
+
+def test_streaming_evaluation_sees_what_device_evaluation_sees(run, tmp_path, monkeypatch):
+    workdir, _ = run
+    streamed_splits = []
+    stream = streaming.eval_batches
+    monkeypatch.setattr(
+        streaming, "eval_batches", lambda *a, **k: streamed_splits.append(a[1]) or stream(*a, **k)
+    )
+    streamed = tmp_path / "streamed"
+    shutil.copytree(workdir, streamed)
+    config = json.loads((streamed / "config.json").read_text())
+    assert config["config"]["data"]["input_mode"] in ("auto", "device")
+    config["config"]["data"]["input_mode"] = "streaming"
+    (streamed / "config.json").write_text(json.dumps(config))
+
+    _, device_log_probs, device_labels = evaluate_run(workdir, "latest", "test", ("raw",))
+    _, stream_log_probs, stream_labels = evaluate_run(streamed, "latest", "test", ("raw",))
+    assert streamed_splits == ["test[:256]"]
+    assert len(stream_labels) == 256
+    np.testing.assert_array_equal(stream_labels, device_labels)
+    np.testing.assert_allclose(stream_log_probs, device_log_probs, atol=1e-5)

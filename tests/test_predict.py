@@ -205,6 +205,10 @@ def test_unknown_variant_names_the_known_ones(lenet):
         predict.make_predict_fn(lenet[0], "mirror", **TTA)
 
 
+def batches(split: pipeline.Split):
+    return pipeline.eval_batches(split, 8, process_index=0, process_count=1)
+
+
 def test_predict_covers_the_split_once_in_order():
     mesh = sharding.make_mesh()
     assert mesh.size == 8
@@ -217,7 +221,7 @@ def test_predict_covers_the_split_once_in_order():
     key = jax.random.PRNGKey(3)
 
     fn = predict.make_predict_fn(model, "flip", **TTA)
-    log_probs, labels = predict.predict(fn, variables, split, data_config, 8, mesh, key)
+    log_probs, labels = predict.predict(fn, variables, batches(split), data_config, mesh, key)
     assert log_probs.shape == (21, 10) and log_probs.dtype == np.float32
     assert labels.dtype == np.int32
     np.testing.assert_array_equal(labels, split.labels)
@@ -228,8 +232,8 @@ def test_predict_covers_the_split_once_in_order():
     # different masks (the key is folded with the batch index).
     fn = predict.make_predict_fn(model, "mc_dropout", **{**TTA, "mc_samples": 2})
     same = pipeline.Split(np.repeat(split.images[:1], 16, axis=0), np.zeros(16, np.int32))
-    first, _ = predict.predict(fn, variables, same, data_config, 8, mesh, key)
-    second, _ = predict.predict(fn, variables, same, data_config, 8, mesh, key)
+    first, _ = predict.predict(fn, variables, batches(same), data_config, mesh, key)
+    second, _ = predict.predict(fn, variables, batches(same), data_config, mesh, key)
     np.testing.assert_array_equal(first, second)
     assert np.abs(first[:8] - first[8:]).max() > 1e-3
 

@@ -96,18 +96,11 @@ class Inputs:
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[pipeline.Batch]:
         """This process's rows of every example of "train" | "val" | "test" once, padded and masked."""
-        rows = dict(process_index=jax.process_index(), process_count=jax.process_count())
-        if self.mode == "device":
-            return pipeline.eval_batches(self.in_memory[split], batch_size, **rows)
-        dc = self.data_config
-        return streaming.eval_batches(
-            dc.name,
-            split_string(dc, split),
-            data_dir=dc.data_dir,
-            image_size=dc.image_size,
-            batch_size=batch_size,
-            crop_fraction=dc.eval_crop_fraction,
-            **rows,
+        return eval_batches(
+            self.data_config,
+            split_string(self.data_config, split),
+            batch_size,
+            in_memory=self.in_memory.get(split),
         )
 
     def num_examples(self, split: str) -> int | None:
@@ -118,6 +111,33 @@ class Inputs:
         return loading.num_examples(
             dc.name, split_string(dc, split), data_dir=dc.data_dir, source_dir=dc.source_dir
         )
+
+
+def eval_batches(
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    batch_size: int,
+    *,
+    in_memory: pipeline.Split | None = None,
+) -> Iterator[pipeline.Batch]:
+    """This process's rows of every example of TFDS `split` once, padded and masked, by input mode.
+
+    Batches are {"image": (b, H, W, C) uint8, "label": (b,), "mask": (b,) bool}, b = batch_size
+    / process count; device mode reads `in_memory` when given, else loads the split.
+    """
+    rows = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if choose_mode(data_config) == "device":
+        split_data = in_memory if in_memory is not None else pipeline.load(data_config, split)
+        return pipeline.eval_batches(split_data, batch_size, **rows)
+    return streaming.eval_batches(
+        data_config.name,
+        split,
+        data_dir=data_config.data_dir,
+        image_size=data_config.image_size,
+        batch_size=batch_size,
+        crop_fraction=data_config.eval_crop_fraction,
+        **rows,
+    )
 
 
 def make_inputs(

@@ -182,6 +182,7 @@ def pipeline_benchmark(
     batch_size: int,
     steps_per_window: int = 30,
     windows: int = 3,
+    modes: tuple[str, ...] = ("device", "streaming"),
 ) -> dict:
     """Per input mode: time to first batch, input alone, and train steps/s real vs synthetic.
 
@@ -220,7 +221,7 @@ def pipeline_benchmark(
         return statistics.median(steps_per_window / t for t in _timed_windows(window, windows))
 
     results = {"model": config.model.name, "data": config.data.name, "batch_size": batch_size}
-    for mode in ("device", "streaming"):
+    for mode in modes:
         data_config = ml_collections.ConfigDict(config.data.to_dict())
         data_config.input_mode = mode
         start = time.perf_counter()
@@ -248,6 +249,8 @@ def format_pipeline(r: dict) -> str:
     """A few lines a person can read."""
     lines = [f"{r['model']} on {r['data']}, batch {r['batch_size']}: input pipelines"]
     for mode in ("device", "streaming"):
+        if mode not in r:
+            continue
         m = r[mode]
         lines.append(
             f"  {mode:<9}: first batch {m['first_batch_seconds']:.1f} s; input alone "
@@ -312,6 +315,9 @@ def main() -> None:
     input_pipeline = flags.DEFINE_bool(
         "pipeline", False, "Measure the input pipelines (both modes) on the config's data instead."
     )
+    input_modes = flags.DEFINE_list(
+        "input_modes", ["device", "streaming"], "With --pipeline: the input modes to measure."
+    )
     flags.mark_flags_as_required(["config"])
 
     def run(argv: list[str]) -> None:
@@ -319,7 +325,9 @@ def main() -> None:
         logging.set_verbosity(logging.WARNING)
         sharding.use_cpu_devices(config.value.train.cpu_devices)
         if input_pipeline.value:
-            result = pipeline_benchmark(config.value, batch_size=batch_size.value)
+            result = pipeline_benchmark(
+                config.value, batch_size=batch_size.value, modes=tuple(input_modes.value)
+            )
             print(format_pipeline(result))
         else:
             result = benchmark(

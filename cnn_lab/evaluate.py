@@ -265,7 +265,7 @@ def evaluate_run(
 
 def _train_batches(config: ml_collections.ConfigDict, mesh: Mesh) -> list[pipeline.Batch]:
     """The first `config.averaging.recompute_batches` training batches of epoch 0 (global)."""
-    train = pipeline.load(config.data, split_string(config.data, "train"))
+    train = pipeline.load_train(config.data, config.seed)
     batch_size = -(-config.train.batch_size // mesh.size) * mesh.size
     batches = pipeline.train_batches(
         train,

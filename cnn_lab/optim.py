@@ -129,17 +129,17 @@ def make_optimizer(
     schedule: optax.Schedule,
     *,
     frozen: tuple[str, ...] = (),
+    groups: tuple[tuple[str, float], ...] = (),
 ) -> optax.GradientTransformation:
     """clip -> (L2 weight decay) -> sgd | adam | adamw with `schedule` as learning rate.
 
-    Parameters matching a `frozen` pattern get zero updates and no optimizer state; each
-    group of `optimizer_config.param_groups` ((pattern, multiplier), ...) has its own
+    Parameters matching a `frozen` pattern get zero updates and no optimizer state; each of
+    the `groups` ((pattern, multiplier), ...: config.optimizer.param_groups) has its own
     optimizer with the learning rate times its multiplier (optax.multi_transform). Without
     either, the chain (and its state) is the plain one.
     """
     oc = optimizer_config
     clip = [optax.clip_by_global_norm(oc.grad_clip_norm)] if oc.grad_clip_norm else []
-    groups = tuple(oc.param_groups)
     if not frozen and not groups:
         return optax.chain(*clip, *_base(oc, schedule))
 
@@ -232,7 +232,12 @@ def make_phases(
                 end=end,
                 frozen=frozen,
                 schedule=local if start == 0 else _shifted(local, start),
-                tx=make_optimizer(config.optimizer, local, frozen=frozen),
+                tx=make_optimizer(
+                    config.optimizer,
+                    local,
+                    frozen=frozen,
+                    groups=tuple(tuple(g) for g in config.optimizer.param_groups),
+                ),
             )
         )
         start = end

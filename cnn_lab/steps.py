@@ -57,8 +57,11 @@ def frozen_norm_interceptor(frozen: tuple[str, ...]) -> Callable:
         names = ["/".join((*module.path, leaf)) for leaf in ("scale", "bias")]
         if not any(param_groups.matches(frozen, n) for n in names):
             return next_fun(*args, **kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if k != "use_running_average"}
-        return next_fun(args[0], True, **kwargs)
+        # Models may fix use_running_average when building the layer, so it cannot be passed
+        # at call time: run an inference-mode copy on the layer's variables (not mutable).
+        copy = module.clone(parent=None, use_running_average=True)
+        variables = {c: module.variables[c] for c in ("params", "batch_stats")}
+        return copy.apply(variables, args[0], **{k: v for k, v in kwargs.items() if k == "mask"})
 
     return intercept
 

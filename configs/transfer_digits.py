@@ -9,7 +9,7 @@ every layer at a lower learning rate. `get_sweep()` compares it with training fr
 scratch and with training the head only, 3 seeds each (README, "Transfer learning").
 """
 
-from configs import lenet_digits
+from configs import common, lenet_digits
 
 PRETRAINED = "runs/transfer_digits_pretrain"  # Workdir of configs/transfer_digits_pretrain.py.
 BACKBONE = ("Conv_.*", "Dense_0", "Dense_1")  # LeNet-5 below its classifier, Dense_2.
@@ -17,7 +17,7 @@ HEAD_EPOCHS, EPOCHS = 10, 40
 
 
 def get_config(mode: str | None = None):
-    config = lenet_digits.get_config(mode)
+    config = lenet_digits.get_config()
     config.data.classes = (5, 6, 7, 8, 9)
     config.data.train_examples_per_class = 20
     config.model.num_classes = 5
@@ -29,6 +29,7 @@ def get_config(mode: str | None = None):
         dict(epochs=HEAD_EPOCHS, freeze=BACKBONE, learning_rate=2e-3),
         dict(epochs=EPOCHS - HEAD_EPOCHS, learning_rate=5e-4),
     )
+    config = common.apply_mode(config, mode)
     if mode == "smoke":  # Smoke trains for 2 epochs: one per phase.
         config.phases = (dict(epochs=1, freeze=BACKBONE), dict(epochs=1))
     return config

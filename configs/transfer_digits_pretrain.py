@@ -7,13 +7,13 @@ Then `configs/transfer_digits.py` moves its features to digits 5-9 with 20 label
 class. 2 CPU cores: under a minute.
 """
 
-from configs import lenet_digits
+from configs import common, lenet_digits
 
 
 def get_config(mode: str | None = None):
-    config = lenet_digits.get_config(mode)
+    config = lenet_digits.get_config()
     config.data.classes = (0, 1, 2, 3, 4)
     config.model.num_classes = 5
     config.train.batch_size = 32
     config.train.num_epochs = 20
-    return config
+    return common.apply_mode(config, mode)

@@ -164,9 +164,10 @@ def test_class_subsets_are_renumbered_and_seeded():
 
 def test_phases_must_add_up_to_the_run():
     config = transfer_digits.get_config()
-    config.train.num_epochs = 50
-    with pytest.raises(ValueError, match=r"40 epochs in all.*num_epochs=50"):
-        optim.make_phases(config, steps_per_epoch=5, total_steps=250)
+    phases_epochs = sum(p["epochs"] for p in config.phases)
+    config.train.num_epochs = phases_epochs + 10
+    with pytest.raises(ValueError, match=rf"{phases_epochs} epochs in all.*num_epochs="):
+        optim.make_phases(config, steps_per_epoch=5, total_steps=5 * config.train.num_epochs)
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,8 @@ def restore_newest_valid(
 ):
     """The newest step that restores and validates against `target`; None if there are none.
 
+    `target` may be a function of the step, for runs whose state layout changes with it
+    (the optimizer state of training phases).
     Validation: tree structure, shapes and dtypes as in `target`, and finite values.
     Damaged steps (unreadable, half-written or half-deleted, non-finite) are moved aside
     (only skipped without `repair`) and the next older one is tried. `steps` limits the
@@ -151,7 +153,9 @@ def restore_newest_valid(
     or optimizer) raises CheckpointError: that is a config problem, not damage.
     """
     candidates = sorted(manager.all_steps() if steps is None else steps, reverse=True)
+    target_of = target if callable(target) else lambda _: target
     for step in candidates:
+        target = target_of(step)
         try:
             metadata = manager.item_metadata(step).tree
         except Exception as error:  # Orbax raises many types for damaged metadata.

@@ -1,10 +1,13 @@
-"""The optimizer as one optax chain, and learning-rate schedules, built from the config."""
+"""The optimizer as one optax chain, learning-rate schedules and training phases, from the config."""
 
+import dataclasses
 import math
 
 import jax
 import ml_collections
 import optax
+
+from cnn_lab import param_groups
 
 
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
@@ -93,22 +96,20 @@ def _decay_mask(params: optax.Params) -> optax.Params:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(
+def _base(
     optimizer_config: ml_collections.ConfigDict, schedule: optax.Schedule
-) -> optax.GradientTransformation:
-    """clip -> (L2 weight decay) -> sgd | adam | adamw with `schedule` as learning rate."""
+) -> list[optax.GradientTransformation]:
+    """(L2 weight decay ->) sgd | adam | adamw with `schedule` as learning rate."""
     oc = optimizer_config
-    clip = [optax.clip_by_global_norm(oc.grad_clip_norm)] if oc.grad_clip_norm else []
     # sgd and adam take weight decay as an L2 term in the gradient (as in the papers);
     # adamw decouples it from the adaptive scaling (Loshchilov & Hutter, 2019).
     l2 = [optax.add_decayed_weights(oc.weight_decay, _decay_mask)] if oc.weight_decay else []
     if oc.name == "sgd":
-        base = [optax.sgd(schedule, momentum=oc.momentum or None, nesterov=oc.nesterov)]
-    elif oc.name == "adam":
-        base = [optax.adam(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps)]
-    elif oc.name == "adamw":
-        l2 = []
-        base = [
+        return [*l2, optax.sgd(schedule, momentum=oc.momentum or None, nesterov=oc.nesterov)]
+    if oc.name == "adam":
+        return [*l2, optax.adam(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps)]
+    if oc.name == "adamw":
+        return [
             optax.adamw(
                 schedule,
                 b1=oc.b1,
@@ -118,21 +119,143 @@ def make_optimizer(
                 mask=_decay_mask,
             )
         ]
-    else:
+    raise ValueError(
+        f"Unknown optimizer {oc.name!r} (config.optimizer.name). Known: sgd, adam, adamw."
+    )
+
+
+def make_optimizer(
+    optimizer_config: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+    *,
+    frozen: tuple[str, ...] = (),
+    groups: tuple[tuple[str, float], ...] = (),
+) -> optax.GradientTransformation:
+    """clip -> (L2 weight decay) -> sgd | adam | adamw with `schedule` as learning rate.
+
+    Parameters matching a `frozen` pattern get zero updates and no optimizer state; each of
+    the `groups` ((pattern, multiplier), ...: config.optimizer.param_groups) has its own
+    optimizer with the learning rate times its multiplier (optax.multi_transform). Without
+    either, the chain (and its state) is the plain one.
+    """
+    oc = optimizer_config
+    clip = [optax.clip_by_global_norm(oc.grad_clip_norm)] if oc.grad_clip_norm else []
+    if not frozen and not groups:
+        return optax.chain(*clip, *_base(oc, schedule))
+
+    def labels(params):
+        return param_groups.labels(params, frozen, groups)
+
+    def scaled(multiplier: float) -> optax.Schedule:
+        return lambda count: multiplier * schedule(count)
+
+    transforms = {
+        param_groups.FROZEN: optax.set_to_zero(),
+        param_groups.DEFAULT: optax.chain(*_base(oc, schedule)),
+        **{
+            param_groups.group_name(i): optax.chain(*_base(oc, scaled(multiplier)))
+            for i, (_, multiplier) in enumerate(groups)
+        },
+    }
+
+    def is_frozen(params):
+        return jax.tree.map(lambda label: label == param_groups.FROZEN, labels(params))
+
+    # Frozen gradients are zeroed first, so they do not count in the clipped global norm.
+    zero_frozen = [optax.masked(optax.set_to_zero(), is_frozen)] if clip and frozen else []
+    return optax.chain(*zero_frozen, *clip, optax.multi_transform(transforms, labels))
+
+
+PHASE_KEYS = ("epochs", "freeze", "learning_rate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Steps [start, end) of a run, trained by `tx`; `frozen` parameters do not move.
+
+    Each phase's optimizer starts afresh at `start` (its state holds only the parameters it
+    trains), and its learning-rate schedule runs over the phase's own steps.
+    """
+
+    index: int
+    start: int
+    end: int
+    frozen: tuple[str, ...]
+    schedule: optax.Schedule  # Learning rate at a step of the run (not of the phase).
+    tx: optax.GradientTransformation
+
+
+def _phase_specs(config: ml_collections.ConfigDict) -> tuple[dict, ...]:
+    """config.phases, checked; () becomes one phase of the whole run, nothing frozen."""
+    specs = tuple(dict(p) for p in config.phases) or (dict(epochs=config.train.num_epochs),)
+    for i, spec in enumerate(specs):
+        unknown = sorted(set(spec) - set(PHASE_KEYS))
+        if unknown or not spec.get("epochs", 0) > 0:
+            raise ValueError(
+                f"config.phases[{i}]={spec}: a phase is a dict with epochs > 0 and optionally "
+                f"freeze (patterns) and learning_rate; unknown keys {unknown}."
+            )
+    total = sum(spec["epochs"] for spec in specs)
+    if not math.isclose(total, config.train.num_epochs):
         raise ValueError(
-            f"Unknown optimizer {oc.name!r} (config.optimizer.name). Known: sgd, adam, adamw."
+            f"config.phases last {total} epochs in all, but config.train.num_epochs="
+            f"{config.train.num_epochs}. Make the phases' epochs add up to num_epochs."
         )
-    return optax.chain(*clip, *l2, *base)
+    if len(specs) > 1 and config.schedule.name == "cyclic_cosine":
+        raise ValueError(
+            "config.schedule.name='cyclic_cosine' (snapshot cycles over the whole run) cannot "
+            "be split into config.phases. Use another schedule, or a single phase."
+        )
+    return specs
+
+
+def make_phases(
+    config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int
+) -> list[Phase]:
+    """The run's phases (config.phases; one phase if none), covering steps [0, total_steps)."""
+    phases, start, epochs = [], 0, 0.0
+    specs = _phase_specs(config)
+    for index, spec in enumerate(specs):
+        epochs += spec["epochs"]
+        end = total_steps if index == len(specs) - 1 else epochs_to_steps(epochs, steps_per_epoch)
+        local = make_schedule(
+            config.schedule,
+            spec.get("learning_rate", config.optimizer.learning_rate),
+            steps_per_epoch=steps_per_epoch,
+            total_steps=end - start,
+        )
+        frozen = tuple(spec.get("freeze", ()))
+        phases.append(
+            Phase(
+                index=index,
+                start=start,
+                end=end,
+                frozen=frozen,
+                schedule=local if start == 0 else _shifted(local, start),
+                tx=make_optimizer(
+                    config.optimizer,
+                    local,
+                    frozen=frozen,
+                    groups=tuple(tuple(g) for g in config.optimizer.param_groups),
+                ),
+            )
+        )
+        start = end
+    return phases
+
+
+def _shifted(schedule: optax.Schedule, start: int) -> optax.Schedule:
+    return lambda step: schedule(step - start)
+
+
+def phase_at(phases: list[Phase], step: int) -> Phase:
+    """The phase that trains step `step` + 1 (the last phase once training is done)."""
+    return next((p for p in phases if step < p.end), phases[-1])
 
 
 def from_config(
     config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int
 ) -> tuple[optax.Schedule, optax.GradientTransformation, optax.GradientTransformation]:
-    """(schedule, optimizer, plateau tracker) of a whole run config."""
-    schedule = make_schedule(
-        config.schedule,
-        config.optimizer.learning_rate,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-    )
-    return schedule, make_optimizer(config.optimizer, schedule), make_plateau(config.schedule)
+    """(schedule, optimizer, plateau tracker) of a run config's first phase."""
+    first = make_phases(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)[0]
+    return first.schedule, first.tx, make_plateau(config.schedule)

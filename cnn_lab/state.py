@@ -59,6 +59,27 @@ def create_train_state(
     )
 
 
+def start_from(
+    state: TrainState,
+    variables: dict,
+    tx: optax.GradientTransformation,
+    averaging: Averaging = NO_AVERAGES,
+) -> TrainState:
+    """`state` with `variables` ({"params", "batch_stats"}) in place of its own, and the
+    optimizer state and averages made for them (transfer learning's starting point)."""
+    return state.replace(
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        averages=averaging.init(variables),
+    )
+
+
+def restart_optimizer(state: TrainState, tx: optax.GradientTransformation) -> TrainState:
+    """`state` with a fresh state of optimizer `tx` (a new training phase begins)."""
+    return state.replace(opt_state=tx.init(state.params))
+
+
 def init_state(
     model: nn.Module,
     tx: optax.GradientTransformation,

@@ -1,5 +1,6 @@
 """train_step and eval_step: pure functions of (state, batch), jitted once by the caller."""
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from cnn_lab import losses, sharding
+from cnn_lab import losses, param_groups, sharding
 from cnn_lab.averaging import NO_AVERAGES, Averaging
 from cnn_lab.models import RNG_STREAMS
 from cnn_lab.state import TrainState
@@ -45,6 +46,26 @@ def sown_metrics(intermediates: dict) -> Metrics:
     return {name: jnp.mean(jnp.stack(v)) for name, v in sorted(values.items())}
 
 
+def frozen_norm_interceptor(frozen: tuple[str, ...]) -> Callable:
+    """A flax method interceptor running each BatchNorm whose parameters match a `frozen`
+    pattern in inference mode: it normalises with, and does not update, its statistics."""
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        names = ["/".join((*module.path, leaf)) for leaf in ("scale", "bias")]
+        if not any(param_groups.matches(frozen, n) for n in names):
+            return next_fun(*args, **kwargs)
+        # Models may fix use_running_average when building the layer, so it cannot be passed
+        # at call time: run an inference-mode copy on the layer's variables (not mutable).
+        copy = module.clone(parent=None, use_running_average=True)
+        variables = {c: module.variables[c] for c in ("params", "batch_stats")}
+        return copy.apply(variables, args[0], **{k: v for k, v in kwargs.items() if k == "mask"})
+
+    return intercept
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -55,12 +76,14 @@ def train_step(
     label_smoothing: float,
     preprocess: Preprocess | None = None,
     averaging: Averaging = NO_AVERAGES,
+    frozen_norms: tuple[str, ...] = (),
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on batch {"image": (B, H, W, C), "label": (B,)}; metrics are scalars.
 
     `preprocess` turns the batch's uint8 images into augmented, normalised ones (and labels
     into targets, e.g. mixed ones); None: the images are used as they are. Also updates the
-    parameter averages the state keeps (`averaging`).
+    parameter averages the state keeps (`averaging`). BatchNorm layers matching a
+    `frozen_norms` pattern run in inference mode.
     """
     rngs = step_rngs(state)
     augment_key = rngs.pop("augment")
@@ -69,13 +92,16 @@ def train_step(
         images, targets = preprocess(images, targets, augment_key)
 
     def loss_fn(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            rngs=rngs,
-            mutable=["batch_stats", "intermediates"],
-        )
+        with contextlib.ExitStack() as stack:
+            if frozen_norms:
+                stack.enter_context(nn.intercept_methods(frozen_norm_interceptor(frozen_norms)))
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                rngs=rngs,
+                mutable=["batch_stats", "intermediates"],
+            )
         loss = jnp.mean(losses.cross_entropy(logits, targets, label_smoothing))
         return loss, (logits, updates.get("batch_stats", {}), updates.get("intermediates", {}))
 
@@ -113,6 +139,7 @@ def jit_train_step(
     label_smoothing: float,
     preprocess: Preprocess | None = None,
     averaging: Averaging = NO_AVERAGES,
+    frozen_norms: tuple[str, ...] = (),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """train_step jitted over `mesh`: state replicated and donated, batch split on the data axis."""
     replicated = sharding.replicated(mesh)
@@ -125,6 +152,7 @@ def jit_train_step(
             label_smoothing=label_smoothing,
             preprocess=preprocess,
             averaging=averaging,
+            frozen_norms=frozen_norms,
         ),
         in_shardings=(replicated, sharding.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),

@@ -1,7 +1,8 @@
 """Train and evaluate a config: `python -m cnn_lab.train --config=configs/<name>.py --workdir=<dir>`.
 
 Resume order: re-running on a workdir continues from its newest checkpoint that restores
-and validates (damaged ones are moved aside); with none, training starts from scratch.
+and validates (damaged ones are moved aside); with none, training starts from the weights
+of config.init_from (transfer learning), or else from scratch.
 """
 
 import contextlib
@@ -21,13 +22,13 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cnn_lab import averaging, checkpoint, optim, provenance, sharding, steps
+from cnn_lab import averaging, checkpoint, optim, provenance, sharding, steps, transfer
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, loading
 from cnn_lab.evaluate import evaluate, make_eval_fn, recompute_batch_stats
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.models import get_model
-from cnn_lab.state import TrainState, init_state
+from cnn_lab.state import TrainState, init_state, restart_optimizer, start_from
 
 # Exit code of a run stopped by SIGTERM after saving: "temporary failure, run me again".
 PREEMPTED_EXIT_CODE = 75
@@ -42,12 +43,13 @@ class Preempted(Exception):
 
 
 def _check_classes(data_config: ml_collections.ConfigDict, num_classes: int) -> None:
-    found = loading.num_classes(
+    found = len(data_config.classes) or loading.num_classes(
         data_config.name, data_dir=data_config.data_dir, source_dir=data_config.source_dir
     )
     if found != num_classes:
+        kept = f" (config.data.classes={tuple(data_config.classes)})" if data_config.classes else ""
         raise ValueError(
-            f"Data set {data_config.name!r} has {found} classes but config.model.num_classes="
+            f"Data set {data_config.name!r} has {found} classes{kept} but config.model.num_classes="
             f"{num_classes}. Set --config.model.num_classes={found}."
         )
 
@@ -136,26 +138,39 @@ def train_and_evaluate(
     data = inputs.make_inputs(config.data, config.train.batch_size, mesh, seed=config.seed)
     steps_per_epoch = data.steps_per_epoch
     total_steps = config.train.num_epochs * steps_per_epoch
-    schedule, tx, plateau = optim.from_config(
-        config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
-    )
+    phases = optim.make_phases(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    plateau = optim.make_plateau(config.schedule)
     averages = averaging.from_config(config.averaging, steps_per_epoch=steps_per_epoch)
     snapshot_steps = optim.cycle_ends(
         config.schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    init = functools.partial(
-        init_state,
-        model,
-        tx,
-        plateau,
-        jax.random.PRNGKey(config.seed),
-        image_shape,
-        mesh,
-        averaging=averages,
+    replicated = sharding.replicated(mesh)
+
+    def init(phase: optim.Phase, abstract: bool = False) -> TrainState:
+        """A fresh state whose optimizer state is `phase`'s (its layout changes with phases)."""
+        return init_state(
+            model,
+            phase.tx,
+            plateau,
+            jax.random.PRNGKey(config.seed),
+            image_shape,
+            mesh,
+            averaging=averages,
+            abstract=abstract,
+        )
+
+    # A checkpoint at step s holds the optimizer state of the phase that trains step s + 1.
+    restored = checkpoint.restore_newest_valid(
+        latest, lambda s: init(optim.phase_at(phases, s), abstract=True)
     )
-    restored = checkpoint.restore_newest_valid(latest, init(abstract=True))
-    state = restored if restored is not None else init()
+    state = restored if restored is not None else init(phases[0])
+    if restored is None and config.init_from.workdir:
+        variables = transfer.initial_variables(config.init_from, state.variables)
+        state = jax.jit(
+            functools.partial(start_from, tx=phases[0].tx, averaging=averages),
+            out_shardings=replicated,
+        )(state, variables)
     step = int(state.step)
     best = checkpoint.make_manager(workdir / checkpoint.BEST_DIR, 1)
     managers = [latest, best]
@@ -179,19 +194,46 @@ def train_and_evaluate(
             f"{config.model.name}: {n_params:,} parameters; "
             + ", ".join(f"{data.num_examples(s)} {s}" for s in ("train", "val", "test"))
             + f" examples ({data.mode} input); {mesh.size} device(s); "
-            + (f"resuming at step {step}" if restored else "from scratch")
+            + (
+                f"resuming at step {step}"
+                if restored
+                else f"starting from {config.init_from.workdir}"
+                if config.init_from.workdir
+                else "from scratch"
+            )
         )
 
     normalize = augment.normalizer(tuple(config.data.mean), tuple(config.data.std))
-    train_step = steps.jit_train_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        label_smoothing=config.train.label_smoothing,
-        preprocess=augment.train_preprocess(config),
-        averaging=averages,
-    )
+
+    @functools.cache
+    def phase_step(index: int):
+        """The jitted train step of phase `index`, compiled when the phase is first reached."""
+        phase = phases[index]
+        return steps.jit_train_step(
+            model,
+            phase.tx,
+            phase.schedule,
+            mesh,
+            label_smoothing=config.train.label_smoothing,
+            preprocess=augment.train_preprocess(config),
+            averaging=averages,
+            frozen_norms=phase.frozen if config.train.frozen_bn_inference else (),
+        )
+
+    def enter_phase(state: TrainState, phase: optim.Phase) -> TrainState:
+        """The state at the first step of `phase`: its optimizer starts afresh."""
+        if is_lead and len(phases) > 1:
+            frozen = f"frozen: {', '.join(phase.frozen)}" if phase.frozen else "nothing frozen"
+            print(f"phase {phase.index + 1}/{len(phases)} from step {phase.start} ({frozen})")
+        restart = jax.jit(
+            functools.partial(restart_optimizer, tx=phase.tx),
+            out_shardings=replicated,
+            donate_argnums=0,
+        )
+        return restart(state)
+
+    phase = optim.phase_at(phases, step)
+    train_step = phase_step(phase.index)
     read_averages = jax.jit(averages.read, out_shardings=sharding.replicated(mesh))
     eval_fn = make_eval_fn(model, mesh, normalize)
     validation_update = jax.jit(
@@ -309,6 +351,10 @@ def train_and_evaluate(
                     pending.append(metrics)
                     step += 1
                     bar.update()
+                    if optim.phase_at(phases, step) is not phase:  # Before anything is saved.
+                        phase = optim.phase_at(phases, step)
+                        state = enter_phase(state, phase)
+                        train_step = phase_step(phase.index)
                     if step in snapshot_steps:
                         save(snapshots)
                         # Written before any later save can land: a kill then cannot leave a

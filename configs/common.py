@@ -66,6 +66,8 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.data.mean = stats["mean"]  # Per-channel mean of pixels in [0, 1], subtracted.
     config.data.std = stats["std"]  # Per-channel std of pixels in [0, 1], divided by.
     config.data.flip_preserves_label = stats["flip"]  # Mirrored images keep their label.
+    config.data.classes = ()  # Keep only these labels, renumbered 0, 1, ... in this order; (): all.
+    config.data.train_examples_per_class = 0  # Train on this many of each class (seeded); 0: all.
 
     # Training augmentation, on the devices inside the jitted step (both input modes).
     config.augment = ml_collections.ConfigDict()
@@ -96,6 +98,18 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = config_dict.placeholder(
         float
     )  # Clip global grad norm; None: off.
+    config.optimizer.param_groups = ()  # ((path pattern, lr multiplier), ...); first match wins.
+
+    # Start from another run's weights (transfer learning); a resumed run ignores this.
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.workdir = ""  # A run's workdir or an Orbax checkpoint dir; "": from scratch.
+    config.init_from.checkpoint = "best"  # Of a workdir: best | latest | a step number.
+    config.init_from.load = (".*",)  # Path patterns (params and BN statistics) loaded from it.
+    config.init_from.head = ()  # Path patterns of the classifier head: new, never loaded.
+
+    # Phases, each dict(epochs=, freeze=(path patterns), learning_rate=), trained in order,
+    # each with a fresh optimizer and its own schedule; (): one phase, nothing frozen.
+    config.phases = ()
 
     config.schedule = ml_collections.ConfigDict()
     config.schedule.name = "cosine"  # constant | piecewise | cosine | cyclic_cosine | plateau.
@@ -119,9 +133,8 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
         int
     )  # Stop after this many epochs without validation gain; None: off.
     config.train.progress_bar = True  # tqdm bars for training and evaluation.
-    config.train.cpu_devices = (
-        0  # CPU only: split the cores into this many devices; 0: one per core.
-    )
+    config.train.cpu_devices = 0  # CPU: devices the cores are split into; 0: one per core.
+    config.train.frozen_bn_inference = True  # Frozen BatchNorm layers use their statistics.
 
     config.averaging = ml_collections.ConfigDict()
     config.averaging.ema_decay = config_dict.placeholder(

@@ -32,6 +32,7 @@ def setup(
                 nesterov=True,
                 weight_decay=5e-4,
                 grad_clip_norm=None,
+                param_groups=(),
             ),
             schedule=dict(
                 name="constant",
@@ -40,6 +41,8 @@ def setup(
                 plateau_patience=2,
                 plateau_min_delta=1e-3,
             ),
+            train=dict(num_epochs=1),
+            phases=(),
         )
     )
     schedule, tx, plateau = optim.from_config(config, steps_per_epoch=10, total_steps=10)

@@ -148,12 +148,22 @@ def make_inputs(
     in_memory = {}
     if mode == "device":
         in_memory = {
-            name: pipeline.load(data_config, split_string(data_config, name))
-            for name in ("train", "val", "test")
+            "train": pipeline.load_train(data_config, seed),
+            **{
+                name: pipeline.load(data_config, split_string(data_config, name))
+                for name in ("val", "test")
+            },
         }
         examples = len(in_memory["train"])
         steps = pipeline.steps_per_epoch(examples, batch_size)
     else:
+        if data_config.classes or data_config.train_examples_per_class:
+            raise ValueError(
+                f"config.data.classes={tuple(data_config.classes)} and train_examples_per_class="
+                f"{data_config.train_examples_per_class} select examples in host memory, but "
+                f"this run streams {data_config.name!r}. Set --config.data.input_mode=device "
+                "(and raise config.data.device_memory_mb if needed), or clear both."
+            )
         steps = streaming.num_train_steps(
             data_config.name,
             data_config.train_split,

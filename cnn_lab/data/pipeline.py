@@ -46,7 +46,55 @@ def load(data_config: ml_collections.ConfigDict, split: str) -> Split:
             f"config.data.channels={data_config.channels}. Set config.data.channels="
             f"{images.shape[-1]}."
         )
-    return Split(images, labels.astype(np.int32))
+    keep, labels = select_classes(labels.astype(np.int32), tuple(data_config.classes))
+    return Split(images[keep], labels)
+
+
+def load_train(data_config: ml_collections.ConfigDict, seed: int) -> Split:
+    """The training split: `load` of train_split, cut to train_examples_per_class per class."""
+    split = load(data_config, data_config.train_split)
+    keep = examples_per_class(split.labels, data_config.train_examples_per_class, seed)
+    return Split(split.images[keep], split.labels[keep])
+
+
+def select_classes(labels: np.ndarray, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(indices (n,) of the examples whose label is in `classes`, their labels renumbered).
+
+    Class `classes[i]` becomes label i; `classes=()` keeps every example and label.
+    """
+    if not classes:
+        return np.arange(len(labels)), labels
+    missing = sorted(set(classes) - set(np.unique(labels).tolist()))
+    if missing or len(set(classes)) != len(classes):
+        raise ValueError(
+            f"config.data.classes={classes}: classes {missing} have no examples, or a class is "
+            f"listed twice. Labels present: {sorted(np.unique(labels).tolist())}."
+        )
+    keep = np.flatnonzero(np.isin(labels, classes))
+    renumber = np.zeros(max(max(classes), int(labels.max())) + 1, np.int32)
+    renumber[list(classes)] = np.arange(len(classes))
+    return keep, renumber[labels[keep]]
+
+
+def examples_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices (n,) of `per_class` examples of each label, chosen from `seed`; 0: all.
+
+    The choice depends only on (labels, per_class, seed): the same examples in every input
+    mode and on every resume.
+    """
+    if not per_class:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, per_class])
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < per_class:
+            raise ValueError(
+                f"config.data.train_examples_per_class={per_class}, but class {label} has only "
+                f"{len(members)} training examples. Lower it to at most {len(members)}."
+            )
+        chosen.append(rng.choice(members, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -1,0 +1,19 @@
+"""Pre-training for the transfer demo: LeNet-5 on digits 0-4 only (all their labels).
+
+    python -m cnn_lab.train --config=configs/transfer_digits_pretrain.py \
+        --workdir=runs/transfer_digits_pretrain
+
+Then `configs/transfer_digits.py` moves its features to digits 5-9 with 20 labels per
+class. 2 CPU cores: under a minute.
+"""
+
+from configs import common, lenet_digits
+
+
+def get_config(mode: str | None = None):
+    config = lenet_digits.get_config()
+    config.data.classes = (0, 1, 2, 3, 4)
+    config.model.num_classes = 5
+    config.train.batch_size = 32
+    config.train.num_epochs = 20
+    return common.apply_mode(config, mode)

@@ -75,3 +75,20 @@ def test_resnet20_digits_smoke_run(tmp_path):
     results = train_and_evaluate(config, tmp_path / "workdir")
     assert results["test"]["count"] == 256  # every example of test[:256]
     assert np.isfinite(results["val"]["loss"])
+
+
+def test_cats_vs_dogs_first_phase_trains_only_the_new_head():
+    from cnn_lab import param_groups
+
+    config = _load("resnet50_cats_vs_dogs")
+    model = get_model(config.model)
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    init = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    params = init["params"]
+    frozen_patterns = config.phases[0]["freeze"]
+    trainable = [
+        p for p in param_groups.paths(params) if not param_groups.matches(frozen_patterns, p)
+    ]
+    assert sorted(trainable) == ["head/bias", "head/kernel"]
+    assert all(param_groups.matches(config.init_from.head, p) for p in trainable)
+    assert "freeze" not in config.phases[1]  # Phase 2 trains every layer.

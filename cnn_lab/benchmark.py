@@ -194,17 +194,9 @@ def pipeline_benchmark(
     model = get_model(config.model)
     schedule, tx, plateau = optim.from_config(config, steps_per_epoch=100, total_steps=10_000)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    train_step = steps.jit_train_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        label_smoothing=0.0,
-        preprocess=augment.train_preprocess(config),
-    )
     holder = {"state": init_state(model, tx, plateau, jax.random.PRNGKey(0), shape, mesh)}
 
-    def train_rate(batches) -> float:
+    def train_rate(batches, train_step) -> float:
         """Median train steps/s over `windows` windows of `steps_per_window` (2 in flight)."""
 
         def window():
@@ -225,7 +217,9 @@ def pipeline_benchmark(
         data_config = ml_collections.ConfigDict(config.data.to_dict())
         data_config.input_mode = mode
         start = time.perf_counter()
-        data = inputs.make_inputs(data_config, batch_size, mesh, seed=0)
+        data = inputs.make_inputs(
+            data_config, batch_size, mesh, seed=0, resized_crop=augment.crop_ranges(config.augment)
+        )
         batches = _epochs(data)
         jax.block_until_ready(next(batches))
         first_batch = time.perf_counter() - start
@@ -233,8 +227,12 @@ def pipeline_benchmark(
         for _ in range(steps_per_window):
             jax.block_until_ready(next(batches))
         input_alone = steps_per_window * batch_size / (time.perf_counter() - start)
-        real = train_rate(batches)
-        synthetic = train_rate(itertools.repeat(jax.block_until_ready(next(batches))))
+        preprocess = augment.train_preprocess(config, crops_on_host=data.crops_on_host)
+        train_step = steps.jit_train_step(
+            model, tx, schedule, mesh, label_smoothing=0.0, preprocess=preprocess
+        )
+        real = train_rate(batches, train_step)
+        synthetic = train_rate(itertools.repeat(jax.block_until_ready(next(batches))), train_step)
         results[mode] = {
             "first_batch_seconds": first_batch,
             "input_examples_per_second": input_alone,

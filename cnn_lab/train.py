@@ -135,7 +135,13 @@ def train_and_evaluate(
         workdir_lib.check_resumable(workdir, config, allow_config_changes)
 
     _check_classes(config.data, config.model.num_classes)
-    data = inputs.make_inputs(config.data, config.train.batch_size, mesh, seed=config.seed)
+    data = inputs.make_inputs(
+        config.data,
+        config.train.batch_size,
+        mesh,
+        seed=config.seed,
+        resized_crop=augment.crop_ranges(config.augment),
+    )
     steps_per_epoch = data.steps_per_epoch
     total_steps = config.train.num_epochs * steps_per_epoch
     phases = optim.make_phases(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -215,7 +221,7 @@ def train_and_evaluate(
             phase.schedule,
             mesh,
             label_smoothing=config.train.label_smoothing,
-            preprocess=augment.train_preprocess(config),
+            preprocess=augment.train_preprocess(config, crops_on_host=data.crops_on_host),
             averaging=averages,
             frozen_norms=phase.frozen if config.train.frozen_bn_inference else (),
         )

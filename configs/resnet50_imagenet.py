@@ -20,11 +20,9 @@ top-1 accuracy ~0.764 (the "test" line here, since ImageNet's test labels are no
 Not reproduced here. 4.1G multiply-adds per image forward: about a day on 8 GPUs.
 
 Input: streaming (the split does not fit in memory: 1.28M x 224x224x3 bytes is ~190 GB):
-each host decodes its part of the training split, resized (shorter side) and centre-cropped
-to 224, and the devices apply random-resized crops and flips inside the train step.
+each host decodes its part of the training split and takes the random-resized crop from the
+whole decoded image, resized to 224; the devices apply the flips inside the train step.
 Evaluation resizes the shorter side to 256 (224 / 0.875) and takes the centre 224x224 crop.
-Differs from the papers in one respect: the random-resized crop is taken from that 224 centre
-crop, not from the whole decoded image.
 """
 
 from configs import common

@@ -313,3 +313,23 @@ def test_cross_entropy_of_one_hot_targets_equals_that_of_int_labels(label_smooth
     np.testing.assert_allclose(
         from_labels, -(1 - label_smoothing) * own - label_smoothing * mean, rtol=1e-5
     )
+
+
+def test_images_cropped_on_the_host_are_not_cropped_again_on_the_devices():
+    config = ml_collections.ConfigDict(
+        dict(
+            augment=_config(resized_crop=True, flip=True),
+            data=dict(mean=(0.5,), std=(0.25,)),
+            model=dict(num_classes=10),
+        )
+    )
+    images = (_images(channels=1) * 255).astype(np.uint8)
+    labels = np.arange(8, dtype=np.int32)
+    assert augment.crop_ranges(config.augment) == ((0.08, 1.0), (3 / 4, 4 / 3))
+    on_host = augment.train_preprocess(config, crops_on_host=True)(images, labels, KEY)
+    on_devices = augment.train_preprocess(config)(images, labels, KEY)
+    config.augment.resized_crop = False
+    assert augment.crop_ranges(config.augment) is None
+    no_crop = augment.train_preprocess(config)(images, labels, KEY)
+    np.testing.assert_array_equal(on_host[0], no_crop[0])  # Flipped and normalised only.
+    assert not np.array_equal(on_devices[0], no_crop[0])

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 import zlib
 
 import jax
@@ -311,3 +312,31 @@ def test_not_prepared_raises_at_once(tmp_path):
         with pytest.raises(loading.DatasetNotPreparedError, match=r"'cifar10'.*tfds build cifar10"):
             call()
     assert time.monotonic() - start < 10
+
+
+def test_random_resized_crop_of_the_whole_box_is_the_resized_image():
+    image = np.random.default_rng(0).integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    feature = tfds.features.Image(shape=(None, None, 3))
+    info = types.SimpleNamespace(features={"image": feature}, supervised_keys=("image", "label"))
+    builder = types.SimpleNamespace(info=info)  # All a crop reads of a builder.
+    crop = streaming._random_resized_crop(builder, 16, scale=(1.0, 1.0), ratio=(1.6, 1.6))
+    encoded = feature.encode_example(image)
+    out = crop(tf.constant(encoded), tf.constant(7), tf.constant([1, 2], tf.int64))
+    resized = tf.image.resize(image, (16, 16), method="bilinear", antialias=True).numpy()
+    np.testing.assert_array_equal(out["image"].numpy(), np.clip(np.round(resized), 0, 255))
+    assert out["label"].numpy() == 7
+
+
+def test_host_resized_crops_are_seeded_resumable_and_keep_the_order(mocked):
+    args = dict(name="imagenet2012", image_size=16, seed=2, epoch=1)
+    crops = ((0.08, 1.0), (3 / 4, 4 / 3))
+    cropped = _train(mocked, resized_crop=crops, **args)
+    plain = _train(mocked, **args)
+    assert cropped[0]["image"].shape == (4, 16, 16, 3) and cropped[0]["image"].dtype == np.uint8
+    for c, p in zip(cropped, plain, strict=True):  # The same examples, in the same order.
+        np.testing.assert_array_equal(c["label"], p["label"])
+    _assert_equal(cropped, _train(mocked, resized_crop=crops, **args))
+    _assert_equal(_train(mocked, resized_crop=crops, first_step=3, **args), cropped[3:])
+    other_epoch = _train(mocked, resized_crop=crops, **{**args, "epoch": 2})
+    assert not np.array_equal(other_epoch[0]["image"], cropped[0]["image"])
+    assert not np.array_equal(cropped[0]["image"], plain[0]["image"])

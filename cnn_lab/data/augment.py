@@ -311,11 +311,27 @@ def augment_batch(
     return cutmix(images, targets, mix_key, config.cutmix_alpha)
 
 
-def train_preprocess(config: ml_collections.ConfigDict) -> Callable:
-    """The run's `augment_batch` (config.augment, config.data statistics): the train step's preprocess."""
+def crop_ranges(augment_config: ml_collections.ConfigDict) -> tuple | None:
+    """(scale, ratio) of the config's random-resized crops, or None when they are off."""
+    if not augment_config.resized_crop:
+        return None
+    return tuple(augment_config.resized_crop_scale), tuple(augment_config.resized_crop_ratio)
+
+
+def train_preprocess(config: ml_collections.ConfigDict, *, crops_on_host: bool = False) -> Callable:
+    """The run's `augment_batch` (config.augment, config.data statistics): the train step's preprocess.
+
+    `crops_on_host`: the input already took the random-resized crops (streaming), so the
+    devices do not crop again.
+    """
+    augment_config = config.augment
+    if crops_on_host:
+        augment_config = ml_collections.ConfigDict(
+            {**augment_config.to_dict(), "resized_crop": False}
+        )
     return functools.partial(
         augment_batch,
-        augment_config=config.augment,
+        augment_config=augment_config,
         mean=tuple(config.data.mean),
         std=tuple(config.data.std),
         num_classes=config.model.num_classes,

@@ -65,6 +65,14 @@ class Inputs:
     steps_per_epoch: int
     seed: int
     in_memory: dict[str, pipeline.Split]  # device mode: "train", "val", "test"; else {}.
+    # Streaming: (area scale range, aspect ratio range) of random-resized crops taken on the
+    # host from each whole decoded image; None: a fixed-size centre crop, augmented later.
+    resized_crop: streaming.CropRanges | None = None
+
+    @property
+    def crops_on_host(self) -> bool:
+        """Whether training images arrive random-resized-cropped (the devices must not crop again)."""
+        return self.mode == "streaming" and self.resized_crop is not None
 
     @functools.cached_property
     def _train_on_devices(self) -> pipeline.DeviceSplit:
@@ -90,6 +98,7 @@ class Inputs:
             data_dir=dc.data_dir,
             image_size=dc.image_size,
             batch_size=self.batch_size,
+            resized_crop=self.resized_crop,
             **order,
         )
         return streaming.prefetch_to_device(batches, self.mesh)
@@ -141,9 +150,18 @@ def eval_batches(
 
 
 def make_inputs(
-    data_config: ml_collections.ConfigDict, batch_size: int, mesh: Mesh, *, seed: int
+    data_config: ml_collections.ConfigDict,
+    batch_size: int,
+    mesh: Mesh,
+    *,
+    seed: int,
+    resized_crop: streaming.CropRanges | None = None,
 ) -> Inputs:
-    """The input of a run; raises ValueError when an epoch holds not one training batch."""
+    """The input of a run; raises ValueError when an epoch holds not one training batch.
+
+    `resized_crop` (scale, ratio): in streaming mode, random-resized crops are taken on the
+    host from the whole decoded image (as ImageNet recipes do), not from a centre crop.
+    """
     mode = choose_mode(data_config)
     in_memory = {}
     if mode == "device":
@@ -179,4 +197,4 @@ def make_inputs(
             f"The training split {data_config.train_split!r} has {examples} examples, fewer "
             f"than config.train.batch_size={batch_size}. Lower the batch size."
         )
-    return Inputs(mode, data_config, batch_size, mesh, steps, seed, in_memory)
+    return Inputs(mode, data_config, batch_size, mesh, steps, seed, in_memory, resized_crop)

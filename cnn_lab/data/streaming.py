@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 Batch = dict[str, np.ndarray]
+# ((min, max) fraction of the image area, (min, max) aspect ratio width / height).
+CropRanges = tuple[tuple[float, float], tuple[float, float]]
 
 # Largest shuffle buffer, in examples: about 1 GB of encoded ImageNet images.
 SHUFFLE_BUFFER = 10_000
@@ -38,6 +40,7 @@ def train_batches(
     first_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    resized_crop: CropRanges | None = None,
 ) -> Iterator[Batch]:
     """This process's rows of each global training batch of `epoch`, from step `first_step` on.
 
@@ -47,8 +50,10 @@ def train_batches(
     number of steps, and up to process_count - 1 examples of the split are never read.
     The file order and the shuffle of examples are seeded by (seed, epoch) alone. Images
     already image_size x image_size pass unchanged; others have their shorter side resized
-    to image_size (bilinear, antialiased), then the centre square is taken. Errors (data set
-    not prepared, batch size) are raised by this call, not by the first batch.
+    to image_size (bilinear, antialiased), then the centre square is taken; with
+    `resized_crop`, a random box of the whole image (Inception's scale augmentation, seeded
+    by (seed, epoch, position in the epoch)) is resized to image_size instead. Errors (data
+    set not prepared, batch size) are raised by this call, not by the first batch.
     """
     per_process = _per_process(batch_size, process_index, process_count)
     builder = loading._prepared_builder(name, data_dir, None)
@@ -61,7 +66,17 @@ def train_batches(
     buffer = min(builder.info.splits[part].num_examples, SHUFFLE_BUFFER)
     ds = ds.shuffle(buffer, seed=int(examples_seed), reshuffle_each_iteration=False)
     ds = ds.skip(first_step * per_process)  # The same as skipping first_step whole batches.
-    preprocess = _preprocess(builder, image_size, resize_to=image_size)
+    if resized_crop is None:
+        preprocess = _preprocess(builder, image_size, resize_to=image_size)
+    else:
+        crop = _random_resized_crop(builder, image_size, *resized_crop)
+        crop_seed = int(np.random.default_rng([seed, epoch, process_index]).integers(2**31))
+        # Each example's crop is drawn from its position in the epoch: resume-exact.
+        ds = ds.enumerate(start=first_step * per_process)
+
+        def preprocess(position, example):
+            return crop(*example, tf.stack([tf.constant(crop_seed, tf.int64), position]))
+
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(per_process, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return iter(tfds.as_numpy(ds.with_options(_deterministic())))
@@ -212,6 +227,43 @@ def _preprocess(
         return {"image": image, "label": tf.cast(label, tf.int32)}
 
     return preprocess
+
+
+def _random_resized_crop(
+    builder: tfds.core.DatasetBuilder,
+    image_size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> Callable[["tf.Tensor", "tf.Tensor", "tf.Tensor"], dict]:
+    """(encoded image, label, seed (2,)) -> {"image": (image_size, image_size, C) uint8, "label"}.
+
+    A box of area fraction in `scale` and aspect ratio (width / height) in `ratio` of the
+    whole image (the whole image when 10 draws do not fit), resized bilinearly (antialiased).
+    """
+    tf = _tensorflow()
+    feature = builder.info.features[builder.info.supervised_keys[0]]
+
+    def crop(encoded: "tf.Tensor", label: "tf.Tensor", seed: "tf.Tensor") -> dict:
+        image = feature.decode_example(encoded)
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image),
+            bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            seed=seed,
+            min_object_covered=0.0,
+            aspect_ratio_range=ratio,
+            area_range=scale,
+            max_attempts=10,
+        )
+        box = tf.slice(image, begin, size)
+        resized = tf.image.resize(box, (image_size, image_size), method="bilinear", antialias=True)
+        resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+        channels = image.shape[-1]
+        return {
+            "image": tf.ensure_shape(resized, (image_size, image_size, channels)),
+            "label": tf.cast(label, tf.int32),
+        }
+
+    return crop
 
 
 def _resize_and_crop(image: "tf.Tensor", size: int, resize_to: int) -> "tf.Tensor":

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cnn_lab import averaging, checkpoint, optim, provenance, sharding, steps
+from cnn_lab import averaging, checkpoint, distributed, optim, provenance, sharding, steps
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, loading
 from cnn_lab.evaluate import evaluate, make_eval_fn, recompute_batch_stats
@@ -393,12 +393,20 @@ def main() -> None:
     allow = flags.DEFINE_list(
         "allow_config_changes", [], "Config fields that may differ from the run being resumed."
     )
+    coordinator = flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-process run: host:port of process 0 (none: detected under srun or on a TPU VM).",
+    )
+    num_processes = flags.DEFINE_integer("num_processes", None, "Multi-process run: processes.")
+    process_id = flags.DEFINE_integer("process_id", None, "Multi-process run: this one's id.")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch.
         try:
+            distributed.initialize(coordinator.value, num_processes.value, process_id.value)
             train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))
         except Preempted as preempted:
             print(preempted, file=sys.stderr)

@@ -121,6 +121,18 @@ def train_and_evaluate(
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+    micro_batches = config.train.grad_accumulation_steps
+    if micro_batches < 1 or config.train.batch_size % micro_batches:
+        raise ValueError(
+            f"config.train.grad_accumulation_steps={micro_batches} must be at least 1 and "
+            f"divide config.train.batch_size={config.train.batch_size} (each micro-batch "
+            "holds batch_size / grad_accumulation_steps examples)."
+        )
+    sharding.check_batch_size(
+        config.train.batch_size // micro_batches,
+        mesh,
+        "config.train.batch_size / config.train.grad_accumulation_steps",
+    )
     model = get_model(config.model)
     if config.augment.flip and not config.data.flip_preserves_label:
         raise ValueError(
@@ -191,6 +203,7 @@ def train_and_evaluate(
         label_smoothing=config.train.label_smoothing,
         preprocess=augment.train_preprocess(config),
         averaging=averages,
+        micro_batches=micro_batches,
     )
     read_averages = jax.jit(averages.read, out_shardings=sharding.replicated(mesh))
     eval_fn = make_eval_fn(model, mesh, normalize)

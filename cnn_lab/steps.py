@@ -96,10 +96,9 @@ def train_step(
         sown = sown_metrics(sown)
     else:
 
-        def split(x: jax.Array) -> jax.Array:  # (B, ...) -> (k, B / k, ...)
-            return x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(
-                0, 1
-            )
+        def split(x: jax.Array) -> jax.Array:
+            rows = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:])
+            return rows.swapaxes(0, 1)  # (k, B / k, ...): rows i, i + k, ... in micro-batch i
 
         def accumulate(carry, micro):
             grads_sum, batch_stats = carry

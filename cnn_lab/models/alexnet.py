@@ -46,10 +46,11 @@ def local_response_norm(x: jax.Array, size: int, k: float, alpha: float, beta: f
     Section 3.3 of Krizhevsky et al. (2012); alpha is not divided by `size` as PyTorch's is.
     """
     half = size // 2
-    wide = x.astype(jnp.float32)  # A bfloat16 sum of squares raised to -beta is too coarse.
+    # In float32 at least: a bfloat16 sum of squares raised to -beta is too coarse.
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     summed = jax.lax.reduce_window(
         jnp.square(wide),
-        jnp.array(0, jnp.float32),
+        jnp.array(0, wide.dtype),
         jax.lax.add,
         (1, 1, 1, size),
         (1, 1, 1, 1),
@@ -81,7 +82,7 @@ class AlexNet(nn.Module):
     dropout_rate: float = 0.5
     local_response_norm: bool = False
     activation: str = "relu"
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

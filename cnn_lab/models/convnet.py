@@ -4,7 +4,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cnn_lab.models.layers import get_activation
 
@@ -16,7 +15,7 @@ class ConvNet(nn.Module):
     hidden_size: int = 1024
     dropout_rate: float = 0.5
     activation: str = "relu"
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

@@ -4,7 +4,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cnn_lab.models.layers import get_activation, get_pooling
 
@@ -20,7 +19,7 @@ class LeNet5(nn.Module):
     num_classes: int
     activation: str = "relu"
     pooling: str = "max"
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

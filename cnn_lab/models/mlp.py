@@ -5,7 +5,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cnn_lab.models.layers import get_activation
 
@@ -20,7 +19,7 @@ class MLP(nn.Module):
     hidden_sizes: Sequence[int] = (256, 128)
     activation: str = "relu"
     dropout_rate: float = 0.0
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

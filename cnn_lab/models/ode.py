@@ -226,7 +226,7 @@ class Conv3x3(nn.Module):
 
     features: int
     im2col: bool = True
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -265,7 +265,7 @@ class ODEFunc(nn.Module):
     activation: str = "relu"
     time_channel: bool = True
     im2col: bool = True
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, h: jax.Array, t: jax.Array) -> jax.Array:
@@ -296,7 +296,7 @@ class ODEBlock(nn.Module):
     solver_config: SolverConfig
     activation: str = "relu"
     im2col: bool = True
-    dtype: Any = jnp.float32  # f's computation dtype; the state is integrated in float32.
+    dtype: Any = None  # f's dtype (None: the input's); the state is at least float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -306,9 +306,10 @@ class ODEBlock(nn.Module):
         func = ODEFunc(
             x.shape[-1], self.activation, im2col=self.im2col, dtype=self.dtype, parent=None
         )
-        # The solver's state, time and error control stay float32 whatever f computes in:
-        # bfloat16's 8-bit mantissa is coarser than the default tolerances (1e-3).
-        h0, t0 = x.astype(jnp.float32), jnp.zeros((), jnp.float32)
+        # The solver's state, time and error control stay float32 (or wider) whatever f
+        # computes in: bfloat16's 8-bit mantissa is coarser than the default tolerances (1e-3).
+        state_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        h0, t0 = x.astype(state_dtype), jnp.zeros((), state_dtype)
         params = self.param("func", lambda rng: func.init(rng, h0[:1], t0)["params"])
 
         def vector_field(t, h, params):
@@ -359,7 +360,7 @@ class ODENet(nn.Module):
     activation: str = "relu"
     im2col: bool = True
     residual_blocks: int = 0
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -421,7 +422,7 @@ class ODEResNet(nn.Module):
     im2col: bool = True
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

@@ -135,7 +135,7 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     stochastic_depth_rate: float = 0.0
     stochastic_depth_mode: str = "batch"
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

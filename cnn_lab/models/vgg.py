@@ -5,7 +5,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cnn_lab.models.layers import conv_kernel_init, get_activation
 
@@ -44,7 +43,7 @@ class VGG(nn.Module):
     activation: str = "relu"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32  # Computation dtype (activations); parameters stay float32.
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

@@ -9,6 +9,7 @@ import pytest
 import tiny_steps
 
 from cnn_lab import sharding
+from cnn_lab import workdir as workdir_lib
 from cnn_lab.models import RNG_STREAMS, get_model
 from cnn_lab.train import train_and_evaluate
 from configs import lenet_digits
@@ -135,3 +136,14 @@ def test_grad_accumulation_that_does_not_divide_the_batch_is_a_clear_error(tmp_p
     config.train.grad_accumulation_steps = 3
     with pytest.raises(ValueError, match=r"grad_accumulation_steps=3 .*divide .*batch_size=128"):
         train_and_evaluate(config, tmp_path)
+
+
+def test_runs_from_before_these_knobs_resume_only_with_their_defaults(tmp_path):
+    saved = lenet_digits.get_config().to_dict()
+    del saved["model"]["compute_dtype"], saved["train"]["grad_accumulation_steps"]
+    workdir_lib.write_config(tmp_path, ml_collections.ConfigDict(saved), provenance={})
+    workdir_lib.check_resumable(tmp_path, lenet_digits.get_config())
+    changed = lenet_digits.get_config()
+    changed.model.compute_dtype = "bfloat16"
+    with pytest.raises(ValueError, match=r"model.compute_dtype: None -> 'bfloat16'"):
+        workdir_lib.check_resumable(tmp_path, changed)

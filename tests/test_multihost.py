@@ -12,7 +12,7 @@ from pathlib import Path
 import chex
 import pytest
 
-from cnn_lab import load_run
+from cnn_lab import distributed, load_run
 from cnn_lab.metric_writer import read_metrics
 from cnn_lab.train import train_and_evaluate
 from configs import mlp_digits
@@ -133,3 +133,18 @@ def test_launcher_dry_run_prints_one_command_per_process(capsys):
         assert "--xla_force_host_platform_device_count=4" in line
         assert f"--coordinator_address=127.0.0.1:{port} --num_processes=2 --process_id={i}" in line
         assert "-m cnn_lab.train --config=configs/lenet_digits.py --workdir=w" in line
+
+
+def test_partial_multi_process_flags_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"--process_id=None: a multi-process run needs all three"):
+        distributed.initialize("127.0.0.1:1234", 2, None)
+    with pytest.raises(ValueError, match=r"--process_id=2 is not in \[0, --num_processes=2\)"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+
+
+@pytest.mark.parametrize(("tasks", "expected"), [("2", "slurm"), ("1", None)])
+def test_a_multi_task_srun_step_is_detected(monkeypatch, tasks, expected):
+    slurm = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="node1", SLURM_PROCID="0")
+    for name, value in {**slurm, "SLURM_NTASKS": tasks}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.detected_cluster() == expected

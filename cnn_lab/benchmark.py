@@ -61,7 +61,14 @@ def benchmark(
             b["mask"] = np.ones(n, bool)
         return jax.device_put(b, sharding.batch_sharded(mesh))
 
-    train_step = steps.jit_train_step(model, tx, schedule, mesh, label_smoothing=0.0)
+    train_step = steps.jit_train_step(
+        model,
+        tx,
+        schedule,
+        mesh,
+        label_smoothing=0.0,
+        micro_batches=config.train.grad_accumulation_steps,
+    )
     train_batch = batch(batch_size)
     start = time.perf_counter()
     compiled = train_step.lower(state, train_batch).compile()
@@ -152,6 +159,7 @@ def pipeline_benchmark(
         mesh,
         label_smoothing=0.0,
         preprocess=augment.train_preprocess(config),
+        micro_batches=config.train.grad_accumulation_steps,
     )
     holder = {"state": init_state(model, tx, plateau, jax.random.PRNGKey(0), shape, mesh)}
 

@@ -99,7 +99,14 @@ def benchmark(
             b["mask"] = np.ones(n, bool)
         return jax.device_put(b, sharding.batch_sharded(mesh))
 
-    train_step = steps.jit_train_step(model, tx, schedule, mesh, label_smoothing=0.0)
+    train_step = steps.jit_train_step(
+        model,
+        tx,
+        schedule,
+        mesh,
+        label_smoothing=0.0,
+        micro_batches=config.train.grad_accumulation_steps,
+    )
     train_batch = batch(batch_size)
     start = time.perf_counter()
     compiled = train_step.lower(state, train_batch).compile()
@@ -229,7 +236,13 @@ def pipeline_benchmark(
         input_alone = steps_per_window * batch_size / (time.perf_counter() - start)
         preprocess = augment.train_preprocess(config, crops_on_host=data.crops_on_host)
         train_step = steps.jit_train_step(
-            model, tx, schedule, mesh, label_smoothing=0.0, preprocess=preprocess
+            model,
+            tx,
+            schedule,
+            mesh,
+            label_smoothing=0.0,
+            preprocess=preprocess,
+            micro_batches=config.train.grad_accumulation_steps,
         )
         real = train_rate(batches, train_step)
         synthetic = train_rate(itertools.repeat(jax.block_until_ready(next(batches))), train_step)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from cnn_lab import averaging
 from cnn_lab import workdir as workdir_lib
@@ -48,6 +49,11 @@ def make_manager(
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
+        # Processes of a multi-host run meet at barriers named by step: a manager's own
+        # prefix keeps latest/ and best/ saving the same step from sharing them.
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=Path(directory).name
+        ),
     )
     return ocp.CheckpointManager(
         Path(directory).absolute(), item_handlers=ocp.PyTreeCheckpointHandler(), options=options
@@ -121,17 +127,35 @@ def _move_aside(
             stacklevel=3,
         )
         return
-    source = Path(manager.directory) / str(step)
     broken = Path(manager.directory).parent / BROKEN_DIR
-    broken.mkdir(exist_ok=True)
-    destination = broken / f"{Path(manager.directory).name}-{step}-{int(time.time())}"
-    shutil.move(str(source), str(destination))
-    warnings.warn(
-        f"Checkpoint step {step} in {manager.directory} is damaged ({'; '.join(reasons)[:500]}); "
-        f"moved it to {destination} and trying the next older step.",
-        stacklevel=3,
-    )
+    if jax.process_index() == 0:  # One process moves the files every process reads.
+        source = Path(manager.directory) / str(step)
+        broken.mkdir(exist_ok=True)
+        destination = broken / f"{Path(manager.directory).name}-{step}-{int(time.time())}"
+        shutil.move(str(source), str(destination))
+        warnings.warn(
+            f"Checkpoint step {step} in {manager.directory} is damaged "
+            f"({'; '.join(reasons)[:500]}); moved it to {destination} and trying the next "
+            "older step.",
+            stacklevel=3,
+        )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"cnn_lab_move_aside_{manager.directory}_{step}")
     manager.reload()
+
+
+def _anywhere(damage: list[str]) -> list[str]:
+    """`damage` found by this process, or a note if only another process of the run found some.
+
+    Every process must skip the same steps (they restore together), so one process's
+    verdict counts for all.
+    """
+    if jax.process_count() == 1:
+        return damage
+    damaged = multihost_utils.process_allgather(np.asarray(bool(damage)))
+    if damage or not damaged.any():
+        return damage
+    return [f"processes {np.flatnonzero(damaged).tolist()} of the run could not restore it"]
 
 
 def restore_newest_valid(
@@ -158,16 +182,12 @@ def restore_newest_valid(
         target = target_of(step)
         try:
             metadata = manager.item_metadata(step).tree
+            unreadable = [] if metadata is not None else ["metadata missing"]
         except Exception as error:  # Orbax raises many types for damaged metadata.
-            _move_aside(
-                manager,
-                step,
-                [f"metadata unreadable: {type(error).__name__}: {error}"],
-                repair=repair,
-            )
-            continue
-        if metadata is None:
-            _move_aside(manager, step, ["metadata missing"], repair=repair)
+            unreadable = [f"metadata unreadable: {type(error).__name__}: {error}"]
+        unreadable = _anywhere(unreadable)
+        if unreadable:
+            _move_aside(manager, step, unreadable, repair=repair)
             continue
         problems = incompatibilities(metadata, target, partial=partial)
         if problems:
@@ -181,6 +201,7 @@ def restore_newest_valid(
             damage = nonfinite(state)
         except Exception as error:  # Truncated or missing files surface as many error types.
             damage = [f"{type(error).__name__}: {error}"]
+        damage = _anywhere(damage)
         if not damage:
             return state
         _move_aside(manager, step, damage, repair=repair)

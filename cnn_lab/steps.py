@@ -77,6 +77,7 @@ def train_step(
     preprocess: Preprocess | None = None,
     averaging: Averaging = NO_AVERAGES,
     frozen_norms: tuple[str, ...] = (),
+    micro_batches: int = 1,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on batch {"image": (B, H, W, C), "label": (B,)}; metrics are scalars.
 
@@ -84,6 +85,12 @@ def train_step(
     into targets, e.g. mixed ones); None: the images are used as they are. Also updates the
     parameter averages the state keeps (`averaging`). BatchNorm layers matching a
     `frozen_norms` pattern run in inference mode.
+
+    `micro_batches` k > 1 accumulates the gradient over k slices of B / k rows (micro-batch i
+    holds rows i, i + k, ..., so each device keeps its own rows), one after another, and
+    takes one optimizer step with their mean: the memory of a B / k batch for the update of
+    a B batch. BatchNorm normalises each micro-batch by its own statistics and updates its
+    running averages k times; dropout and stochastic depth draw fresh keys per micro-batch.
     """
     rngs = step_rngs(state)
     augment_key = rngs.pop("augment")
@@ -91,23 +98,52 @@ def train_step(
     if preprocess is not None:
         images, targets = preprocess(images, targets, augment_key)
 
-    def loss_fn(params):
+    def loss_fn(params, batch_stats, images, targets, rngs):
         with contextlib.ExitStack() as stack:
             if frozen_norms:
                 stack.enter_context(nn.intercept_methods(frozen_norm_interceptor(frozen_norms)))
             logits, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
+                {"params": params, "batch_stats": batch_stats},
                 images,
                 train=True,
                 rngs=rngs,
                 mutable=["batch_stats", "intermediates"],
             )
+        logits = logits.astype(jnp.float32)  # Softmax and loss in float32 in any compute dtype.
         loss = jnp.mean(losses.cross_entropy(logits, targets, label_smoothing))
         return loss, (logits, updates.get("batch_stats", {}), updates.get("intermediates", {}))
 
-    (loss, (logits, batch_stats, sown)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (loss, (logits, batch_stats, sown)), grads = grad_fn(
+            state.params, state.batch_stats, images, targets, rngs
+        )
+        accuracy = jnp.mean(losses.topk_correct(logits, batch["label"]))
+        sown = sown_metrics(sown)
+    else:
+
+        def split(x: jax.Array) -> jax.Array:
+            rows = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:])
+            return rows.swapaxes(0, 1)  # (k, B / k, ...): rows i, i + k, ... in micro-batch i
+
+        def accumulate(carry, micro):
+            grads_sum, batch_stats = carry
+            images, targets, labels, index = micro
+            micro_rngs = {k: jax.random.fold_in(key, index) for k, key in rngs.items()}
+            (loss, (logits, batch_stats, sown)), grads = grad_fn(
+                state.params, batch_stats, images, targets, micro_rngs
+            )
+            accuracy = jnp.mean(losses.topk_correct(logits, labels))
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            return (grads_sum, batch_stats), (loss, accuracy, sown_metrics(sown))
+
+        micro = jax.tree.map(split, (images, targets, batch["label"]))
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads_sum, batch_stats), (loss, accuracy, sown) = jax.lax.scan(
+            accumulate, (zeros, state.batch_stats), (*micro, jnp.arange(micro_batches))
+        )
+        grads = jax.tree.map(lambda g: g / micro_batches, grads_sum)
+        loss, accuracy, sown = jax.tree.map(jnp.mean, (loss, accuracy, sown))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     scale = state.plateau.scale
     updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
@@ -122,10 +158,10 @@ def train_step(
     )
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(losses.topk_correct(logits, batch["label"])),
+        "accuracy": accuracy,
         "learning_rate": schedule(state.step) * scale,
         "grad_norm": optax.tree.norm(grads),
-        **sown_metrics(sown),
+        **sown,
     }
     return new_state, metrics
 
@@ -140,6 +176,7 @@ def jit_train_step(
     preprocess: Preprocess | None = None,
     averaging: Averaging = NO_AVERAGES,
     frozen_norms: tuple[str, ...] = (),
+    micro_batches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """train_step jitted over `mesh`: state replicated and donated, batch split on the data axis."""
     replicated = sharding.replicated(mesh)
@@ -153,6 +190,7 @@ def jit_train_step(
             preprocess=preprocess,
             averaging=averaging,
             frozen_norms=frozen_norms,
+            micro_batches=micro_batches,
         ),
         in_shardings=(replicated, sharding.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),
@@ -171,6 +209,7 @@ def eval_step(
     """
     images = batch["image"] if normalize is None else normalize(batch["image"])
     logits, sown = model.apply(variables, images, train=False, mutable=["intermediates"])
+    logits = logits.astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     correct = losses.topk_correct(logits, labels) * mask

@@ -22,7 +22,16 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cnn_lab import averaging, checkpoint, optim, provenance, sharding, steps, transfer
+from cnn_lab import (
+    averaging,
+    checkpoint,
+    distributed,
+    optim,
+    provenance,
+    sharding,
+    steps,
+    transfer,
+)
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, loading
 from cnn_lab.evaluate import evaluate, make_eval_fn, recompute_batch_stats
@@ -123,6 +132,18 @@ def train_and_evaluate(
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+    micro_batches = config.train.grad_accumulation_steps
+    if micro_batches < 1 or config.train.batch_size % micro_batches:
+        raise ValueError(
+            f"config.train.grad_accumulation_steps={micro_batches} must be at least 1 and "
+            f"divide config.train.batch_size={config.train.batch_size} (each micro-batch "
+            "holds batch_size / grad_accumulation_steps examples)."
+        )
+    sharding.check_batch_size(
+        config.train.batch_size // micro_batches,
+        mesh,
+        "config.train.batch_size / config.train.grad_accumulation_steps",
+    )
     model = get_model(config.model)
     if config.augment.flip and not config.data.flip_preserves_label:
         raise ValueError(
@@ -224,6 +245,7 @@ def train_and_evaluate(
             preprocess=augment.train_preprocess(config, crops_on_host=data.crops_on_host),
             averaging=averages,
             frozen_norms=phase.frozen if config.train.frozen_bn_inference else (),
+            micro_batches=micro_batches,
         )
 
     def enter_phase(state: TrainState, phase: optim.Phase) -> TrainState:
@@ -445,6 +467,13 @@ def main() -> None:
     allow = flags.DEFINE_list(
         "allow_config_changes", [], "Config fields that may differ from the run being resumed."
     )
+    coordinator = flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-process run: host:port of process 0 (none: detected under srun or on a TPU VM).",
+    )
+    num_processes = flags.DEFINE_integer("num_processes", None, "Multi-process run: processes.")
+    process_id = flags.DEFINE_integer("process_id", None, "Multi-process run: this one's id.")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(argv: list[str]) -> None:
@@ -452,6 +481,7 @@ def main() -> None:
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch.
         sharding.use_cpu_devices(config.value.train.cpu_devices)
         try:
+            distributed.initialize(coordinator.value, num_processes.value, process_id.value)
             train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))
         except Preempted as preempted:
             print(preempted, file=sys.stderr)

@@ -24,6 +24,10 @@ ALWAYS_CHANGEABLE = (
     "data.keep_decoded",
 )
 
+# Fields added to the config after runs were written, with the value that reproduces how
+# those runs trained: a saved config without the field resumes under that value.
+ADDED_FIELDS = {"model.compute_dtype": "float32", "train.grad_accumulation_steps": 1}
+
 
 def write_config(workdir: Path, config: ml_collections.ConfigDict, provenance: dict) -> None:
     """Write config.json: {"config": the resolved config, "provenance": ...}, atomically."""
@@ -80,7 +84,12 @@ def check_resumable(
 ) -> None:
     """Raise ValueError naming each field that differs from the run in `workdir`, unless allowed."""
     changes = config_changes(read_config(workdir), config)
-    refused = {k: v for k, v in changes.items() if k not in (*ALWAYS_CHANGEABLE, *allowed)}
+    refused = {
+        k: (old, new)
+        for k, (old, new) in changes.items()
+        if k not in (*ALWAYS_CHANGEABLE, *allowed)
+        and not (old is None and k in ADDED_FIELDS and new == ADDED_FIELDS[k])
+    }
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise ValueError(

@@ -85,6 +85,7 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = stats["num_classes"]  # Must match the data set's classes.
+    config.model.compute_dtype = "float32"  # float32 | bfloat16: activations; params stay float32.
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"  # sgd | adam | adamw.
@@ -126,6 +127,7 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 128  # Global batch over all devices and hosts.
+    config.train.grad_accumulation_steps = 1  # Micro-batches per step: batch_size / this at once.
     config.train.num_epochs = 30  # Length of training.
     config.train.label_smoothing = 0.0  # Mass moved from the label to the uniform distribution.
     config.train.log_every_steps = 50  # Train metrics are averaged and written this often.

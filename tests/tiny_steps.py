@@ -19,6 +19,7 @@ def setup(
     learning_rate: float,
     label_smoothing: float,
     averaging: Averaging = NO_AVERAGES,
+    micro_batches: int = 1,
 ):
     """(mesh, state, train_step, eval_step): SGD with Nesterov momentum, constant rate."""
     mesh = sharding.make_mesh(devices)
@@ -56,7 +57,13 @@ def setup(
         averaging=averaging,
     )
     train_step = steps.jit_train_step(
-        model, tx, schedule, mesh, label_smoothing=label_smoothing, averaging=averaging
+        model,
+        tx,
+        schedule,
+        mesh,
+        label_smoothing=label_smoothing,
+        averaging=averaging,
+        micro_batches=micro_batches,
     )
     return mesh, state, train_step, make_eval_fn(model, mesh)
 

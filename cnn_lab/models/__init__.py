@@ -3,6 +3,7 @@
 import dataclasses
 
 import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 
 from cnn_lab.models.alexnet import AlexNet
@@ -27,21 +28,36 @@ MODELS: dict[str, type[nn.Module]] = {
 # Every random stream a model may draw from; the train step supplies a key for each.
 RNG_STREAMS = ("dropout", "stochastic_depth")
 
+# config.model.compute_dtype -> the models' `dtype`. float16 is left out: it needs loss scaling.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
-    """The module named by `model_config.name`, built with the remaining fields as arguments."""
+    """The module named by `model_config.name`, built with the remaining fields as arguments.
+
+    `compute_dtype` ("float32" or "bfloat16") becomes the module's `dtype`: activations are
+    computed in it, parameters are created and kept in float32.
+    """
     kwargs = dict(model_config)
     name = kwargs.pop("name")
+    compute_dtype = kwargs.pop("compute_dtype", "float32")  # Runs from before it was a knob.
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"config.model.compute_dtype={compute_dtype!r} is not one of "
+            f"{', '.join(COMPUTE_DTYPES)}. Set --config.model.compute_dtype=bfloat16 for mixed "
+            "precision, or float32."
+        )
     if name not in MODELS:
         raise ValueError(
             f"Unknown model {name!r} (config.model.name). Known models: {', '.join(sorted(MODELS))}."
         )
     cls = MODELS[name]
-    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(
             f"config.model has field(s) {unknown} that model {name!r} does not take. "
             f"Its fields are: {', '.join(sorted(fields))}."
         )
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return cls(**kwargs, dtype=COMPUTE_DTYPES[compute_dtype])

@@ -1,6 +1,6 @@
 """AlexNet: Krizhevsky et al.'s single-tower ImageNet layout and Zhang et al.'s small CIFAR one."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -46,15 +46,17 @@ def local_response_norm(x: jax.Array, size: int, k: float, alpha: float, beta: f
     Section 3.3 of Krizhevsky et al. (2012); alpha is not divided by `size` as PyTorch's is.
     """
     half = size // 2
+    # In float32 at least: a bfloat16 sum of squares raised to -beta is too coarse.
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     summed = jax.lax.reduce_window(
-        jnp.square(x),
-        jnp.array(0, x.dtype),
+        jnp.square(wide),
+        jnp.array(0, wide.dtype),
         jax.lax.add,
         (1, 1, 1, size),
         (1, 1, 1, 1),
         ((0, 0), (0, 0), (0, 0), (half, half)),
     )
-    return x / (k + alpha * summed) ** beta
+    return (wide / (k + alpha * summed) ** beta).astype(x.dtype)
 
 
 class AlexNet(nn.Module):
@@ -80,6 +82,7 @@ class AlexNet(nn.Module):
     dropout_rate: float = 0.5
     local_response_norm: bool = False
     activation: str = "relu"
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -98,6 +101,7 @@ class AlexNet(nn.Module):
                 stride,
                 padding=padding,
                 kernel_init=conv_kernel_init,
+                dtype=self.dtype,
                 name=f"conv{i + 1}",
             )(x)
             x = act(x)
@@ -110,6 +114,6 @@ class AlexNet(nn.Module):
                 x = local_response_norm(x, *layout.lrn)
         x = x.reshape((x.shape[0], -1))  # (B, 6*6*256) for 227x227 input
         for hidden in layout.hidden_sizes:
-            x = act(nn.Dense(hidden)(x))
+            x = act(nn.Dense(hidden, dtype=self.dtype)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)

@@ -1,5 +1,7 @@
 """The classic two-convolution network for 28x28 images (TensorFlow's "Deep MNIST")."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 
@@ -13,14 +15,19 @@ class ConvNet(nn.Module):
     hidden_size: int = 1024
     dropout_rate: float = 0.5
     activation: str = "relu"
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
         act = get_activation(self.activation)
-        x = nn.max_pool(act(nn.Conv(32, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))
-        x = nn.max_pool(act(nn.Conv(64, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))
+        x = nn.max_pool(
+            act(nn.Conv(32, (5, 5), padding=2, dtype=self.dtype)(x)), (2, 2), strides=(2, 2)
+        )
+        x = nn.max_pool(
+            act(nn.Conv(64, (5, 5), padding=2, dtype=self.dtype)(x)), (2, 2), strides=(2, 2)
+        )
         x = x.reshape((x.shape[0], -1))  # (B, 7*7*64) for 28x28 input
-        x = act(nn.Dense(self.hidden_size)(x))
+        x = act(nn.Dense(self.hidden_size, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)

@@ -1,5 +1,7 @@
 """LeNet-5 (LeCun et al., 1998, "Gradient-based learning applied to document recognition")."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 
@@ -17,15 +19,20 @@ class LeNet5(nn.Module):
     num_classes: int
     activation: str = "relu"
     pooling: str = "max"
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
         del train  # LeNet-5 behaves the same in training and evaluation.
         act, pool = get_activation(self.activation), get_pooling(self.pooling)
-        x = pool(act(nn.Conv(6, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))
-        x = pool(act(nn.Conv(16, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))
+        x = pool(
+            act(nn.Conv(6, (5, 5), padding="VALID", dtype=self.dtype)(x)), (2, 2), strides=(2, 2)
+        )
+        x = pool(
+            act(nn.Conv(16, (5, 5), padding="VALID", dtype=self.dtype)(x)), (2, 2), strides=(2, 2)
+        )
         x = x.reshape((x.shape[0], -1))  # (B, 5*5*16) for 32x32 input
-        x = act(nn.Dense(120)(x))
-        x = act(nn.Dense(84)(x))
-        return nn.Dense(self.num_classes)(x)
+        x = act(nn.Dense(120, dtype=self.dtype)(x))
+        x = act(nn.Dense(84, dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)

@@ -1,6 +1,7 @@
 """Fully connected classifier on flattened images."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ class MLP(nn.Module):
     hidden_sizes: Sequence[int] = (256, 128)
     activation: str = "relu"
     dropout_rate: float = 0.0
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -25,6 +27,6 @@ class MLP(nn.Module):
         act = get_activation(self.activation)
         x = x.reshape((x.shape[0], -1))  # (B, H*W*C)
         for width in self.hidden_sizes:
-            x = act(nn.Dense(width)(x))
+            x = act(nn.Dense(width, dtype=self.dtype)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)

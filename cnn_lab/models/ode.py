@@ -226,6 +226,7 @@ class Conv3x3(nn.Module):
 
     features: int
     im2col: bool = True
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -235,6 +236,7 @@ class Conv3x3(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (3, 3, channels, self.features)
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if self.im2col:
             height, width = x.shape[1:3]
             padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # (B, H + 2, W + 2, C)
@@ -263,18 +265,19 @@ class ODEFunc(nn.Module):
     activation: str = "relu"
     time_channel: bool = True
     im2col: bool = True
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, h: jax.Array, t: jax.Array) -> jax.Array:
         """dh/dt (B, H, W, C) at state h (B, H, W, C) and time t ()."""
         act = get_activation(self.activation)
-        norm = functools.partial(nn.GroupNorm, num_groups=_groups(self.features))
+        norm = functools.partial(nn.GroupNorm, num_groups=_groups(self.features), dtype=self.dtype)
 
         def conv(y: jax.Array, name: str) -> jax.Array:
             if self.time_channel:
                 tt = jnp.full((*y.shape[:-1], 1), t, y.dtype)  # (B, H, W, 1)
                 y = jnp.concatenate([tt, y], axis=-1)  # (B, H, W, C + 1)
-            return Conv3x3(self.features, self.im2col, name=name)(y)
+            return Conv3x3(self.features, self.im2col, self.dtype, name=name)(y)
 
         y = conv(act(norm(name="norm1")(h)), "conv1")
         y = conv(act(norm(name="norm2")(y)), "conv2")
@@ -293,23 +296,29 @@ class ODEBlock(nn.Module):
     solver_config: SolverConfig
     activation: str = "relu"
     im2col: bool = True
+    dtype: Any = None  # f's dtype (None: the input's); the state is at least float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """x (B, H, W, C) -> h(t1) (B, H, W, C)."""
+        """x (B, H, W, C) -> h(t1) (B, H, W, C), in x's dtype."""
         del train  # GroupNorm: the same in training and evaluation.
         # Unbound (parent=None): a definition whose `apply` is a pure function of its params.
-        func = ODEFunc(x.shape[-1], self.activation, im2col=self.im2col, parent=None)
-        t0 = jnp.zeros((), x.dtype)
-        params = self.param("func", lambda rng: func.init(rng, x[:1], t0)["params"])
+        func = ODEFunc(
+            x.shape[-1], self.activation, im2col=self.im2col, dtype=self.dtype, parent=None
+        )
+        # The solver's state, time and error control stay float32 (or wider) whatever f
+        # computes in: bfloat16's 8-bit mantissa is coarser than the default tolerances (1e-3).
+        state_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        h0, t0 = x.astype(state_dtype), jnp.zeros((), state_dtype)
+        params = self.param("func", lambda rng: func.init(rng, h0[:1], t0)["params"])
 
         def vector_field(t, h, params):
-            return func.apply({"params": params}, h, t)
+            return func.apply({"params": params}, h, t).astype(h.dtype)
 
-        h, stats = solve(vector_field, x, params, self.solver_config)
+        h, stats = solve(vector_field, h0, params, self.solver_config)
         for name, value in stats.items():
             self.sow("intermediates", f"ode_{name}", value)
-        return h
+        return h.astype(x.dtype)
 
 
 def _solver_config(model: nn.Module) -> SolverConfig:
@@ -351,27 +360,38 @@ class ODENet(nn.Module):
     activation: str = "relu"
     im2col: bool = True
     residual_blocks: int = 0
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
         act = get_activation(self.activation)
-        norm = functools.partial(nn.GroupNorm, num_groups=_groups(self.width))
-        x = nn.Conv(self.width, (3, 3), padding="VALID", name="conv1")(x)  # (B, 26, 26, 64)
+        norm = functools.partial(nn.GroupNorm, num_groups=_groups(self.width), dtype=self.dtype)
+        conv = functools.partial(nn.Conv, self.width, dtype=self.dtype)
+        x = conv((3, 3), padding="VALID", name="conv1")(x)  # (B, 26, 26, 64)
         x = act(norm(name="norm1")(x))
-        x = nn.Conv(self.width, (4, 4), 2, padding=1, name="conv2")(x)  # (B, 13, 13, 64)
+        x = conv((4, 4), 2, padding=1, name="conv2")(x)  # (B, 13, 13, 64)
         x = act(norm(name="norm2")(x))
-        x = nn.Conv(self.width, (4, 4), 2, padding=1, name="conv3")(x)  # (B, 6, 6, 64)
+        x = conv((4, 4), 2, padding=1, name="conv3")(x)  # (B, 6, 6, 64)
         if self.residual_blocks:
             for i in range(self.residual_blocks):
-                f = ODEFunc(self.width, self.activation, False, self.im2col, name=f"block{i + 1}")
+                f = ODEFunc(
+                    self.width,
+                    self.activation,
+                    False,
+                    self.im2col,
+                    self.dtype,
+                    name=f"block{i + 1}",
+                )
                 x = x + f(x, jnp.zeros((), x.dtype))
         else:
-            ode = ODEBlock(_solver_config(self), self.activation, self.im2col, name="ode")
+            ode = ODEBlock(
+                _solver_config(self), self.activation, self.im2col, self.dtype, name="ode"
+            )
             x = ode(x, train=train)
         x = act(norm(name="final_norm")(x))
         x = jnp.mean(x, axis=(1, 2))  # (B, width)
-        return nn.Dense(self.num_classes, name="head")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
 class ODEResNet(nn.Module):
@@ -402,6 +422,7 @@ class ODEResNet(nn.Module):
     im2col: bool = True
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -417,12 +438,15 @@ class ODEResNet(nn.Module):
             )
         num_blocks, stem_width = (self.depth - 2) // 6, round(16 * self.width)
         act = get_activation(self.activation)
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+        conv = functools.partial(
+            nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype
+        )
         norm = functools.partial(
             nn.BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
+            dtype=self.dtype,
         )
         block = functools.partial(
             ResidualBlock,
@@ -448,7 +472,9 @@ class ODEResNet(nn.Module):
                 x = block(filters=filters, strides=strides, name=name)(x, train=train)
             if ode:
                 name = f"stage{stage + 1}_ode"
-                ode_block = ODEBlock(_solver_config(self), self.activation, self.im2col, name=name)
+                ode_block = ODEBlock(
+                    _solver_config(self), self.activation, self.im2col, self.dtype, name=name
+                )
                 x = ode_block(x, train=train)  # (B, H', W', filters)
         x = jnp.mean(x, axis=(1, 2))  # (B, C)
-        return nn.Dense(self.num_classes, name="head")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)

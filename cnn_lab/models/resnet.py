@@ -135,6 +135,7 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     stochastic_depth_rate: float = 0.0
     stochastic_depth_mode: str = "batch"
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -147,12 +148,15 @@ class ResNet(nn.Module):
                 "(or None for the family's default). Set config.model.shortcut to one of them."
             )
         act = get_activation(self.activation)
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+        conv = functools.partial(
+            nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype
+        )
         norm = functools.partial(
             nn.BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
+            dtype=self.dtype,
         )
 
         if self.family == "imagenet":
@@ -187,7 +191,7 @@ class ResNet(nn.Module):
         if self.preactivation:
             x = act(norm(name="final_norm")(x))
         x = jnp.mean(x, axis=(1, 2))  # (B, C)
-        return nn.Dense(self.num_classes, name="head")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
     def _layout(self) -> tuple[bool, tuple[int, ...], int]:
         """(bottleneck?, blocks per stage, stem width) for this family and depth."""

@@ -1,6 +1,7 @@
 """VGG networks, configurations A, B, D and E, with or without BatchNorm."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -42,6 +43,7 @@ class VGG(nn.Module):
     activation: str = "relu"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -54,17 +56,20 @@ class VGG(nn.Module):
         act = get_activation(self.activation)
         for num_convs, width in zip(DEPTHS[self.depth], STAGE_WIDTHS, strict=True):
             for _ in range(num_convs):
-                x = nn.Conv(width, (3, 3), padding=1, kernel_init=conv_kernel_init)(x)
+                x = nn.Conv(
+                    width, (3, 3), padding=1, kernel_init=conv_kernel_init, dtype=self.dtype
+                )(x)
                 if self.batch_norm:
                     x = nn.BatchNorm(
                         use_running_average=not train,
                         momentum=self.bn_momentum,
                         epsilon=self.bn_epsilon,
+                        dtype=self.dtype,
                     )(x)
                 x = act(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))  # (B, 7*7*512) for 224x224 input
         for hidden in self.hidden_sizes:
-            x = act(nn.Dense(hidden)(x))
+            x = act(nn.Dense(hidden, dtype=self.dtype)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)

@@ -334,7 +334,7 @@ def main() -> None:
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)
-        sharding.use_cpu_devices(config.value.train.cpu_devices)
+        sharding.use_cpu_devices(config.value.train.cpu_devices, batch_size.value)
         if input_pipeline.value:
             result = pipeline_benchmark(
                 config.value, batch_size=batch_size.value, modes=tuple(input_modes.value)

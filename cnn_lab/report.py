@@ -7,6 +7,7 @@ metric against each axis: every run as a dot, the mean with +- std bars).
 """
 
 import csv
+import json
 import math
 import statistics
 import sys
@@ -59,11 +60,16 @@ def summarise(values: Sequence[float]) -> dict:
     }
 
 
+def _hashable(value):
+    """`value`, or its JSON text when it is a list or dict (e.g. a tuple of phase dicts)."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+
+
 def group(runs: list[dict], fields: Sequence[str]) -> dict[tuple, list[float]]:
     """Run values grouped by their values of `fields`, in first-seen order."""
     groups: dict[tuple, list[float]] = {}
     for run in runs:
-        key = tuple(run["overrides"].get(f) for f in fields)
+        key = tuple(_hashable(run["overrides"].get(f)) for f in fields)
         groups.setdefault(key, []).append(run["value"])
     return groups
 

@@ -9,16 +9,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def use_cpu_devices(count: int) -> None:
-    """Split the CPU backend into `count` devices (0: one per core); call before JAX starts.
+def use_cpu_devices(count: int, batch_size: int | None = None) -> None:
+    """Split the CPU backend into `count` devices; call before JAX starts its backends.
 
+    `count` 0 takes one device per core, or the most that `batch_size` splits over evenly.
     XLA's CPU convolutions and small ops keep about one core busy; with one device per core
     the data-sharded step runs its shards in parallel. Accelerator backends are unaffected.
     A device count already forced through XLA_FLAGS (tests, multi-process debugging) wins.
     """
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
-    jax.config.update("jax_num_cpu_devices", count or len(os.sched_getaffinity(0)))
+    if not count:
+        count = len(os.sched_getaffinity(0))
+        while batch_size and batch_size % count:
+            count -= 1
+    jax.config.update("jax_num_cpu_devices", count)
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -479,7 +479,9 @@ def main() -> None:
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch.
-        sharding.use_cpu_devices(config.value.train.cpu_devices)
+        train_config = config.value.train
+        micro_batch = train_config.batch_size // max(train_config.grad_accumulation_steps, 1)
+        sharding.use_cpu_devices(train_config.cpu_devices, micro_batch)
         try:
             distributed.initialize(coordinator.value, num_processes.value, process_id.value)
             train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))

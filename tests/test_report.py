@@ -105,3 +105,18 @@ def test_report_never_imports_training():
         [sys.executable, "-c", code], env=env(), capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_points_whose_overrides_are_lists_of_dicts_are_grouped():
+    from cnn_lab import report
+
+    head_only = [{"epochs": 60, "freeze": ["Conv_.*"]}]
+    runs = [
+        {"overrides": {"seed": s, "phases": phases}, "value": value}
+        for s, (phases, value) in enumerate(
+            [([], 0.8), ([], 0.9), (head_only, 0.7), (head_only, 0.75)]
+        )
+    ]
+    points = [r for r in report.tables(runs) if r["scope"] == "point"]
+    assert [p["runs"] for p in points] == [2, 2]
+    assert [p["mean"] for p in points] == pytest.approx([0.85, 0.725])

@@ -44,7 +44,8 @@ def load_runs(sweep_dir: Path, metric: str) -> list[dict]:
 
 def axes_of(runs: list[dict]) -> list[str]:
     """The overridden fields other than the seed that take more than one value."""
-    fields = list(dict.fromkeys(k for run in runs for k in run["overrides"] if k != SEED))
+    named = (k for run in runs for k in sweep.named_fields(run["overrides"]))
+    fields = [k for k in dict.fromkeys(named) if k != SEED]
     varying = [f for f in fields if len({repr(r["overrides"].get(f)) for r in runs}) > 1]
     return varying or fields
 
@@ -61,8 +62,12 @@ def summarise(values: Sequence[float]) -> dict:
 
 
 def _hashable(value):
-    """`value`, or its JSON text when it is a list or dict (e.g. a tuple of phase dicts)."""
-    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+    """`value`, or its JSON text when it cannot be a dict key (e.g. a tuple of phase dicts)."""
+    try:
+        hash(value)
+    except TypeError:
+        return json.dumps(value, sort_keys=True)
+    return value
 
 
 def group(runs: list[dict], fields: Sequence[str]) -> dict[tuple, list[float]]:
@@ -77,7 +82,11 @@ def group(runs: list[dict], fields: Sequence[str]) -> dict[tuple, list[float]]:
 def tables(runs: list[dict]) -> list[dict]:
     """Rows of the report: one per point (over seeds), then one per value of each axis."""
     axes = axes_of(runs)
-    point_fields = [f for f in dict.fromkeys(k for r in runs for k in r["overrides"]) if f != SEED]
+    point_fields = [
+        f
+        for f in dict.fromkeys(k for r in runs for k in sweep.named_fields(r["overrides"]))
+        if f != SEED
+    ]
     rows = [
         {"scope": "point", **dict(zip(point_fields, key, strict=True)), **summarise(values)}
         for key, values in group(runs, point_fields).items()

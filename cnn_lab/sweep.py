@@ -23,6 +23,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 Overrides = dict[str, object]  # {"model.depth": 20, "seed": 0}: config field -> value.
+# A point may carry {"label": "finetune"}: not a config field, it names the point (its workdir
+# and its row in the report) in place of overrides too long to read (tuples, dicts).
+LABEL = "label"
 
 INDEX_FILE = "runs.csv"
 METRICS_FILE = "metrics.jsonl"  # Written by cnn_lab.metric_writer; its last test record ends a run.
@@ -96,11 +99,19 @@ def tuples(value):
     return value
 
 
+def named_fields(overrides: Overrides) -> list[str]:
+    """The fields that name a point: all, or with a label, the label and the scalar ones."""
+    if LABEL not in overrides:
+        return list(overrides)
+    scalar = (int, float, str, bool)
+    return [LABEL, *(k for k, v in overrides.items() if k != LABEL and isinstance(v, scalar))]
+
+
 def workdir_name(overrides: Overrides) -> str:
     """A directory name saying what a point overrides: "model.depth=20,seed=0" ("base" for none)."""
     if not overrides:
         return "base"
-    text = ",".join(f"{k}={v}" for k, v in overrides.items())
+    text = ",".join(f"{k}={overrides[k]}" for k in named_fields(overrides))
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
 
 
@@ -111,7 +122,11 @@ def flag_value(value: object) -> str:
 
 def override_flags(overrides: Overrides) -> list[str]:
     """["--config.model.depth=20", "--config.seed=0"] for {"model.depth": 20, "seed": 0}."""
-    return [f"--config.{field}={flag_value(value)}" for field, value in overrides.items()]
+    return [
+        f"--config.{field}={flag_value(value)}"
+        for field, value in overrides.items()
+        if field != LABEL
+    ]
 
 
 def final_metrics(workdir: str | Path) -> dict[str, float] | None:

@@ -47,4 +47,8 @@ def get_sweep() -> list[dict]:
         },
         "finetune": {},
     }
-    return [{"seed": seed, **overrides} for overrides in modes.values() for seed in (0, 1, 2)]
+    return [
+        {"label": mode, "seed": seed, **overrides}
+        for mode, overrides in modes.items()
+        for seed in (0, 1, 2)
+    ]

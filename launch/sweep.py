@@ -58,6 +58,13 @@ def grid(
                 "Drop one of them."
             )
         command.check_overrides(config_file, base | point)
+    names = [sweep.workdir_name(p) for p in points]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(
+            f"Several points would share the workdir {', '.join(twice)}: give each point its own "
+            f"{sweep.LABEL!r} (or none) in get_sweep()."
+        )
     return points
 
 

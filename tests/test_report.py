@@ -110,13 +110,21 @@ def test_report_never_imports_training():
 def test_points_whose_overrides_are_lists_of_dicts_are_grouped():
     from cnn_lab import report
 
-    head_only = [{"epochs": 60, "freeze": ["Conv_.*"]}]
+    head_only = ({"epochs": 60, "freeze": ("Conv_.*",)},)  # As sweep.read_index gives it.
     runs = [
         {"overrides": {"seed": s, "phases": phases}, "value": value}
         for s, (phases, value) in enumerate(
-            [([], 0.8), ([], 0.9), (head_only, 0.7), (head_only, 0.75)]
+            [((), 0.8), ((), 0.9), (head_only, 0.7), (head_only, 0.75)]
         )
     ]
     points = [r for r in report.tables(runs) if r["scope"] == "point"]
     assert [p["runs"] for p in points] == [2, 2]
     assert [p["mean"] for p in points] == pytest.approx([0.85, 0.725])
+    for run, label in zip(runs, ["scratch", "scratch", "head_only", "head_only"], strict=True):
+        run["overrides"]["label"] = label
+    points = [r for r in report.tables(runs) if r["scope"] == "point"]
+    assert [(p["label"], p["mean"]) for p in points] == [
+        ("scratch", pytest.approx(0.85)),
+        ("head_only", pytest.approx(0.725)),
+    ]
+    assert all("phases" not in p for p in points)  # The label stands for the long value.

@@ -162,3 +162,12 @@ def test_rerun_skips_finished_points_and_resumes_an_interrupted_one(local_sweep)
     assert sweep.final_metrics(interrupted) is not None
     changed = [p for p, mtime in logs.items() if p.stat().st_mtime_ns != mtime]
     assert changed == [metrics]
+
+
+def test_a_label_names_the_point_and_is_not_a_config_field():
+    point = {"label": "head_only", "phases": ({"epochs": 3, "freeze": ("Conv_.*",)},), "seed": 1}
+    assert sweep.workdir_name(point) == "label=head_only,seed=1"
+    assert sweep.override_flags(point) == [
+        "--config.phases=({'epochs': 3, 'freeze': ('Conv_.*',)},)",
+        "--config.seed=1",
+    ]

@@ -79,14 +79,16 @@ def group(runs: list[dict], fields: Sequence[str]) -> dict[tuple, list[float]]:
     return groups
 
 
+def fields_of(runs: list[dict]) -> list[str]:
+    """The fields naming the points (seed aside): the columns of the table of points."""
+    named = (k for r in runs for k in sweep.named_fields(r["overrides"]))
+    return [f for f in dict.fromkeys(named) if f != SEED]
+
+
 def tables(runs: list[dict]) -> list[dict]:
     """Rows of the report: one per point (over seeds), then one per value of each axis."""
     axes = axes_of(runs)
-    point_fields = [
-        f
-        for f in dict.fromkeys(k for r in runs for k in sweep.named_fields(r["overrides"]))
-        if f != SEED
-    ]
+    point_fields = fields_of(runs)
     rows = [
         {"scope": "point", **dict(zip(point_fields, key, strict=True)), **summarise(values)}
         for key, values in group(runs, point_fields).items()
@@ -182,7 +184,7 @@ def write_report(sweep_dir: str | Path, metric: str = "test_accuracy") -> dict[s
     sweep_dir = Path(sweep_dir)
     runs = load_runs(sweep_dir, metric)
     rows = tables(runs)
-    fields = [f for f in dict.fromkeys(k for r in runs for k in r["overrides"]) if f != SEED]
+    fields = fields_of(runs)
     paths = {ext: sweep_dir / f"report_{metric}.{ext}" for ext in ("md", "csv", "png")}
     paths["md"].write_text(markdown(sweep_dir, metric, rows, fields))
     with open(paths["csv"], "w", newline="") as f:

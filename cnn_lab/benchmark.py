@@ -69,6 +69,19 @@ def peak_host_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _jit_train_step(config, model, tx, schedule, mesh, preprocess=None):
+    """The config's train step (its gradient accumulation included), without label smoothing."""
+    return steps.jit_train_step(
+        model,
+        tx,
+        schedule,
+        mesh,
+        label_smoothing=0.0,
+        preprocess=preprocess,
+        micro_batches=config.train.grad_accumulation_steps,
+    )
+
+
 def benchmark(
     config: ml_collections.ConfigDict,
     *,
@@ -99,14 +112,7 @@ def benchmark(
             b["mask"] = np.ones(n, bool)
         return jax.device_put(b, sharding.batch_sharded(mesh))
 
-    train_step = steps.jit_train_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        label_smoothing=0.0,
-        micro_batches=config.train.grad_accumulation_steps,
-    )
+    train_step = _jit_train_step(config, model, tx, schedule, mesh)
     train_batch = batch(batch_size)
     start = time.perf_counter()
     compiled = train_step.lower(state, train_batch).compile()
@@ -235,15 +241,7 @@ def pipeline_benchmark(
             jax.block_until_ready(next(batches))
         input_alone = steps_per_window * batch_size / (time.perf_counter() - start)
         preprocess = augment.train_preprocess(config, crops_on_host=data.crops_on_host)
-        train_step = steps.jit_train_step(
-            model,
-            tx,
-            schedule,
-            mesh,
-            label_smoothing=0.0,
-            preprocess=preprocess,
-            micro_batches=config.train.grad_accumulation_steps,
-        )
+        train_step = _jit_train_step(config, model, tx, schedule, mesh, preprocess)
         real = train_rate(batches, train_step)
         synthetic = train_rate(itertools.repeat(jax.block_until_ready(next(batches))), train_step)
         results[mode] = {

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import ml_collections
 
+from cnn_lab.sweep import tuples  # JSON lists back to tuples, as config files write them.
+
 CONFIG_FILE = "config.json"
 
 # Changing these never changes what is trained, so a resumed run may always change them.
@@ -45,15 +47,7 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
             f"{workdir} holds no cnn_lab run ({CONFIG_FILE} not found). Pass the --workdir "
             "of a run started with `python -m cnn_lab.train`."
         )
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())["config"]))
-
-
-def _tuples(value):
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
+    return ml_collections.ConfigDict(tuples(json.loads(path.read_text())["config"]))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -70,8 +64,8 @@ def config_changes(
     saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict
 ) -> dict[str, tuple]:
     """{"a.b": (saved value, new value)} for every field that differs between two configs."""
-    old = _flatten(_tuples(json.loads(json.dumps(saved.to_dict(), default=list))))
-    cur = _flatten(_tuples(json.loads(json.dumps(new.to_dict(), default=list))))
+    old = _flatten(tuples(json.loads(json.dumps(saved.to_dict(), default=list))))
+    cur = _flatten(tuples(json.loads(json.dumps(new.to_dict(), default=list))))
     return {
         k: (old.get(k), cur.get(k))
         for k in sorted(old.keys() | cur.keys())

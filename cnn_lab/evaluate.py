@@ -226,6 +226,8 @@ def evaluate_run(
     wanted = [v for v, ok in applicable.items() if ok and (variants is None or v in variants)]
     split_labels: list[np.ndarray] = []  # Labels as the predictions saw them.
     labels_path = _cache_path(workdir, f"{split}-labels-{fingerprint}")
+    # Read once for every average that re-estimates its BatchNorm statistics.
+    train_batches = functools.cache(lambda: _train_batches(config, mesh))
     raw_log_probs = log_probs(raw_name, raw)
     labels = split_labels[0] if split_labels else np.load(labels_path)
     rows = []
@@ -238,7 +240,7 @@ def evaluate_run(
                 variables = recompute_batch_stats(
                     model,
                     variables,
-                    _train_batches(config, mesh),
+                    train_batches(),
                     mesh,
                     augment.normalizer(tuple(config.data.mean), tuple(config.data.std)),
                 )

@@ -17,10 +17,11 @@ inputs (so max pooling's and ReLU's input-dependent routing is covered for any m
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import flax.linen as nn
@@ -30,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from cnn_lab import checkpoint, metric_writer
-from cnn_lab.data import pipeline
+from cnn_lab.data import augment, inputs
 from cnn_lab.data.inputs import split_string
 
 INSPECT_DIR = "inspect"
@@ -162,25 +163,46 @@ def receptive_fields(
     return np.asarray(boxes, np.int32).reshape(-1, 4)
 
 
-def _predict(apply: Callable, variables: dict, images: np.ndarray, config, batch_size: int):
-    """Every layer output's per-map maxima and argmax positions, and predicted classes."""
-    peaks: dict = {}
-    predictions = []
-    for start in range(0, len(images), batch_size):
-        batch = pipeline.normalize(images[start : start + batch_size], config.mean, config.std)
-        outputs, logits = apply(variables, batch)
-        predictions.append(np.asarray(jnp.argmax(logits, -1)))
-        for path, out in outputs.items():  # out (B, h, w, C)
-            flat = np.asarray(out).reshape(out.shape[0], -1, out.shape[-1])
-            where = flat.argmax(1)  # (B, C)
-            value = np.take_along_axis(flat, where[:, None], 1)[:, 0]
-            rows, cols = np.divmod(where, out.shape[2])
-            peaks.setdefault(path, []).append((value, np.stack([rows, cols], -1)))
+def _peaks(apply: Callable, normalize: Callable) -> Callable:
+    """jit of (variables, uint8 images (B, H, W, C)) -> ({layer: (maxima (B, C), argmax (B, C))},
+    predicted classes (B,)): only these small arrays leave the devices."""
+
+    @jax.jit
+    def peaks(variables: dict, images: jax.Array):
+        outputs, logits = apply(variables, normalize(images))
+        flat = {p: out.reshape(out.shape[0], -1, out.shape[-1]) for p, out in outputs.items()}
+        reduced = {p: (f.max(1), f.argmax(1)) for p, f in flat.items()}
+        return reduced, jnp.argmax(logits, -1)
+
+    return peaks
+
+
+def _predict(
+    peaks: Callable, variables: dict, batches: Iterable[dict], widths: dict, limit: int
+) -> tuple:
+    """The first `limit` real rows of padded `batches`: their uint8 images and labels, every
+    layer output's per-map maxima and argmax positions (rows, cols), and predicted classes."""
+    parts: dict = {}
+    images, labels, predictions = [], [], []
+    for batch in batches:  # One shape for every batch: compiled once.
+        reduced, predicted = jax.device_get(peaks(variables, batch["image"]))
+        real = batch["mask"]
+        images.append(batch["image"][real])
+        labels.append(batch["label"][real])
+        predictions.append(predicted[real])
+        for path, (value, where) in reduced.items():
+            rows, cols = np.divmod(where[real], widths[path])
+            parts.setdefault(path, []).append((value[real], np.stack([rows, cols], -1)))
     joined = {
-        p: (np.concatenate([v for v, _ in parts]), np.concatenate([w for _, w in parts]))
-        for p, parts in peaks.items()
+        p: (np.concatenate([v for v, _ in ps])[:limit], np.concatenate([w for _, w in ps])[:limit])
+        for p, ps in parts.items()
     }
-    return joined, np.concatenate(predictions)
+    return (
+        np.concatenate(images)[:limit],
+        np.concatenate(labels)[:limit],
+        joined,
+        np.concatenate(predictions)[:limit],
+    )
 
 
 def _same_size(crops: list[np.ndarray]) -> list[np.ndarray]:
@@ -259,10 +281,16 @@ def inspect_run(
     columns = math.ceil(math.sqrt(kernel.shape[-1]))
     written["filters"] = _save(_tile_grid(filter_tiles(kernel), columns), out / "filters.png")
 
-    data = pipeline.load(config.data, split_string(config.data, split))
-    images, labels = data.images[:max_examples], data.labels[:max_examples]
     apply = jax.jit(layer_outputs(model, tuple(c.path for c in chosen)))
-    peaks, predictions = _predict(apply, variables, images, config.data, batch_size)
+    # The first max_examples of the split, read as evaluation reads it (streamed if need be).
+    batches = inputs.eval_batches(config.data, split_string(config.data, split), batch_size)
+    batches = itertools.islice(batches, math.ceil(max_examples / batch_size))
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    widths = {p: out.shape[2] for p, out in jax.eval_shape(apply, variables, x)[0].items()}
+    normalize = augment.normalizer(tuple(config.data.mean), tuple(config.data.std))
+    images, labels, peaks, predictions = _predict(
+        _peaks(apply, normalize), variables, batches, widths, max_examples
+    )
 
     key = jax.random.PRNGKey(0)
     for layer in chosen:

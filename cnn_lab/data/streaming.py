@@ -254,9 +254,7 @@ def _random_resized_crop(
             area_range=scale,
             max_attempts=10,
         )
-        box = tf.slice(image, begin, size)
-        resized = tf.image.resize(box, (image_size, image_size), method="bilinear", antialias=True)
-        resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+        resized = _resized(tf.slice(image, begin, size), (image_size, image_size))
         channels = image.shape[-1]
         return {
             "image": tf.ensure_shape(resized, (image_size, image_size, channels)),
@@ -264,6 +262,13 @@ def _random_resized_crop(
         }
 
     return crop
+
+
+def _resized(image: "tf.Tensor", shape) -> "tf.Tensor":
+    """uint8 (H, W, C) -> uint8 (*shape, C), bilinear and antialiased, rounded."""
+    tf = _tensorflow()
+    resized = tf.image.resize(image, shape, method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
 def _resize_and_crop(image: "tf.Tensor", size: int, resize_to: int) -> "tf.Tensor":
@@ -274,8 +279,7 @@ def _resize_and_crop(image: "tf.Tensor", size: int, resize_to: int) -> "tf.Tenso
     # Rounding must not leave the shorter side below resize_to.
     new_shape = tf.maximum(tf.cast(tf.round(scaled), tf.int32), resize_to)
     # Bilinear resizing to the same size gives back the same values: such images pass unchanged.
-    resized = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
-    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    resized = _resized(image, new_shape)
     top, left = (new_shape[0] - size) // 2, (new_shape[1] - size) // 2
     crop = resized[top : top + size, left : left + size]
     return tf.ensure_shape(crop, (size, size, image.shape[-1]))

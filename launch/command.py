@@ -9,6 +9,8 @@ from ml_collections import config_flags
 
 from cnn_lab import sweep
 
+ENTRY_POINT = ("-m", "cnn_lab.train")  # What every launcher runs, after the Python interpreter.
+
 
 def train_command(
     config: str, workdir: str | Path, overrides: sweep.Overrides, *, python: str = sys.executable
@@ -16,8 +18,7 @@ def train_command(
     """`python -m cnn_lab.train --config=<file[:mode]> --workdir=<dir> --config.<field>=<v>...`."""
     return [
         python,
-        "-m",
-        "cnn_lab.train",
+        *ENTRY_POINT,
         f"--config={config}",
         f"--workdir={workdir}",
         *sweep.override_flags(overrides),

@@ -20,7 +20,8 @@ import sys
 import threading
 import time
 
-ENTRY_POINT = ("-m", "cnn_lab.train")
+from launch import command
+
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # Seconds the other processes get to exit after SIGTERM before they are killed.
 STOP_GRACE_SECONDS = 10
@@ -50,7 +51,7 @@ def commands(num_processes: int, port: int, train_args: list[str]) -> list[list[
     return [
         [
             sys.executable,
-            *ENTRY_POINT,
+            *command.ENTRY_POINT,
             *train_args,
             f"--coordinator_address=127.0.0.1:{port}",
             f"--num_processes={num_processes}",

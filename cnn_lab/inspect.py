@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cnn_lab import checkpoint, metric_writer
+from cnn_lab import checkpoint, metric_writer, predict
 from cnn_lab.data import augment, inputs
 from cnn_lab.data.inputs import split_string
 
@@ -56,21 +56,11 @@ class ConvLayer:
 
 def conv_layers(model: nn.Module, variables: dict, image_shape: tuple[int, int, int]) -> list:
     """Every nn.Conv of `model` in the order a forward pass calls them."""
-    seen: dict[tuple[str, ...], None] = {}
-
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
-            seen[tuple(context.module.path)] = None
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(
-            functools.partial(model.apply, train=False),
-            variables,
-            jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
-        )
-
-    return [ConvLayer(path, tuple(_at(variables["params"], path)["kernel"].shape)) for path in seen]
+    convs = predict.modules_called(model, variables, image_shape, lambda m: isinstance(m, nn.Conv))
+    return [
+        ConvLayer(path, tuple(_at(variables["params"], path)["kernel"].shape))
+        for path in (tuple(m.path) for m in convs)
+    ]
 
 
 def _at(tree: dict, path: tuple[str, ...]):

@@ -68,13 +68,20 @@ def _mc_dropout_interceptor(next_fun, args, kwargs, context):
     )
 
 
-def has_dropout(model: nn.Module, variables: dict, image_shape: tuple[int, ...]) -> bool:
-    """Whether applying `model` to images of shape image_shape (H, W, C) calls a dropout of rate > 0."""
-    seen = []
+def modules_called(
+    model: nn.Module,
+    variables: dict,
+    image_shape: tuple[int, ...],
+    wanted: Callable[[nn.Module], bool],
+) -> list[nn.Module]:
+    """The `wanted` modules a forward pass (evaluation mode) of images (H, W, C) calls, in order,
+    each once. Nothing is computed: shapes only."""
+    seen: dict[tuple[str, ...], nn.Module] = {}
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dropout) and context.module.rate > 0:
-            seen.append(context.module)
+        module = context.module
+        if context.method_name == "__call__" and wanted(module):
+            seen.setdefault(tuple(module.path), module)
         return next_fun(*args, **kwargs)
 
     def apply(variables, images):
@@ -82,7 +89,16 @@ def has_dropout(model: nn.Module, variables: dict, image_shape: tuple[int, ...])
             return model.apply(variables, images, train=False)
 
     jax.eval_shape(apply, variables, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
-    return bool(seen)
+    return list(seen.values())
+
+
+def has_dropout(model: nn.Module, variables: dict, image_shape: tuple[int, ...]) -> bool:
+    """Whether applying `model` to images of shape image_shape (H, W, C) calls a dropout of rate > 0."""
+    return bool(
+        modules_called(
+            model, variables, image_shape, lambda m: isinstance(m, nn.Dropout) and m.rate > 0
+        )
+    )
 
 
 def accepts_size(model: nn.Module, variables: dict, size: int, channels: int) -> bool:

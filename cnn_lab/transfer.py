@@ -53,9 +53,8 @@ def read_variables(source: str | Path, checkpoint_name: str = "best") -> Variabl
 
 
 def _flat(tree) -> dict[str, object]:
-    return {
-        param_groups.path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    }
+    """{"Conv_0/kernel": leaf, ...} of a variables collection."""
+    return dict(zip(param_groups.paths(tree), jax.tree.leaves(tree), strict=True))
 
 
 def transplant(

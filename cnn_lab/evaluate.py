@@ -21,6 +21,7 @@ from cnn_lab import averaging, checkpoint, predict, sharding, steps
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, pipeline
 from cnn_lab.data.inputs import split_string
+from cnn_lab.models import conv
 
 
 def make_eval_fn(
@@ -372,7 +373,8 @@ def main() -> None:
                 raise ValueError(f"--ensemble needs at least 2 workdirs, got {runs}.")
             if (Path(runs[0]) / workdir_lib.CONFIG_FILE).exists():  # Else evaluate_run says why.
                 config = workdir_lib.read_config(Path(runs[0]))
-                sharding.use_cpu_devices(config.train.get("cpu_devices", 0))
+                requested = config.train.get("cpu_devices", 0)
+                sharding.use_cpu_devices(conv.cpu_devices(requested, config.model))
             rows, members, labels = [], [], []
             for w in runs:
                 run_rows, log_probs, run_labels = evaluate_run(

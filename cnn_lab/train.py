@@ -36,7 +36,7 @@ from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, loading
 from cnn_lab.evaluate import evaluate, make_eval_fn, recompute_batch_stats
 from cnn_lab.metric_writer import MetricWriter
-from cnn_lab.models import get_model
+from cnn_lab.models import conv, get_model
 from cnn_lab.state import TrainState, init_state, restart_optimizer, start_from
 
 # Exit code of a run stopped by SIGTERM after saving: "temporary failure, run me again".
@@ -481,7 +481,8 @@ def main() -> None:
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch.
         train_config = config.value.train
         micro_batch = train_config.batch_size // max(train_config.grad_accumulation_steps, 1)
-        sharding.use_cpu_devices(train_config.cpu_devices, micro_batch)
+        devices = conv.cpu_devices(train_config.cpu_devices, config.value.model)
+        sharding.use_cpu_devices(devices, micro_batch)
         try:
             distributed.initialize(coordinator.value, num_processes.value, process_id.value)
             train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))

@@ -86,6 +86,9 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = stats["num_classes"]  # Must match the data set's classes.
     config.model.compute_dtype = "float32"  # float32 | bfloat16: activations; params stay float32.
+    config.model.conv_implementation = (
+        "auto"  # auto | xla | onednn: auto is oneDNN on 1 CPU device.
+    )
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"  # sgd | adam | adamw.
@@ -135,7 +138,9 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
         int
     )  # Stop after this many epochs without validation gain; None: off.
     config.train.progress_bar = True  # tqdm bars for training and evaluation.
-    config.train.cpu_devices = 0  # CPU: devices the cores are split into; 0: one per core.
+    config.train.cpu_devices = (
+        0  # CPU devices the cores split into; 0: 1 for oneDNN, else 1 per core.
+    )
     config.train.frozen_bn_inference = True  # Frozen BatchNorm layers use their statistics.
 
     config.averaging = ml_collections.ConfigDict()

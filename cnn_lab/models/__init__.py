@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from cnn_lab.models import conv
 from cnn_lab.models.alexnet import AlexNet
 from cnn_lab.models.convnet import ConvNet
 from cnn_lab.models.lenet import LeNet5
@@ -36,11 +37,14 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     """The module named by `model_config.name`, built with the remaining fields as arguments.
 
     `compute_dtype` ("float32" or "bfloat16") becomes the module's `dtype`: activations are
-    computed in it, parameters are created and kept in float32.
+    computed in it, parameters are created and kept in float32. `conv_implementation`
+    ("auto", "xla" or "onednn", see `conv.resolve`) picks the convolution the module runs.
     """
     kwargs = dict(model_config)
     name = kwargs.pop("name")
-    compute_dtype = kwargs.pop("compute_dtype", "float32")  # Runs from before it was a knob.
+    # Runs from before these were knobs lack them.
+    compute_dtype = kwargs.pop("compute_dtype", "float32")
+    conv_implementation = kwargs.pop("conv_implementation", "auto")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
             f"config.model.compute_dtype={compute_dtype!r} is not one of "
@@ -52,7 +56,8 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
             f"Unknown model {name!r} (config.model.name). Known models: {', '.join(sorted(MODELS))}."
         )
     cls = MODELS[name]
-    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
+    set_here = {"parent", "name", "dtype", "conv_general_dilated"}
+    fields = {f.name for f in dataclasses.fields(cls)} - set_here
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(
@@ -60,4 +65,7 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
             f"Its fields are: {', '.join(sorted(fields))}."
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    implementation = conv.resolve(conv_implementation, compute_dtype)
+    if "conv_general_dilated" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["conv_general_dilated"] = conv.conv_general_dilated(implementation)
     return cls(**kwargs, dtype=COMPUTE_DTYPES[compute_dtype])

@@ -1,10 +1,12 @@
 """AlexNet: Krizhevsky et al.'s single-tower ImageNet layout and Zhang et al.'s small CIFAR one."""
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from cnn_lab.models.layers import conv_kernel_init, get_activation
 
@@ -83,6 +85,7 @@ class AlexNet(nn.Module):
     local_response_norm: bool = False
     activation: str = "relu"
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
+    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -102,6 +105,7 @@ class AlexNet(nn.Module):
                 padding=padding,
                 kernel_init=conv_kernel_init,
                 dtype=self.dtype,
+                conv_general_dilated=self.conv_general_dilated,
                 name=f"conv{i + 1}",
             )(x)
             x = act(x)

@@ -1,9 +1,12 @@
 """The classic two-convolution network for 28x28 images (TensorFlow's "Deep MNIST")."""
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 
 from cnn_lab.models.layers import get_activation
 
@@ -16,17 +19,17 @@ class ConvNet(nn.Module):
     dropout_rate: float = 0.5
     activation: str = "relu"
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
+    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
+        conv = functools.partial(
+            nn.Conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
+        )
         act = get_activation(self.activation)
-        x = nn.max_pool(
-            act(nn.Conv(32, (5, 5), padding=2, dtype=self.dtype)(x)), (2, 2), strides=(2, 2)
-        )
-        x = nn.max_pool(
-            act(nn.Conv(64, (5, 5), padding=2, dtype=self.dtype)(x)), (2, 2), strides=(2, 2)
-        )
+        x = nn.max_pool(act(conv(32, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))
+        x = nn.max_pool(act(conv(64, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))  # (B, 7*7*64) for 28x28 input
         x = act(nn.Dense(self.hidden_size, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

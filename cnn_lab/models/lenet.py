@@ -1,9 +1,12 @@
 """LeNet-5 (LeCun et al., 1998, "Gradient-based learning applied to document recognition")."""
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 
 from cnn_lab.models.layers import get_activation, get_pooling
 
@@ -20,18 +23,18 @@ class LeNet5(nn.Module):
     activation: str = "relu"
     pooling: str = "max"
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
+    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
         del train  # LeNet-5 behaves the same in training and evaluation.
+        conv = functools.partial(
+            nn.Conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
+        )
         act, pool = get_activation(self.activation), get_pooling(self.pooling)
-        x = pool(
-            act(nn.Conv(6, (5, 5), padding="VALID", dtype=self.dtype)(x)), (2, 2), strides=(2, 2)
-        )
-        x = pool(
-            act(nn.Conv(16, (5, 5), padding="VALID", dtype=self.dtype)(x)), (2, 2), strides=(2, 2)
-        )
+        x = pool(act(conv(6, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))
+        x = pool(act(conv(16, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))  # (B, 5*5*16) for 32x32 input
         x = act(nn.Dense(120, dtype=self.dtype)(x))
         x = act(nn.Dense(84, dtype=self.dtype)(x))

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from cnn_lab.models.layers import StochasticDepth, conv_kernel_init, get_activation
 from cnn_lab.models.resnet import ResidualBlock
@@ -361,13 +362,20 @@ class ODENet(nn.Module):
     im2col: bool = True
     residual_blocks: int = 0
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
+    # The stem and downsampling convs' (set from conv_implementation); ODE blocks keep Conv3x3.
+    conv_general_dilated: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
         act = get_activation(self.activation)
         norm = functools.partial(nn.GroupNorm, num_groups=_groups(self.width), dtype=self.dtype)
-        conv = functools.partial(nn.Conv, self.width, dtype=self.dtype)
+        conv = functools.partial(
+            nn.Conv,
+            self.width,
+            dtype=self.dtype,
+            conv_general_dilated=self.conv_general_dilated,
+        )
         x = conv((3, 3), padding="VALID", name="conv1")(x)  # (B, 26, 26, 64)
         x = act(norm(name="norm1")(x))
         x = conv((4, 4), 2, padding=1, name="conv2")(x)  # (B, 13, 13, 64)
@@ -423,6 +431,8 @@ class ODEResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
+    # The stem and downsampling convs' (set from conv_implementation); ODE blocks keep Conv3x3.
+    conv_general_dilated: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -439,7 +449,11 @@ class ODEResNet(nn.Module):
         num_blocks, stem_width = (self.depth - 2) // 6, round(16 * self.width)
         act = get_activation(self.activation)
         conv = functools.partial(
-            nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype
+            nn.Conv,
+            use_bias=False,
+            kernel_init=conv_kernel_init,
+            dtype=self.dtype,
+            conv_general_dilated=self.conv_general_dilated,
         )
         norm = functools.partial(
             nn.BatchNorm,

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from cnn_lab.models.layers import (
     StochasticDepth,
@@ -136,6 +137,7 @@ class ResNet(nn.Module):
     stochastic_depth_rate: float = 0.0
     stochastic_depth_mode: str = "batch"
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
+    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -149,7 +151,11 @@ class ResNet(nn.Module):
             )
         act = get_activation(self.activation)
         conv = functools.partial(
-            nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype
+            nn.Conv,
+            use_bias=False,
+            kernel_init=conv_kernel_init,
+            dtype=self.dtype,
+            conv_general_dilated=self.conv_general_dilated,
         )
         norm = functools.partial(
             nn.BatchNorm,

@@ -1,10 +1,11 @@
 """VGG networks, configurations A, B, D and E, with or without BatchNorm."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 
 from cnn_lab.models.layers import conv_kernel_init, get_activation
 
@@ -44,6 +45,7 @@ class VGG(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
+    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -57,7 +59,12 @@ class VGG(nn.Module):
         for num_convs, width in zip(DEPTHS[self.depth], STAGE_WIDTHS, strict=True):
             for _ in range(num_convs):
                 x = nn.Conv(
-                    width, (3, 3), padding=1, kernel_init=conv_kernel_init, dtype=self.dtype
+                    width,
+                    (3, 3),
+                    padding=1,
+                    kernel_init=conv_kernel_init,
+                    dtype=self.dtype,
+                    conv_general_dilated=self.conv_general_dilated,
                 )(x)
                 if self.batch_norm:
                     x = nn.BatchNorm(

@@ -16,6 +16,7 @@ _PACKAGES = (
     "tensorflow-datasets",
     "tensorflow-cpu",
     "ml-collections",
+    "onednn-cpu-gomp",
 )
 
 
@@ -41,8 +42,9 @@ def _version(package: str) -> str | None:
         return None
 
 
-def collect(mesh: Mesh) -> dict:
-    """Git commit (and whether the tree had changes), package versions, devices of `mesh`."""
+def collect(mesh: Mesh, conv_implementation: str) -> dict:
+    """Git commit (and whether the tree had changes), package versions, devices of `mesh`,
+    and the convolution implementation ("xla" or "onednn") the run's model computes with."""
     status = _git("status", "--porcelain")
     return {
         "git_commit": _git("rev-parse", "HEAD"),
@@ -51,4 +53,5 @@ def collect(mesh: Mesh) -> dict:
         "device_kind": mesh.devices.flat[0].device_kind,
         "device_count": int(mesh.size),
         "process_count": jax.process_count(),
+        "conv_implementation": conv_implementation,
     }

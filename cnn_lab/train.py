@@ -207,7 +207,10 @@ def train_and_evaluate(
 
     writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
     if is_lead:
-        workdir_lib.write_config(workdir, config, provenance.collect(mesh))
+        implementation = conv.resolve(
+            config.model.get("conv_implementation", "auto"), config.model.compute_dtype
+        )
+        workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
         print(
             model.tabulate(
                 jax.random.PRNGKey(0),

@@ -1,0 +1,209 @@
+"""oneDNN's convolution equals XLA's, forward and both gradients, wherever the zoo convolves."""
+
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tiny_steps
+from jax import lax
+
+from cnn_lab import sharding
+from cnn_lab.models import conv, get_model
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONV_MODELS = ("lenet5", "convnet", "alexnet", "vgg", "resnet", "odenet", "ode_resnet")
+
+
+def _config_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "common"))
+
+
+def _zoo_convolutions() -> dict[tuple, set[str]]:
+    """Every distinct convolution the configs' models make -> the configs that make it.
+
+    A key is (input H, W, C; kernel shape; strides; padding; dilation; groups), recorded by a
+    stand-in convolution while each model is traced at its config's image size.
+    """
+    found: dict[tuple, set[str]] = {}
+    for name in _config_names():
+        config = importlib.import_module(f"configs.{name}").get_config()
+        if config.model.name not in CONV_MODELS:
+            continue
+
+        def record(lhs, rhs, strides, padding, config_name=name, **kw):  # flax passes keywords
+            pads = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+            dilation = tuple(kw.get("rhs_dilation") or (1, 1))
+            key = (lhs.shape[1:], rhs.shape, tuple(strides), pads, dilation)
+            found.setdefault((*key, kw.get("feature_group_count", 1)), set()).add(config_name)
+            return lax.conv_general_dilated(lhs, rhs, strides, padding, **kw)
+
+        model = get_model(config.model).clone(conv_general_dilated=record)
+        size, channels = config.data.image_size, config.data.channels
+        x = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
+        jax.eval_shape(lambda x, m=model: m.init(jax.random.PRNGKey(0), x, train=False), x)
+    return found
+
+
+ZOO = _zoo_convolutions()
+# Beyond the zoo: dilation, uneven padding, "SAME" with a stride that does not divide.
+EXTRA = [
+    ((9, 9, 3), (3, 3, 3, 4), (1, 1), ((2, 2), (2, 2)), (2, 2), 1),
+    ((9, 10, 5), (3, 2, 5, 7), (2, 1), ((1, 2), (0, 1)), (1, 1), 1),
+    ((11, 11, 4), (3, 3, 4, 8), (2, 2), "SAME", (1, 1), 1),
+]
+
+
+def test_every_conv_model_convolves_through_its_field():
+    # A model that called lax directly would record nothing and run XLA's convolution.
+    makers = set().union(*ZOO.values())
+    for name in _config_names():
+        config = importlib.import_module(f"configs.{name}").get_config()
+        if config.model.name in CONV_MODELS:
+            assert name in makers, name
+    assert {"resnet50_imagenet", "vgg16_cifar10", "alexnet_cifar10", "lenet_cifar10"} <= makers
+
+
+def _small(geometry: tuple) -> tuple:
+    """The geometry with spatial sizes cut to 8 or 9 (same parity), to keep the test quick;
+    the edge handling (padding, strides that do not divide) is the same."""
+    (h, w, c), kernel, *rest = geometry
+    return ((min(h, 8 + h % 2), min(w, 8 + w % 2), c), kernel, *rest)
+
+
+@pytest.mark.parametrize("geometry", sorted({_small(g) for g in ZOO}, key=str) + EXTRA, ids=str)
+def test_onednn_matches_xla_forward_and_gradients(geometry):
+    (h, w, c), kernel, strides, padding, dilation, groups = geometry
+    assert groups == 1  # A grouped conv would need the XLA fallback tested here instead.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+
+    def run(fn):
+        def conv_fn(x, k):
+            return fn(x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=conv.NHWC)
+
+        y, vjp = jax.vjp(conv_fn, x, k)
+        dy = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+        return (y, *vjp(dy))
+
+    both = jax.jit(
+        lambda x, k: (run(lax.conv_general_dilated), run(conv.onednn_conv_general_dilated))
+    )
+    expected, actual = both(x, k)
+    for want, got, what in zip(
+        expected, actual, ("output", "input grad", "kernel grad"), strict=True
+    ):
+        assert got.shape == want.shape
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
+
+
+def test_calls_onednn_does_not_take_fall_back_to_xla():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 2, 6)), jnp.float32)
+    grouped = dict(feature_group_count=2, dimension_numbers=conv.NHWC)
+    np.testing.assert_array_equal(
+        conv.onednn_conv_general_dilated(x, k, (1, 1), "SAME", **grouped),
+        lax.conv_general_dilated(x, k, (1, 1), "SAME", **grouped),
+    )
+    hlo = jax.jit(lambda x, k: conv.onednn_conv_general_dilated(x, k, (1, 1), "SAME", **grouped))
+    assert "cnn_lab_onednn" not in hlo.lower(x, k).as_text()
+    nchw = jax.jit(lambda x, k: conv.onednn_conv_general_dilated(x, k, (1, 1), "SAME"))
+    x_nchw, k_oihw = jnp.transpose(x, (0, 3, 1, 2)), jnp.zeros((6, 4, 3, 3))
+    assert "cnn_lab_onednn" not in nchw.lower(x_nchw, k_oihw).as_text()  # lax's default layout
+    k = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+    nhwc = jax.jit(
+        lambda x, k: conv.onednn_conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC
+        )
+    )
+    assert "cnn_lab_onednn_conv_forward" in nhwc.lower(x, k).as_text()
+
+
+def test_vmap_over_kernels_matches_xla():
+    # Ensembles and per-example tricks vmap models; the FFI call runs once per member.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+    kernels = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 5)), jnp.float32)
+
+    def apply(fn):
+        return jax.vmap(lambda k: fn(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC))(kernels)
+
+    np.testing.assert_allclose(
+        apply(conv.onednn_conv_general_dilated),
+        apply(lax.conv_general_dilated),
+        rtol=1e-5,
+        atol=1e-4,
+    )
+
+
+RESNET = dict(name="resnet", num_classes=10, depth=8, family="cifar")
+
+
+def test_a_resnet_train_step_with_onednn_matches_xla(monkeypatch):
+    # BatchNorm, residuals, strided convs and the optimizer around the oneDNN calls.
+    runs = {}
+    for implementation in ("xla", "onednn"):
+        monkeypatch.setattr(conv, "resolve", lambda *_, i=implementation: i)
+        mesh, state, train_step, _ = tiny_steps.setup(
+            RESNET, jax.devices()[:1], image_size=8, learning_rate=0.1, label_smoothing=0.0
+        )
+        for i in range(2):
+            batch = sharding.to_global(tiny_steps.batch(8, 16, seed=i), mesh)
+            state, metrics = train_step(state, batch)
+        runs[implementation] = jax.device_get((state.params, metrics["loss"]))
+    chex.assert_trees_all_close(runs["xla"], runs["onednn"], rtol=2e-4, atol=2e-5)
+
+
+def test_get_model_hands_the_resolved_convolution_to_every_conv_model(monkeypatch):
+    monkeypatch.setattr(conv, "resolve", lambda *_: "onednn")
+    for name in CONV_MODELS:
+        model = get_model(ml_collections.ConfigDict(dict(name=name, num_classes=3)))
+        assert model.conv_general_dilated is conv.onednn_conv_general_dilated, name
+    mlp = get_model(ml_collections.ConfigDict(dict(name="mlp", num_classes=3)))
+    assert "conv_general_dilated" not in {f.name for f in dataclasses.fields(mlp)}
+
+
+def test_resolve_picks_xla_on_many_devices_and_explains_a_bad_choice():
+    assert jax.device_count() == 8
+    assert conv.resolve("auto") == "xla"
+    assert conv.resolve("xla") == "xla"
+    with pytest.raises(ValueError, match=r"cpu_devices=1.*conv_implementation=auto"):
+        conv.resolve("onednn")
+    with pytest.raises(ValueError, match="'cudnn' is not one of auto, xla, onednn"):
+        conv.resolve("cudnn")
+
+
+def test_cpu_devices_give_oneDNN_one_device_unless_asked_otherwise():
+    def model(**fields):
+        return ml_collections.ConfigDict(dict(name="resnet", compute_dtype="float32", **fields))
+
+    assert conv.onednn_problem() is None  # This machine builds and loads it.
+    assert conv.cpu_devices(0, model(conv_implementation="auto")) == 1
+    assert conv.cpu_devices(0, model(conv_implementation="xla")) == 0
+    assert conv.cpu_devices(3, model(conv_implementation="onednn")) == 3
+    assert conv.cpu_devices(0, model()) == 1  # Runs from before the knob: auto.
+
+
+def test_a_default_training_run_uses_onednn_on_one_device(tmp_path):
+    # Outside the test session's 8 forced devices, as a user's run: cpu_devices 0 -> 1 device.
+    flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
+    command = [
+        sys.executable, "-m", "cnn_lab.train", "--config=configs/lenet_digits.py:smoke",
+        f"--workdir={tmp_path}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+    ]  # fmt: skip
+    root = CONFIG_DIR.parent
+    subprocess.run(command, cwd=root, env={**os.environ, "XLA_FLAGS": flags}, check=True)
+    provenance = json.loads((tmp_path / "config.json").read_text())["provenance"]
+    assert (provenance["device_count"], provenance["conv_implementation"]) == (1, "onednn")

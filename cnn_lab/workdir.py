@@ -14,6 +14,7 @@ ALWAYS_CHANGEABLE = (
     "train.log_every_steps",
     "train.progress_bar",
     "train.cpu_devices",  # Changes only the order of floating-point reductions.
+    "model.conv_implementation",  # Likewise: XLA's and oneDNN's convolutions agree to rounding.
     "eval.batch_size",
     "eval.snapshots",
     "eval.crop_fraction",

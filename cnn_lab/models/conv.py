@@ -39,6 +39,7 @@ _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = {
     "cnn_lab_onednn_conv_forward": "CnnLabOnednnConvForward",
     "cnn_lab_onednn_conv_backward": "CnnLabOnednnConvBackward",
+    "cnn_lab_onednn_conv_kernel_backward": "CnnLabOnednnConvKernelBackward",
 }
 
 
@@ -181,18 +182,31 @@ def _onednn_conv(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
     return call(x, kernel, **_attributes(geometry))
 
 
-def _forward(x: jax.Array, kernel: jax.Array, geometry: tuple):
-    return _onednn_conv(x, kernel, geometry), (x, kernel)
+def _forward(x, kernel, geometry: tuple):
+    """The output and residuals; x and kernel are CustomVJPPrimals (`symbolic_zeros`)."""
+    # `perturbed` is False for an input nothing differentiates, e.g. a first layer's images:
+    # its gradient, as costly as the kernel's for few input channels, is then never computed.
+    out = _onednn_conv(x.value, kernel.value, geometry)
+    return out, (x.value, kernel.value, x.perturbed)
 
 
-def _backward(geometry: tuple, residuals: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, kernel = residuals
-    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, x.dtype))
+def _backward(geometry: tuple, residuals: tuple, dy: jax.Array) -> tuple:
+    x, kernel, input_gradient = residuals
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):  # The output feeds no loss.
+        return None, None
+    attributes = _attributes(geometry)
+    kernel_shape = jax.ShapeDtypeStruct(kernel.shape, x.dtype)
+    if not input_gradient:
+        call = jax.ffi.ffi_call(
+            "cnn_lab_onednn_conv_kernel_backward", kernel_shape, vmap_method="sequential"
+        )
+        return None, call(x, dy, **attributes)
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), kernel_shape)
     call = jax.ffi.ffi_call("cnn_lab_onednn_conv_backward", shapes, vmap_method="sequential")
-    return tuple(call(x, kernel, dy, **_attributes(geometry)))
+    return tuple(call(x, kernel, dy, **attributes))
 
 
-_onednn_conv.defvjp(_forward, _backward)
+_onednn_conv.defvjp(_forward, _backward, symbolic_zeros=True)
 
 
 def onednn_conv_general_dilated(

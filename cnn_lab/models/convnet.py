@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from cnn_lab.models.layers import get_activation
+from cnn_lab.models.layers import get_activation, max_pool
 
 
 class ConvNet(nn.Module):
@@ -28,8 +28,8 @@ class ConvNet(nn.Module):
             nn.Conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
         )
         act = get_activation(self.activation)
-        x = nn.max_pool(act(conv(32, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))
-        x = nn.max_pool(act(conv(64, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))
+        x = max_pool(act(conv(32, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))
+        x = max_pool(act(conv(64, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))  # (B, 7*7*64) for 28x28 input
         x = act(nn.Dense(self.hidden_size, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

@@ -1,6 +1,7 @@
 """Pieces shared by every model: activations and pooling chosen by name, init, stochastic depth."""
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,7 +16,77 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu": nn.elu,
 }
 
-POOLINGS: dict[str, Callable[..., jax.Array]] = {"max": nn.max_pool, "avg": nn.avg_pool}
+
+def _tiles(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:
+    """The kh * kw strided views (B, H / kh, W / kw, C) of x (B, H, W, C), window row-major."""
+    kh, kw = window
+    return [x[:, i::kh, j::kw, :] for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tiled_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+    return functools.reduce(jnp.maximum, _tiles(x, window))
+
+
+def _tiled_max_pool_forward(x: jax.Array, window: tuple[int, int]):
+    out = _tiled_max_pool(x, window)
+    return out, (x, out)
+
+
+def _tiled_max_pool_backward(window: tuple[int, int], residuals: tuple, dy: jax.Array):
+    x, out = residuals
+    # Each window's gradient goes to its first maximum in row-major order, as XLA's
+    # select-and-scatter does for nn.max_pool, so ties (e.g. ReLU zeros) match exactly.
+    taken = jnp.zeros(out.shape, bool)
+    parts = []
+    for tile in _tiles(x, window):
+        hit = (tile == out) & ~taken
+        parts.append(jnp.where(hit, dy, jnp.zeros_like(dy)))
+        taken = taken | hit
+    b, h, w, c = out.shape
+    kh, kw = window
+    dx = jnp.stack(parts).reshape(kh, kw, b, h, w, c).transpose(2, 3, 0, 4, 1, 5)
+    return (dx.reshape(x.shape),)
+
+
+_tiled_max_pool.defvjp(_tiled_max_pool_forward, _tiled_max_pool_backward)
+
+
+def _windows_tile(shape: tuple[int, ...], window: tuple[int, ...], strides, padding) -> bool:
+    """Whether 2-D windows over (B, H, W, C) `shape` cover it exactly, without overlap."""
+    unpadded = padding == "VALID" or (
+        not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding)
+    )
+    return (
+        len(shape) == 4
+        and len(window) == 2
+        and tuple(strides or (1, 1)) == window
+        and unpadded
+        and shape[1] % window[0] == 0
+        and shape[2] % window[1] == 0
+    )
+
+
+def max_pool(
+    x: jax.Array,
+    window_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
+    padding: str | Sequence[tuple[int, int]] = "VALID",
+) -> jax.Array:
+    """`nn.max_pool` of x (B, H, W, C) -> (B, H', W', C), with the same values and gradients.
+
+    Windows that tile x (window == strides, no padding, H and W divisible by the window)
+    are computed from strided slices: XLA's CPU backend lowers nn.max_pool's gradient
+    (select-and-scatter) to an index-tracking reduce-window and a scatter, several times
+    slower than the elementwise selects used here.
+    """
+    window = tuple(window_shape)
+    if _windows_tile(x.shape, window, strides, padding):
+        return _tiled_max_pool(x, window)
+    return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+POOLINGS: dict[str, Callable[..., jax.Array]] = {"max": max_pool, "avg": nn.avg_pool}
 
 
 def _lookup(table: dict, name: str, what: str):

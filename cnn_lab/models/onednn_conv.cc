@@ -1,8 +1,9 @@
 // oneDNN 2-D convolutions on NHWC activations and HWIO kernels, as XLA FFI handlers.
 //
-// cnn_lab/models/conv.py compiles this file on first use and registers two targets:
+// cnn_lab/models/conv.py compiles this file on first use and registers three targets:
 //   cnn_lab_onednn_conv_forward(x, kernel) -> y
 //   cnn_lab_onednn_conv_backward(x, kernel, dy) -> (dx, dkernel)
+//   cnn_lab_onednn_conv_kernel_backward(x, dy) -> dkernel
 // Attributes: strides (2), padding (low and high per spatial dim: 4), dilation (2, XLA's
 // convention: 1 is none). float32 only; conv.py sends other cases to XLA's convolution.
 // Activations stay in XLA's NHWC buffers (oneDNN's "nhwc" tag); kernels are reordered into
@@ -89,6 +90,35 @@ ffi::Error Forward(F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y, Ints strides, In
   return ffi::Error::Success();
 }
 
+// dx from dy, into XLA's dx buffer.
+void BackwardData(const Geometry& g, const dnnl::convolution_forward::primitive_desc& hint,
+                  memory& diff_dst, F32 k, float* dx, dnnl::stream& stream) {
+  dnnl::convolution_backward_data::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
+      g.Activations(g.dst), g.strides, g.dilates, g.pad_l, g.pad_r, hint);
+  memory diff_src(pd.diff_src_desc(), Engine(), dx);
+  memory user_kernel = g.UserKernel(k.typed_data());
+  memory kernel = Reordered(user_kernel, pd.weights_desc(), stream);
+  dnnl::convolution_backward_data(pd).execute(
+      stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DIFF_SRC, diff_src}});
+}
+
+// dkernel from x and dy, into XLA's HWIO dkernel buffer.
+void BackwardWeights(const Geometry& g, const dnnl::convolution_forward::primitive_desc& hint,
+                     memory& diff_dst, F32 x, float* dk, dnnl::stream& stream) {
+  dnnl::convolution_backward_weights::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
+      g.Activations(g.dst), g.strides, g.dilates, g.pad_l, g.pad_r, hint);
+  memory src(pd.src_desc(), Engine(), x.typed_data());
+  memory user_diff_kernel = g.UserKernel(dk);
+  bool in_place = pd.diff_weights_desc() == user_diff_kernel.get_desc();
+  memory diff_kernel = in_place ? user_diff_kernel : memory(pd.diff_weights_desc(), Engine());
+  dnnl::convolution_backward_weights(pd).execute(
+      stream,
+      {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_kernel}});
+  if (!in_place) dnnl::reorder(diff_kernel, user_diff_kernel).execute(stream, diff_kernel, user_diff_kernel);
+}
+
 ffi::Error Backward(F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> dk, Ints strides, Ints padding, Ints dilation) {
   try {
@@ -96,29 +126,24 @@ ffi::Error Backward(F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx,
     auto hint = g.Forward();
     dnnl::stream stream(Engine());
     memory diff_dst(g.Activations(g.dst), Engine(), dy.typed_data());
+    BackwardData(g, hint, diff_dst, k, dx->typed_data(), stream);
+    BackwardWeights(g, hint, diff_dst, x, dk->typed_data(), stream);
+    stream.wait();
+  } catch (const std::exception& e) {
+    return Failed(e);
+  }
+  return ffi::Error::Success();
+}
 
-    dnnl::convolution_backward_data::primitive_desc data_pd(
-        Engine(), dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
-        g.Activations(g.dst), g.strides, g.dilates, g.pad_l, g.pad_r, hint);
-    memory diff_src(data_pd.diff_src_desc(), Engine(), dx->typed_data());
-    memory user_kernel = g.UserKernel(k.typed_data());
-    memory kernel = Reordered(user_kernel, data_pd.weights_desc(), stream);
-    dnnl::convolution_backward_data(data_pd).execute(
-        stream,
-        {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DIFF_SRC, diff_src}});
-
-    dnnl::convolution_backward_weights::primitive_desc weights_pd(
-        Engine(), dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
-        g.Activations(g.dst), g.strides, g.dilates, g.pad_l, g.pad_r, hint);
-    memory src(weights_pd.src_desc(), Engine(), x.typed_data());
-    memory user_diff_kernel = g.UserKernel(dk->typed_data());
-    bool in_place = weights_pd.diff_weights_desc() == user_diff_kernel.get_desc();
-    memory diff_kernel =
-        in_place ? user_diff_kernel : memory(weights_pd.diff_weights_desc(), Engine());
-    dnnl::convolution_backward_weights(weights_pd).execute(
-        stream,
-        {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_kernel}});
-    if (!in_place) dnnl::reorder(diff_kernel, user_diff_kernel).execute(stream, diff_kernel, user_diff_kernel);
+// The kernel gradient alone, for convolutions of inputs nothing differentiates (images).
+ffi::Error KernelBackward(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, Ints strides,
+                          Ints padding, Ints dilation) {
+  try {
+    Geometry g(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, dilation);
+    auto hint = g.Forward();
+    dnnl::stream stream(Engine());
+    memory diff_dst(g.Activations(g.dst), Engine(), dy.typed_data());
+    BackwardWeights(g, hint, diff_dst, x, dk->typed_data(), stream);
     stream.wait();
   } catch (const std::exception& e) {
     return Failed(e);
@@ -143,6 +168,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabOnednnConvBackward, Backward,
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<Ints>("strides")
+                                  .Attr<Ints>("padding")
+                                  .Attr<Ints>("dilation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabOnednnConvKernelBackward, KernelBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
                                   .Ret<F32>()
                                   .Attr<Ints>("strides")
                                   .Attr<Ints>("padding")

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from cnn_lab.models.layers import conv_kernel_init, get_activation
+from cnn_lab.models.layers import conv_kernel_init, get_activation, max_pool
 
 # depth -> 3x3 convs in each of the five stages (Table 1 of the paper: A=11, B=13, D=16, E=19).
 DEPTHS: dict[int, tuple[int, ...]] = {
@@ -74,7 +74,7 @@ class VGG(nn.Module):
                         dtype=self.dtype,
                     )(x)
                 x = act(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))  # (B, 7*7*512) for 224x224 input
         for hidden in self.hidden_sizes:
             x = act(nn.Dense(hidden, dtype=self.dtype)(x))

@@ -26,6 +26,7 @@ from cnn_lab import (
     averaging,
     checkpoint,
     distributed,
+    host_memory,
     optim,
     provenance,
     sharding,
@@ -486,6 +487,8 @@ def main() -> None:
         micro_batch = train_config.batch_size // max(train_config.grad_accumulation_steps, 1)
         devices = conv.cpu_devices(train_config.cpu_devices, config.value.model)
         sharding.use_cpu_devices(devices, micro_batch)
+        if train_config.get("keep_freed_memory", True):
+            host_memory.keep_freed_memory()
         try:
             distributed.initialize(coordinator.value, num_processes.value, process_id.value)
             train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))

@@ -1,0 +1,29 @@
+"""Host memory: the process keeps what it frees mapped, so each step reuses the same pages.
+
+XLA's CPU runtime allocates every step's temporary buffers afresh (300 MB for a ResNet-20
+train step at batch 128). glibc serves blocks that large with mmap and unmaps them when they
+are freed, so every step the kernel faults in and zeroes every page again: 73,000 page
+faults per ResNet-20 step, about 30% of its time on our 2-core machine. With one malloc
+arena that never maps blocks of its own and never trims its heap, the next step's buffers
+land on memory that is already mapped. The cost: memory freed by the process is not given
+back to the system until it exits (its peak stays resident).
+"""
+
+import ctypes
+
+# mallopt parameters, from glibc's malloc.h.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# Threads other than the main one get arenas of at most 64 MB, which map larger blocks with
+# mmap whatever M_MMAP_MAX says: so every thread shares the main arena.
+_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; call before JAX starts its threads.
+
+    Returns whether it applied: False where the C library has no mallopt (macOS, musl).
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    return all(mallopt(parameter, value) == 1 for parameter, value in _SETTINGS)

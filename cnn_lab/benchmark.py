@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cnn_lab import checkpoint, host_memory, optim, sharding, steps
+from cnn_lab import checkpoint, host_memory, models, optim, sharding, steps
 from cnn_lab.data import augment, inputs
 from cnn_lab.evaluate import make_eval_fn
 from cnn_lab.models import conv, get_model
@@ -97,9 +97,7 @@ def benchmark(
     sharding.check_batch_size(batch_size, mesh, "--batch_size")
     sharding.check_batch_size(eval_batch_size, mesh, "--eval_batch_size")
     model = get_model(config.model)
-    implementation = conv.resolve(
-        config.model.get("conv_implementation", "auto"), config.model.compute_dtype
-    )
+    implementation = conv.implementation_of(model)
     # The schedule's length does not change the step's cost; any fixed one will do.
     schedule, tx, plateau = optim.from_config(config, steps_per_epoch=100, total_steps=10_000)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -344,7 +342,7 @@ def main() -> None:
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)
-        devices = conv.cpu_devices(config.value.train.cpu_devices, config.value.model)
+        devices = models.cpu_devices(config.value.train.cpu_devices, config.value.model)
         sharding.use_cpu_devices(devices, batch_size.value)
         if config.value.train.get("keep_freed_memory", True):
             host_memory.keep_freed_memory()

@@ -260,7 +260,8 @@ def restore_for_inference(
     if not workdir.is_dir():
         raise FileNotFoundError(f"Workdir {workdir} does not exist. Pass the --workdir of a run.")
     config = workdir_lib.read_config(workdir)
-    model = get_model(config.model)
+    # The run's convolution suited its machine; this one (maybe with a GPU) picks its own.
+    model = get_model(ml_collections.ConfigDict({**config.model, "conv_implementation": "auto"}))
     # The start step does not matter for reading the averages, only for updating them.
     averages = averaging.from_config(config.averaging, steps_per_epoch=1)
     if average != "raw" and average not in averages.names:

@@ -11,6 +11,8 @@ back to the system until it exits (its peak stays resident).
 
 import ctypes
 
+from absl import logging
+
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 # Threads other than the main one get arenas of at most 64 MB, which map larger blocks with
@@ -24,6 +26,7 @@ def keep_freed_memory() -> bool:
     Returns whether it applied: False where the C library has no mallopt (macOS, musl).
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
-        return False
-    return all(mallopt(parameter, value) == 1 for parameter, value in _SETTINGS)
+    applied = mallopt is not None and all(mallopt(p, v) == 1 for p, v in _SETTINGS)
+    if not applied:
+        logging.warning("keep_freed_memory: this C library has no glibc mallopt; not applied.")
+    return applied

@@ -27,6 +27,7 @@ from cnn_lab import (
     checkpoint,
     distributed,
     host_memory,
+    models,
     optim,
     provenance,
     sharding,
@@ -208,9 +209,7 @@ def train_and_evaluate(
 
     writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
     if is_lead:
-        implementation = conv.resolve(
-            config.model.get("conv_implementation", "auto"), config.model.compute_dtype
-        )
+        implementation = conv.implementation_of(model)
         workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
         print(
             model.tabulate(
@@ -485,7 +484,8 @@ def main() -> None:
         logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch.
         train_config = config.value.train
         micro_batch = train_config.batch_size // max(train_config.grad_accumulation_steps, 1)
-        devices = conv.cpu_devices(train_config.cpu_devices, config.value.model)
+        multi_process = (num_processes.value or 1) > 1 or distributed.detected_cluster() is not None
+        devices = models.cpu_devices(train_config.cpu_devices, config.value.model, multi_process)
         sharding.use_cpu_devices(devices, micro_batch)
         if train_config.get("keep_freed_memory", True):
             host_memory.keep_freed_memory()

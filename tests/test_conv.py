@@ -1,6 +1,5 @@
 """oneDNN's convolution equals XLA's, forward and both gradients, wherever the zoo convolves."""
 
-import dataclasses
 import importlib
 import json
 import os
@@ -17,10 +16,14 @@ import pytest
 import tiny_steps
 from jax import lax
 
-from cnn_lab import sharding
+from cnn_lab import models, sharding
 from cnn_lab.models import conv, get_model
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The oneDNN wheels are Linux x86-64 only and the wrapper needs g++.
+pytestmark = pytest.mark.skipif(
+    conv.onednn_problem() is not None, reason=f"no oneDNN here: {conv.onednn_problem()}"
+)
 CONV_MODELS = ("lenet5", "convnet", "alexnet", "vgg", "resnet", "odenet", "ode_resnet")
 
 
@@ -119,6 +122,12 @@ def test_calls_onednn_does_not_take_fall_back_to_xla():
     )
     hlo = jax.jit(lambda x, k: conv.onednn_conv_general_dilated(x, k, (1, 1), "SAME", **grouped))
     assert "cnn_lab_onednn" not in hlo.lower(x, k).as_text()
+    cropping = dict(padding=((-1, 1), (0, 0)), dimension_numbers=conv.NHWC)  # XLA crops
+    k4 = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+    np.testing.assert_array_equal(
+        conv.onednn_conv_general_dilated(x, k4, (1, 1), **cropping),
+        lax.conv_general_dilated(x, k4, (1, 1), **cropping),
+    )
     nchw = jax.jit(lambda x, k: conv.onednn_conv_general_dilated(x, k, (1, 1), "SAME"))
     x_nchw, k_oihw = jnp.transpose(x, (0, 3, 1, 2)), jnp.zeros((6, 4, 3, 3))
     assert "cnn_lab_onednn" not in nchw.lower(x_nchw, k_oihw).as_text()  # lax's default layout
@@ -171,8 +180,19 @@ def test_get_model_hands_the_resolved_convolution_to_every_conv_model(monkeypatc
     for name in CONV_MODELS:
         model = get_model(ml_collections.ConfigDict(dict(name=name, num_classes=3)))
         assert model.conv_general_dilated is conv.onednn_conv_general_dilated, name
+
+
+def test_a_model_without_convolutions_never_resolves_one(monkeypatch):
+    def refuse(*_):
+        raise AssertionError("resolve called for a model without convolutions")
+
+    monkeypatch.setattr(conv, "resolve", refuse)
     mlp = get_model(ml_collections.ConfigDict(dict(name="mlp", num_classes=3)))
-    assert "conv_general_dilated" not in {f.name for f in dataclasses.fields(mlp)}
+    assert conv.implementation_of(mlp) == "xla"
+    with pytest.raises(ValueError, match="'cudnn' is not one of"):
+        get_model(
+            ml_collections.ConfigDict(dict(name="mlp", num_classes=3, conv_implementation="cudnn"))
+        )
 
 
 def test_resolve_picks_xla_on_many_devices_and_explains_a_bad_choice():
@@ -186,14 +206,16 @@ def test_resolve_picks_xla_on_many_devices_and_explains_a_bad_choice():
 
 
 def test_cpu_devices_give_oneDNN_one_device_unless_asked_otherwise():
-    def model(**fields):
-        return ml_collections.ConfigDict(dict(name="resnet", compute_dtype="float32", **fields))
+    def model(name="resnet", **fields):
+        return ml_collections.ConfigDict(dict(name=name, compute_dtype="float32", **fields))
 
-    assert conv.onednn_problem() is None  # This machine builds and loads it.
-    assert conv.cpu_devices(0, model(conv_implementation="auto")) == 1
-    assert conv.cpu_devices(0, model(conv_implementation="xla")) == 0
-    assert conv.cpu_devices(3, model(conv_implementation="onednn")) == 3
-    assert conv.cpu_devices(0, model()) == 1  # Runs from before the knob: auto.
+    assert models.cpu_devices(0, model(conv_implementation="auto")) == 1
+    assert models.cpu_devices(0, model()) == 1  # Runs from before the knob: auto.
+    assert models.cpu_devices(0, model(conv_implementation="onednn")) == 1
+    assert models.cpu_devices(0, model(conv_implementation="xla")) == 0
+    assert models.cpu_devices(3, model(conv_implementation="onednn")) == 3
+    assert models.cpu_devices(0, model("mlp")) == 0  # No convolutions: one device per core.
+    assert models.cpu_devices(0, model(), multi_process=True) == 0
 
 
 def test_a_default_training_run_uses_onednn_on_one_device(tmp_path):

@@ -3,10 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 
 from cnn_lab.models import conv
 
+pytestmark = pytest.mark.skipif(
+    conv.onednn_problem() is not None, reason=f"no oneDNN here: {conv.onednn_problem()}"
+)
 PADDING = ((2, 2), (2, 2))
 
 

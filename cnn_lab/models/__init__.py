@@ -65,7 +65,32 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
             f"Its fields are: {', '.join(sorted(fields))}."
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    implementation = conv.resolve(conv_implementation, compute_dtype)
-    if "conv_general_dilated" in {f.name for f in dataclasses.fields(cls)}:
+    conv.check_name(conv_implementation)
+    if _has_convolutions(cls):
+        implementation = conv.resolve(conv_implementation, compute_dtype)
         kwargs["conv_general_dilated"] = conv.conv_general_dilated(implementation)
     return cls(**kwargs, dtype=COMPUTE_DTYPES[compute_dtype])
+
+
+def _has_convolutions(cls: type[nn.Module]) -> bool:
+    return "conv_general_dilated" in {f.name for f in dataclasses.fields(cls)}
+
+
+def cpu_devices(
+    requested: int, model_config: ml_collections.ConfigDict, multi_process: bool = False
+) -> int:
+    """The CPU device count to split into: `requested`, else 1 when oneDNN's convolution,
+    which uses every core from one device, will run, else 0 (one device per core).
+
+    Call before JAX starts its backends: it looks only at the config and installed files.
+    """
+    implementation = model_config.get("conv_implementation", "auto")
+    model = MODELS.get(model_config.get("name"))
+    # Several processes make several devices: oneDNN's convolution is then not used.
+    if requested or model is None or not _has_convolutions(model) or multi_process:
+        return requested
+    if implementation == "onednn":  # get_model then explains whatever stands in its way.
+        return 1
+    if implementation == "xla" or model_config.get("compute_dtype") == "bfloat16":
+        return requested
+    return 1 if conv.onednn_problem() is None else 0

@@ -7,10 +7,12 @@ behind PyTorch's CPU convolutions) computes the forward pass and both gradients 
 arrays directly, with every core. `config.model.conv_implementation` picks:
 
 - "xla": `lax.conv_general_dilated`, on any backend.
-- "onednn": oneDNN through XLA's FFI (CPU, one device per process). The C++ file beside
+- "onednn": oneDNN through XLA's FFI (CPU, one device in the whole run: the FFI call is not
+  partitioned over a mesh). The C++ file beside
   this one is compiled on first use (about 5 s, g++ and the pinned `onednn-devel-cpu-gomp`
   wheel) into ~/.cache/cnn_lab and loaded from there afterwards. Calls it does not take
-  (not float32, grouped, transposed, not 2-D NHWC/HWIO) run XLA's convolution instead.
+  (not float32, grouped, transposed, negative padding, not 2-D NHWC/HWIO) run XLA's
+  convolution instead.
 - "auto": "onednn" when the run is float32 on one CPU device and oneDNN loads, else "xla";
   accelerators always get XLA's own kernels.
 """
@@ -28,7 +30,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from jax import lax
@@ -43,13 +44,18 @@ _TARGETS = {
 }
 
 
-def resolve(implementation: str, compute_dtype: str = "float32") -> str:
-    """The implementation ("xla" or "onednn") that `implementation` names for this process."""
+def check_name(implementation: str) -> None:
+    """Raise ValueError unless `implementation` is one of IMPLEMENTATIONS."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"config.model.conv_implementation={implementation!r} is not one of "
             f"{', '.join(IMPLEMENTATIONS)}. Use auto (oneDNN on a one-device CPU run, else XLA)."
         )
+
+
+def resolve(implementation: str, compute_dtype: str = "float32") -> str:
+    """The implementation ("xla" or "onednn") that `implementation` names for this process."""
+    check_name(implementation)
     if implementation == "xla":
         return "xla"
     reasons = []
@@ -58,7 +64,7 @@ def resolve(implementation: str, compute_dtype: str = "float32") -> str:
     if jax.device_count() != 1:
         reasons.append(
             f"the run has {jax.device_count()} devices (oneDNN's multi-threaded convolution "
-            "serves one CPU device per process: set --config.train.cpu_devices=1, one process)"
+            "serves a run of one CPU device: set --config.train.cpu_devices=1, one process)"
         )
     if compute_dtype != "float32":
         reasons.append(f"config.model.compute_dtype is {compute_dtype}, not float32")
@@ -81,16 +87,10 @@ def conv_general_dilated(implementation: str) -> Callable:
     return onednn_conv_general_dilated if implementation == "onednn" else lax.conv_general_dilated
 
 
-def cpu_devices(requested: int, model_config: ml_collections.ConfigDict) -> int:
-    """The CPU device count to split into: `requested`, else 1 when oneDNN's convolution,
-    which uses every core from one device, will run, else 0 (one device per core).
-
-    Call before JAX starts its backends: it looks only at the config and installed files.
-    """
-    implementation = model_config.get("conv_implementation", "auto")
-    if requested or implementation == "xla" or model_config.get("compute_dtype") == "bfloat16":
-        return requested
-    return 1 if onednn_problem() is None else 0
+def implementation_of(model) -> str:
+    """The convolution ("xla" or "onednn") a model built by get_model computes with."""
+    onednn = getattr(model, "conv_general_dilated", None) is onednn_conv_general_dilated
+    return "onednn" if onednn else "xla"
 
 
 @functools.cache
@@ -98,7 +98,7 @@ def onednn_problem() -> str | None:
     """None when the oneDNN convolution can be built and loaded, else why not."""
     try:
         _register()
-    except (OSError, RuntimeError, importlib.metadata.PackageNotFoundError) as error:
+    except (OSError, RuntimeError) as error:
         logging.warning("oneDNN convolution unavailable, XLA's is used: %s", error)
         return f"oneDNN could not be loaded ({error})"
     return None
@@ -108,7 +108,11 @@ def _onednn_files() -> tuple[Path, Path]:
     """(libdnnl.so.3, include dir) from the installed onednn-cpu-gomp wheels."""
     library = include = None
     for package in ("onednn-cpu-gomp", "onednn-devel-cpu-gomp"):
-        for file in importlib.metadata.files(package) or ():
+        try:
+            files = importlib.metadata.files(package) or ()
+        except importlib.metadata.PackageNotFoundError:
+            files = ()
+        for file in files:
             if file.name == "libdnnl.so.3":
                 library = Path(file.locate()).resolve()
             if file.name == "dnnl.hpp" and file.parent.name == "dnnl":
@@ -121,17 +125,16 @@ def _onednn_files() -> tuple[Path, Path]:
     return library, include
 
 
-def _build() -> Path:
+def _build(rebuild: bool = False) -> Path:
     """The compiled FFI library, built into the user's cache once per source and jaxlib."""
     library, include = _onednn_files()
-    key = hashlib.sha256(
-        _SOURCE.read_bytes() + importlib.metadata.version("jaxlib").encode() + str(library).encode()
-    ).hexdigest()[:16]
+    compiler = shutil.which("g++") or shutil.which("c++")
+    versions = (importlib.metadata.version("jaxlib"), str(library.resolve()), str(compiler))
+    key = hashlib.sha256(_SOURCE.read_bytes() + repr(versions).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnn_lab"
     built = cache / f"onednn_conv_{key}.so"
-    if built.exists():
+    if built.exists() and not rebuild:
         return built
-    compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) to build the oneDNN convolution")
     cache.mkdir(parents=True, exist_ok=True)
@@ -152,7 +155,10 @@ def _build() -> Path:
 
 @functools.cache
 def _register() -> None:
-    library = ctypes.cdll.LoadLibrary(str(_build()))
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build()))
+    except OSError:  # A damaged cached build: make it again.
+        library = ctypes.cdll.LoadLibrary(str(_build(rebuild=True)))
     for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(
             target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
@@ -234,6 +240,7 @@ def onednn_conv_general_dilated(
         and preferred_element_type in (None, jnp.float32)
         and feature_group_count == batch_group_count == 1
         and all(d == 1 for d in (lhs_dilation or ()))
+        and (isinstance(padding, str) or all(p >= 0 for pair in padding for p in pair))
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     )

@@ -12,6 +12,7 @@
 // two XLA threads, each with its own OpenMP team on the same cores.
 #include <cstdint>
 #include <exception>
+#include <mutex>
 #include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -67,12 +68,31 @@ memory Reordered(memory& user, const memory::desc& desc, dnnl::stream& stream) {
   return out;
 }
 
-ffi::Error Failed(const std::exception& e) {
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
+std::string Describe(const memory::dims& dims) {
+  std::string out = "(";
+  for (auto d : dims) out += std::to_string(d) + ",";
+  return out + ")";
+}
+
+ffi::Error Failed(const std::exception& e, Ints x, Ints k, Ints strides, Ints padding) {
+  std::string geometry = " (input NHWC " + Describe({x.begin(), x.end()}) + ", kernel HWIO " +
+                         Describe({k.begin(), k.end()}) + ", strides " +
+                         Describe({strides.begin(), strides.end()}) + ", padding " +
+                         Describe({padding.begin(), padding.end()}) + ")";
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("oneDNN convolution failed: ") + e.what() + geometry);
+}
+
+// Calls never overlap: each runs an OpenMP team over every core, and two teams started by
+// two XLA threads on the same cores would slow each other down.
+std::mutex& CallMutex() {
+  static std::mutex mutex;
+  return mutex;
 }
 
 ffi::Error Forward(F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y, Ints strides, Ints padding,
                    Ints dilation) {
+  std::lock_guard<std::mutex> lock(CallMutex());
   try {
     Geometry g(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding, dilation);
     auto pd = g.Forward();
@@ -85,7 +105,7 @@ ffi::Error Forward(F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y, Ints strides, In
         stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, dst}});
     stream.wait();
   } catch (const std::exception& e) {
-    return Failed(e);
+    return Failed(e, x.dimensions(), k.dimensions(), strides, padding);
   }
   return ffi::Error::Success();
 }
@@ -121,6 +141,7 @@ void BackwardWeights(const Geometry& g, const dnnl::convolution_forward::primiti
 
 ffi::Error Backward(F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> dk, Ints strides, Ints padding, Ints dilation) {
+  std::lock_guard<std::mutex> lock(CallMutex());
   try {
     Geometry g(x.dimensions(), k.dimensions(), dy.dimensions(), strides, padding, dilation);
     auto hint = g.Forward();
@@ -130,7 +151,7 @@ ffi::Error Backward(F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx,
     BackwardWeights(g, hint, diff_dst, x, dk->typed_data(), stream);
     stream.wait();
   } catch (const std::exception& e) {
-    return Failed(e);
+    return Failed(e, x.dimensions(), k.dimensions(), strides, padding);
   }
   return ffi::Error::Success();
 }
@@ -138,6 +159,7 @@ ffi::Error Backward(F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx,
 // The kernel gradient alone, for convolutions of inputs nothing differentiates (images).
 ffi::Error KernelBackward(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, Ints strides,
                           Ints padding, Ints dilation) {
+  std::lock_guard<std::mutex> lock(CallMutex());
   try {
     Geometry g(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, dilation);
     auto hint = g.Forward();
@@ -146,7 +168,7 @@ ffi::Error KernelBackward(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, Ints st
     BackwardWeights(g, hint, diff_dst, x, dk->typed_data(), stream);
     stream.wait();
   } catch (const std::exception& e) {
-    return Failed(e);
+    return Failed(e, x.dimensions(), dk->dimensions(), strides, padding);
   }
   return ffi::Error::Success();
 }

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cnn_lab import checkpoint, host_memory, models, optim, sharding, steps
+from cnn_lab import checkpoint, host, optim, sharding, steps
 from cnn_lab.data import augment, inputs
 from cnn_lab.evaluate import make_eval_fn
 from cnn_lab.models import conv, get_model
@@ -342,10 +342,7 @@ def main() -> None:
     def run(argv: list[str]) -> None:
         del argv
         logging.set_verbosity(logging.WARNING)
-        devices = models.cpu_devices(config.value.train.cpu_devices, config.value.model)
-        sharding.use_cpu_devices(devices, batch_size.value)
-        if config.value.train.get("keep_freed_memory", True):
-            host_memory.keep_freed_memory()
+        host.prepare(config.value, batch_size.value)
         if input_pipeline.value:
             result = pipeline_benchmark(
                 config.value, batch_size=batch_size.value, modes=tuple(input_modes.value)

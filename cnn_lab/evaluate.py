@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from cnn_lab import averaging, checkpoint, host_memory, models, predict, sharding, steps
+from cnn_lab import averaging, checkpoint, host, predict, sharding, steps
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, pipeline
 from cnn_lab.data.inputs import split_string
@@ -372,10 +372,7 @@ def main() -> None:
                 raise ValueError(f"--ensemble needs at least 2 workdirs, got {runs}.")
             if (Path(runs[0]) / workdir_lib.CONFIG_FILE).exists():  # Else evaluate_run says why.
                 config = workdir_lib.read_config(Path(runs[0]))
-                requested = config.train.get("cpu_devices", 0)
-                sharding.use_cpu_devices(models.cpu_devices(requested, config.model))
-                if config.train.get("keep_freed_memory", True):
-                    host_memory.keep_freed_memory()
+                host.prepare(config)
             rows, members, labels = [], [], []
             for w in runs:
                 run_rows, log_probs, run_labels = evaluate_run(

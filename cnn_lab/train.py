@@ -26,8 +26,7 @@ from cnn_lab import (
     averaging,
     checkpoint,
     distributed,
-    host_memory,
-    models,
+    host,
     optim,
     provenance,
     sharding,
@@ -485,10 +484,7 @@ def main() -> None:
         train_config = config.value.train
         micro_batch = train_config.batch_size // max(train_config.grad_accumulation_steps, 1)
         multi_process = (num_processes.value or 1) > 1 or distributed.detected_cluster() is not None
-        devices = models.cpu_devices(train_config.cpu_devices, config.value.model, multi_process)
-        sharding.use_cpu_devices(devices, micro_batch)
-        if train_config.get("keep_freed_memory", True):
-            host_memory.keep_freed_memory()
+        host.prepare(config.value, micro_batch, multi_process)
         try:
             distributed.initialize(coordinator.value, num_processes.value, process_id.value)
             train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnn_lab.models.layers import StochasticDepth, conv_kernel_init, get_activation
-from cnn_lab.models.resnet import ResidualBlock
+from cnn_lab.models.layers import StochasticDepth, get_activation
+from cnn_lab.models.resnet import ResidualBlock, conv_and_norm
 
 PyTree = Any
 # diffrax's signature: vector_field(t, y, args) -> dy/dt, a pure function of its arguments.
@@ -448,20 +448,7 @@ class ODEResNet(nn.Module):
             )
         num_blocks, stem_width = (self.depth - 2) // 6, round(16 * self.width)
         act = get_activation(self.activation)
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            kernel_init=conv_kernel_init,
-            dtype=self.dtype,
-            conv_general_dilated=self.conv_general_dilated,
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-        )
+        conv, norm = conv_and_norm(self, train)
         block = functools.partial(
             ResidualBlock,
             bottleneck=False,

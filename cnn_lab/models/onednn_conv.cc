@@ -14,6 +14,7 @@
 #include <exception>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -175,31 +176,21 @@ ffi::Error KernelBackward(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, Ints st
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabOnednnConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<Ints>("strides")
-                                  .Attr<Ints>("padding")
-                                  .Attr<Ints>("dilation"));
+// Every target takes its buffers, then the same three attributes.
+template <typename Binding>
+auto WithGeometry(Binding binding) {
+  return std::move(binding)
+      .template Attr<Ints>("strides")
+      .template Attr<Ints>("padding")
+      .template Attr<Ints>("dilation");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabOnednnConvBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Attr<Ints>("strides")
-                                  .Attr<Ints>("padding")
-                                  .Attr<Ints>("dilation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabOnednnConvForward, Forward,
+                              WithGeometry(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    CnnLabOnednnConvBackward, Backward,
+    WithGeometry(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabOnednnConvKernelBackward, KernelBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<Ints>("strides")
-                                  .Attr<Ints>("padding")
-                                  .Attr<Ints>("dilation"));
+                              WithGeometry(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));

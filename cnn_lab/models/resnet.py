@@ -30,6 +30,26 @@ FAMILIES = ("imagenet", "cifar")
 SHORTCUTS = ("A", "B", "C")
 
 
+def conv_and_norm(module: nn.Module, train: bool) -> tuple[ModuleDef, ModuleDef]:
+    """A ResNet's layer makers, from `module`'s dtype, conv_general_dilated, bn_momentum and
+    bn_epsilon: bias-free He-initialised convs, and batch norm (batch statistics if `train`)."""
+    conv = functools.partial(
+        nn.Conv,
+        use_bias=False,
+        kernel_init=conv_kernel_init,
+        dtype=module.dtype,
+        conv_general_dilated=module.conv_general_dilated,
+    )
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=module.bn_momentum,
+        epsilon=module.bn_epsilon,
+        dtype=module.dtype,
+    )
+    return conv, norm
+
+
 class ResidualBlock(nn.Module):
     """One residual unit: a basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1 x4) branch plus shortcut.
 
@@ -150,20 +170,7 @@ class ResNet(nn.Module):
                 "(or None for the family's default). Set config.model.shortcut to one of them."
             )
         act = get_activation(self.activation)
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            kernel_init=conv_kernel_init,
-            dtype=self.dtype,
-            conv_general_dilated=self.conv_general_dilated,
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-        )
+        conv, norm = conv_and_norm(self, train)
 
         if self.family == "imagenet":
             x = conv(stem_width, (7, 7), 2, padding=3, name="stem_conv")(x)  # (B, H/2, W/2, 64)

@@ -1,4 +1,6 @@
-"""Host memory: the process keeps what it frees mapped, so each step reuses the same pages.
+"""The process's set-up before JAX starts its backends: CPU devices and malloc.
+
+Host memory: the process keeps what it frees mapped, so each step reuses the same pages.
 
 XLA's CPU runtime allocates every step's temporary buffers afresh (300 MB for a ResNet-20
 train step at batch 128). glibc serves blocks that large with mmap and unmaps them when they
@@ -11,7 +13,10 @@ back to the system until it exits (its peak stays resident).
 
 import ctypes
 
+import ml_collections
 from absl import logging
+
+from cnn_lab import models, sharding
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -30,3 +35,19 @@ def keep_freed_memory() -> bool:
     if not applied:
         logging.warning("keep_freed_memory: this C library has no glibc mallopt; not applied.")
     return applied
+
+
+def prepare(
+    config: ml_collections.ConfigDict, batch_size: int | None = None, multi_process: bool = False
+) -> None:
+    """CPU devices (`config.train.cpu_devices`, see `models.cpu_devices`) and kept memory
+    (`config.train.keep_freed_memory`) for a run of `config`; call before JAX starts.
+
+    `batch_size` is the batch the devices split; configs saved before a field existed get
+    its default.
+    """
+    requested = config.train.get("cpu_devices", 0)
+    devices = models.cpu_devices(requested, config.model, multi_process)
+    sharding.use_cpu_devices(devices, batch_size)
+    if config.train.get("keep_freed_memory", True):
+        keep_freed_memory()

@@ -7,9 +7,9 @@ import sys
 # faults of the second round.
 SECOND_ROUND_FAULTS = """
 import ctypes, resource, sys
-from cnn_lab import host_memory
+from cnn_lab import host
 if sys.argv[1] == "keep":
-    assert host_memory.keep_freed_memory()
+    assert host.keep_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]

@@ -86,9 +86,8 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = stats["num_classes"]  # Must match the data set's classes.
     config.model.compute_dtype = "float32"  # float32 | bfloat16: activations; params stay float32.
-    config.model.conv_implementation = (
-        "auto"  # auto | xla | onednn: auto is oneDNN on 1 CPU device.
-    )
+    # auto | xla | onednn | batch_minor: auto is cnn_lab's CPU kernels on 1 CPU device.
+    config.model.conv_implementation = "auto"
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"  # sgd | adam | adamw.

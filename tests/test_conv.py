@@ -1,4 +1,5 @@
-"""oneDNN's convolution equals XLA's, forward and both gradients, wherever the zoo convolves."""
+"""cnn_lab's CPU convolutions (oneDNN, batch-minor) equal XLA's, forward and both gradients,
+wherever the zoo convolves."""
 
 import importlib
 import json
@@ -17,12 +18,12 @@ import tiny_steps
 from jax import lax
 
 from cnn_lab import models, sharding
-from cnn_lab.models import conv, get_model
+from cnn_lab.models import conv, cpu_kernels, get_model
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The oneDNN wheels are Linux x86-64 only and the wrapper needs g++.
 pytestmark = pytest.mark.skipif(
-    conv.onednn_problem() is not None, reason=f"no oneDNN here: {conv.onednn_problem()}"
+    cpu_kernels.problem() is not None, reason=f"no oneDNN here: {cpu_kernels.problem()}"
 )
 CONV_MODELS = ("lenet5", "convnet", "alexnet", "vgg", "resnet", "odenet", "ode_resnet")
 
@@ -83,12 +84,32 @@ def _small(geometry: tuple) -> tuple:
     return ((min(h, 8 + h % 2), min(w, 8 + w % 2), c), kernel, *rest)
 
 
-@pytest.mark.parametrize("geometry", sorted({_small(g) for g in ZOO}, key=str) + EXTRA, ids=str)
-def test_onednn_matches_xla_forward_and_gradients(geometry):
+GEOMETRIES = sorted({_small(g) for g in ZOO}, key=str) + EXTRA
+
+
+def _few_channels(geometry: tuple) -> tuple:
+    """The geometry with at most 17 input and 19 output channels: batch-minor tests run 80
+    images, and the kernels' channel tiles (6 or 8) still end in partial tiles."""
+    (h, w, c), (kh, kw, _, o), *rest = geometry
+    return ((h, w, min(c, 17)), (kh, kw, min(c, 17), min(o, 19)), *rest)
+
+
+# The batch-minor kernels take stride 1 without dilation (others go to oneDNN); 80 images make
+# a block of 64 lanes and one of 16.
+BATCH_MINOR_GEOMETRIES = sorted(
+    {_few_channels(g) for g in GEOMETRIES if g[2] == (1, 1) and g[4] == (1, 1)}, key=str
+)
+CASES = [("onednn", 2, g) for g in GEOMETRIES] + [
+    ("batch_minor", 80, g) for g in BATCH_MINOR_GEOMETRIES
+]
+
+
+@pytest.mark.parametrize("implementation, batch, geometry", CASES, ids=str)
+def test_cpu_convolution_matches_xla_forward_and_gradients(implementation, batch, geometry):
     (h, w, c), kernel, strides, padding, dilation, groups = geometry
     assert groups == 1  # A grouped conv would need the XLA fallback tested here instead.
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, h, w, c)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(batch, h, w, c)), jnp.float32)
     k = jnp.asarray(rng.normal(size=kernel), jnp.float32)
 
     def run(fn):
@@ -99,9 +120,9 @@ def test_onednn_matches_xla_forward_and_gradients(geometry):
         dy = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
         return (y, *vjp(dy))
 
-    both = jax.jit(
-        lambda x, k: (run(lax.conv_general_dilated), run(conv.onednn_conv_general_dilated))
-    )
+    function = conv.conv_general_dilated(implementation)
+    both = jax.jit(lambda x, k: (run(lax.conv_general_dilated), run(function)))
+    assert f"cnn_lab_{implementation}_conv_forward" in both.lower(x, k).as_text()
     expected, actual = both(x, k)
     for want, got, what in zip(
         expected, actual, ("output", "input grad", "kernel grad"), strict=True
@@ -109,6 +130,29 @@ def test_onednn_matches_xla_forward_and_gradients(geometry):
         assert got.shape == want.shape
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
+
+
+def test_batch_minor_passes_strides_dilation_and_odd_batches_to_onednn():
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+    for batch, strides, dilation in (
+        (16, (2, 2), (1, 1)),
+        (16, (1, 1), (2, 2)),
+        (20, (1, 1), (1, 1)),
+    ):
+        x = jnp.asarray(rng.normal(size=(batch, 9, 9, 4)), jnp.float32)
+
+        def fn(x, k, strides=strides, dilation=dilation):
+            return conv.batch_minor_conv_general_dilated(
+                x, k, strides, "SAME", rhs_dilation=dilation, dimension_numbers=conv.NHWC
+            )
+
+        hlo = jax.jit(fn).lower(x, k).as_text()
+        assert "cnn_lab_onednn_conv_forward" in hlo and "batch_minor" not in hlo
+        expected = lax.conv_general_dilated(
+            x, k, strides, "SAME", rhs_dilation=dilation, dimension_numbers=conv.NHWC
+        )
+        np.testing.assert_allclose(fn(x, k), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_calls_onednn_does_not_take_fall_back_to_xla():
@@ -160,26 +204,47 @@ def test_vmap_over_kernels_matches_xla():
 RESNET = dict(name="resnet", num_classes=10, depth=8, family="cifar")
 
 
-def test_a_resnet_train_step_with_onednn_matches_xla(monkeypatch):
-    # BatchNorm, residuals, strided convs and the optimizer around the oneDNN calls.
+@pytest.mark.parametrize(
+    "model, implementation, image_size",
+    [(RESNET, "onednn", 8), (dict(name="lenet5", num_classes=10), "batch_minor", 28)],
+    ids=["resnet-onednn", "lenet5-batch_minor"],
+)
+def test_a_train_step_with_cpu_convolutions_matches_xla(
+    monkeypatch, model, implementation, image_size
+):
+    # BatchNorm, residuals, strided convs, pooling, biases and the optimizer around the calls.
     runs = {}
-    for implementation in ("xla", "onednn"):
-        monkeypatch.setattr(conv, "resolve", lambda *_, i=implementation: i)
+    for name in ("xla", implementation):
+        monkeypatch.setattr(conv, "resolve", lambda *_, i=name: i)
         mesh, state, train_step, _ = tiny_steps.setup(
-            RESNET, jax.devices()[:1], image_size=8, learning_rate=0.1, label_smoothing=0.0
+            model, jax.devices()[:1], image_size=image_size, learning_rate=0.1, label_smoothing=0.0
         )
         for i in range(2):
-            batch = sharding.to_global(tiny_steps.batch(8, 16, seed=i), mesh)
+            batch = sharding.to_global(tiny_steps.batch(image_size, 16, seed=i), mesh)
             state, metrics = train_step(state, batch)
-        runs[implementation] = jax.device_get((state.params, metrics["loss"]))
-    chex.assert_trees_all_close(runs["xla"], runs["onednn"], rtol=2e-4, atol=2e-5)
+        runs[name] = jax.device_get((state.params, metrics["loss"]))
+    chex.assert_trees_all_close(runs["xla"], runs[implementation], rtol=2e-4, atol=2e-5)
 
 
-def test_get_model_hands_the_resolved_convolution_to_every_conv_model(monkeypatch):
-    monkeypatch.setattr(conv, "resolve", lambda *_: "onednn")
+@pytest.mark.parametrize("implementation", ["onednn", "batch_minor"])
+def test_get_model_hands_the_resolved_convolution_to_every_conv_model(monkeypatch, implementation):
+    monkeypatch.setattr(conv, "resolve", lambda *_: implementation)
     for name in CONV_MODELS:
         model = get_model(ml_collections.ConfigDict(dict(name=name, num_classes=3)))
-        assert model.conv_general_dilated is conv.onednn_conv_general_dilated, name
+        assert model.conv_general_dilated is conv.conv_general_dilated(implementation), name
+        assert conv.implementation_of(model) == implementation
+
+
+def test_auto_picks_batch_minor_only_for_models_of_few_channels(monkeypatch):
+    # As on a one-device CPU run: resolve's other checks pass.
+    def resolve(implementation, compute_dtype="float32", few_channels=False):
+        return "batch_minor" if few_channels else "onednn"
+
+    monkeypatch.setattr(conv, "resolve", resolve)
+    for name in CONV_MODELS:
+        model = get_model(ml_collections.ConfigDict(dict(name=name, num_classes=3)))
+        expected = "batch_minor" if name == "lenet5" else "onednn"
+        assert conv.implementation_of(model) == expected, name
 
 
 def test_a_model_without_convolutions_never_resolves_one(monkeypatch):
@@ -199,8 +264,9 @@ def test_resolve_picks_xla_on_many_devices_and_explains_a_bad_choice():
     assert jax.device_count() == 8
     assert conv.resolve("auto") == "xla"
     assert conv.resolve("xla") == "xla"
-    with pytest.raises(ValueError, match=r"cpu_devices=1.*conv_implementation=auto"):
-        conv.resolve("onednn")
+    for implementation in ("onednn", "batch_minor"):
+        with pytest.raises(ValueError, match=r"cpu_devices=1.*conv_implementation=auto"):
+            conv.resolve(implementation)
     with pytest.raises(ValueError, match="'cudnn' is not one of auto, xla, onednn"):
         conv.resolve("cudnn")
 
@@ -212,13 +278,14 @@ def test_cpu_devices_give_oneDNN_one_device_unless_asked_otherwise():
     assert models.cpu_devices(0, model(conv_implementation="auto")) == 1
     assert models.cpu_devices(0, model()) == 1  # Runs from before the knob: auto.
     assert models.cpu_devices(0, model(conv_implementation="onednn")) == 1
+    assert models.cpu_devices(0, model(conv_implementation="batch_minor")) == 1
     assert models.cpu_devices(0, model(conv_implementation="xla")) == 0
     assert models.cpu_devices(3, model(conv_implementation="onednn")) == 3
     assert models.cpu_devices(0, model("mlp")) == 0  # No convolutions: one device per core.
     assert models.cpu_devices(0, model(), multi_process=True) == 0
 
 
-def test_a_default_training_run_uses_onednn_on_one_device(tmp_path):
+def test_a_default_training_run_uses_batch_minor_on_one_device(tmp_path):
     # Outside the test session's 8 forced devices, as a user's run: cpu_devices 0 -> 1 device.
     flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
     command = [
@@ -228,4 +295,5 @@ def test_a_default_training_run_uses_onednn_on_one_device(tmp_path):
     root = CONFIG_DIR.parent
     subprocess.run(command, cwd=root, env={**os.environ, "XLA_FLAGS": flags}, check=True)
     provenance = json.loads((tmp_path / "config.json").read_text())["provenance"]
-    assert (provenance["device_count"], provenance["conv_implementation"]) == (1, "onednn")
+    # The default config trains LeNet-5, whose convolutions have few channels.
+    assert (provenance["device_count"], provenance["conv_implementation"]) == (1, "batch_minor")

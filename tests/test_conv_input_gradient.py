@@ -1,15 +1,16 @@
-"""oneDNN's convolution computes its input's gradient only when something differentiates it."""
+"""The CPU convolutions compute their input's gradient only when something differentiates it."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from cnn_lab.models import conv
+from cnn_lab.models import conv, cpu_kernels
 
 pytestmark = pytest.mark.skipif(
-    conv.onednn_problem() is not None, reason=f"no oneDNN here: {conv.onednn_problem()}"
+    cpu_kernels.problem() is not None, reason=f"no oneDNN here: {cpu_kernels.problem()}"
 )
 PADDING = ((2, 2), (2, 2))
 
@@ -47,6 +48,19 @@ def test_both_gradients_when_the_input_is_differentiated():
     expected = jax.grad(conv_loss(lax.conv_general_dilated), argnums=(0, 1))(x, kernel)
     for got, want in zip(grad(x, kernel), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("argnums, forward_calls", [(1, 1), ((0, 1), 2)])
+def test_batch_minor_computes_the_input_gradient_only_when_asked(argnums, forward_calls):
+    # Its input gradient is a second forward call (dy with the flipped kernel).
+    x, kernel = inputs()
+    x = jnp.tile(x, (8, 1, 1, 1))  # 16 images: one lane vector.
+    grad = jax.jit(jax.grad(conv_loss(conv.batch_minor_conv_general_dilated), argnums=argnums))
+    hlo = grad.lower(x, kernel).as_text()
+    assert hlo.count("@cnn_lab_batch_minor_conv_forward(") == forward_calls
+    assert "cnn_lab_batch_minor_conv_kernel_backward" in hlo
+    expected = jax.grad(conv_loss(lax.conv_general_dilated), argnums=argnums)(x, kernel)
+    chex.assert_trees_all_close(grad(x, kernel), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_second_layer_still_gets_its_input_gradient():

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from cnn_lab.models import conv
+from cnn_lab.models import conv, cpu_kernels
 from cnn_lab.models.alexnet import AlexNet
 from cnn_lab.models.convnet import ConvNet
 from cnn_lab.models.lenet import LeNet5
@@ -38,7 +38,8 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
 
     `compute_dtype` ("float32" or "bfloat16") becomes the module's `dtype`: activations are
     computed in it, parameters are created and kept in float32. `conv_implementation`
-    ("auto", "xla" or "onednn", see `conv.resolve`) picks the convolution the module runs.
+    ("auto", "xla", "onednn" or "batch_minor", see `conv.resolve`) picks the convolution the
+    module runs.
     """
     kwargs = dict(model_config)
     name = kwargs.pop("name")
@@ -67,7 +68,8 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     conv.check_name(conv_implementation)
     if _has_convolutions(cls):
-        implementation = conv.resolve(conv_implementation, compute_dtype)
+        few_channels = getattr(cls, "few_channel_convolutions", False)
+        implementation = conv.resolve(conv_implementation, compute_dtype, few_channels)
         kwargs["conv_general_dilated"] = conv.conv_general_dilated(implementation)
     return cls(**kwargs, dtype=COMPUTE_DTYPES[compute_dtype])
 
@@ -79,18 +81,18 @@ def _has_convolutions(cls: type[nn.Module]) -> bool:
 def cpu_devices(
     requested: int, model_config: ml_collections.ConfigDict, multi_process: bool = False
 ) -> int:
-    """The CPU device count to split into: `requested`, else 1 when oneDNN's convolution,
-    which uses every core from one device, will run, else 0 (one device per core).
+    """The CPU device count to split into: `requested`, else 1 when cnn_lab's CPU
+    convolutions, which use every core from one device, will run, else 0 (one per core).
 
     Call before JAX starts its backends: it looks only at the config and installed files.
     """
     implementation = model_config.get("conv_implementation", "auto")
     model = MODELS.get(model_config.get("name"))
-    # Several processes make several devices: oneDNN's convolution is then not used.
+    # Several processes make several devices: the CPU convolutions are then not used.
     if requested or model is None or not _has_convolutions(model) or multi_process:
         return requested
-    if implementation == "onednn":  # get_model then explains whatever stands in its way.
+    if implementation in ("onednn", "batch_minor"):  # get_model explains what stands in the way.
         return 1
     if implementation == "xla" or model_config.get("compute_dtype") == "bfloat16":
         return requested
-    return 1 if conv.onednn_problem() is None else 0
+    return 1 if cpu_kernels.problem() is None else 0

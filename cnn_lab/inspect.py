@@ -33,6 +33,7 @@ from PIL import Image
 from cnn_lab import checkpoint, metric_writer, predict
 from cnn_lab.data import augment, inputs
 from cnn_lab.data.inputs import split_string
+from cnn_lab.models import layers
 
 INSPECT_DIR = "inspect"
 TOP = 9  # Patches shown per feature map.
@@ -55,8 +56,11 @@ class ConvLayer:
 
 
 def conv_layers(model: nn.Module, variables: dict, image_shape: tuple[int, int, int]) -> list:
-    """Every nn.Conv of `model` in the order a forward pass calls them."""
-    convs = predict.modules_called(model, variables, image_shape, lambda m: isinstance(m, nn.Conv))
+    """Every convolution module (nn.Conv, layers.Conv) of `model` in the order a forward pass
+    calls them."""
+    convs = predict.modules_called(
+        model, variables, image_shape, lambda m: isinstance(m, (nn.Conv, layers.Conv))
+    )
     return [
         ConvLayer(path, tuple(_at(variables["params"], path)["kernel"].shape))
         for path in (tuple(m.path) for m in convs)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,7 +19,7 @@ import tiny_steps
 from jax import lax
 
 from cnn_lab import models, sharding
-from cnn_lab.models import conv, cpu_kernels, get_model
+from cnn_lab.models import conv, cpu_kernels, get_model, layers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The oneDNN wheels are Linux x86-64 only and the wrapper needs g++.
@@ -297,3 +298,44 @@ def test_a_default_training_run_uses_batch_minor_on_one_device(tmp_path):
     provenance = json.loads((tmp_path / "config.json").read_text())["provenance"]
     # The default config trains LeNet-5, whose convolutions have few channels.
     assert (provenance["device_count"], provenance["conv_implementation"]) == (1, "batch_minor")
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME", 2, ((1, 2), (0, 1))], ids=str)
+def test_layers_conv_is_nn_conv_with_the_bias_inside_the_call(padding):
+    # Same parameter names, shapes and initial values (checkpoints and transfer patterns hold),
+    # same result under every implementation.
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 9, 9, 3)), jnp.float32)
+    reference = nn.Conv(6, (5, 5), (1, 1), padding=padding)
+    params = reference.init(jax.random.PRNGKey(1), x)
+    for implementation in ("xla", "onednn", "batch_minor"):
+        ours = layers.Conv(
+            6, (5, 5), 1, padding, conv_general_dilated=conv.conv_general_dilated(implementation)
+        )
+        chex.assert_trees_all_equal(ours.init(jax.random.PRNGKey(1), x), params)
+        shifted = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # A non-zero bias.
+        np.testing.assert_allclose(
+            ours.apply(shifted, x), reference.apply(shifted, x), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_batch_minor_sums_the_bias_gradient_in_its_kernel_pass():
+    # XLA would re-lay the batch-minor output gradient out to reduce it: no reduce may remain.
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 12, 12, 3)), jnp.float32)
+    dy = jnp.asarray(np.random.default_rng(1).normal(size=(32, 8, 8, 6)), jnp.float32)
+
+    def gradients(implementation):
+        module = layers.Conv(6, (5, 5), padding="VALID")
+        module = module.clone(conv_general_dilated=conv.conv_general_dilated(implementation))
+        params = module.init(jax.random.PRNGKey(0), x)
+
+        def vjp(params):
+            return jax.vjp(lambda p: module.apply(p, x), params)[1](dy)[0]
+
+        return jax.jit(vjp), params
+
+    fused, params = gradients("batch_minor")
+    hlo = fused.lower(params).as_text()
+    assert "cnn_lab_batch_minor_conv_kernel_backward" in hlo and "reduce" not in hlo
+    xla, _ = gradients("xla")
+    assert "reduce" in xla.lower(params).as_text()  # The check above can see a reduce.
+    chex.assert_trees_all_close(fused(params), xla(params), rtol=1e-4, atol=1e-4)

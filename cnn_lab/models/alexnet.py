@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnn_lab.models.layers import conv_kernel_init, get_activation
+from cnn_lab.models.layers import Conv, conv_kernel_init, get_activation
 
 
 class Layout(NamedTuple):
@@ -98,7 +98,7 @@ class AlexNet(nn.Module):
         layout = VARIANTS[self.variant]
         act = get_activation(self.activation)
         for i, (features, kernel, stride, padding) in enumerate(layout.convs):
-            x = nn.Conv(
+            x = Conv(
                 features,
                 (kernel, kernel),
                 stride,

@@ -7,11 +7,14 @@
 // multiply-add of a 16-image vector with one broadcast kernel weight is useful work.
 //
 // cnn_lab/models/conv.py compiles this file with -march=native on first use and registers:
-//   cnn_lab_batch_minor_conv_forward(x, kernel) -> y; attributes pad_top, pad_left
-//     y[n, i, j, o] = sum over (a, b, c) of x[n, i + a - pad_top, j + b - pad_left, c] *
-//     kernel[a, b, c, o], taps outside x being zero; y's shape gives the bottom and right
-//     padding. The input gradient is this call on dy with the flipped, transposed kernel.
-//   cnn_lab_batch_minor_conv_kernel_backward(x, dy) -> dkernel, for an x padded by the caller.
+//   cnn_lab_batch_minor_conv_forward(x, kernel, bias) -> y; attributes pad_top, pad_left
+//     y[n, i, j, o] = bias[o] + sum over (a, b, c) of
+//     x[n, i + a - pad_top, j + b - pad_left, c] * kernel[a, b, c, o], taps outside x being
+//     zero; y's shape gives the bottom and right padding. The input gradient is this call on
+//     dy with the flipped, transposed kernel and a zero bias.
+//   cnn_lab_batch_minor_conv_kernel_backward(x, dy) -> (dkernel, dbias), for an x padded by
+//     the caller. The bias gradient comes from the dy vectors this pass reads anyway; XLA
+//     would re-lay the whole batch-minor dy out to sum it.
 // x, y and dy are logically (N, H, W, C) with physical layout (H, W, C, N); kernels are HWIO.
 // N must be a multiple of 16 (conv.py sends other batches to oneDNN). Work is split into
 // tasks on XLA's own intra-op thread pool and the handlers return a future, so they never
@@ -63,11 +66,11 @@ Geometry Shapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Spa
 // y[CHANNELS channels][VECTORS lane vectors] of one output pixel, from the taps
 // [row_begin, row_end) x [col_begin, col_end); x points at tap (0, 0) and k at channel 0.
 template <int CHANNELS, int VECTORS>
-void ForwardTile(const Geometry& g, const float* x, const float* k, float* y, int row_begin,
-                 int row_end, int col_begin, int col_end) {
+void ForwardTile(const Geometry& g, const float* x, const float* k, const float* bias, float* y,
+                 int row_begin, int row_end, int col_begin, int col_end) {
   Vec acc[CHANNELS][VECTORS];
-  for (auto& row : acc)
-    for (auto& v : row) v = Vec{};
+  for (int o = 0; o < CHANNELS; ++o)
+    for (auto& v : acc[o]) v = Vec{} + bias[o];
   for (int a = row_begin; a < row_end; ++a)
     for (int b = col_begin; b < col_end; ++b) {
       const float* xp = x + a * g.XRow() + b * g.XColumn();
@@ -85,15 +88,16 @@ void ForwardTile(const Geometry& g, const float* x, const float* k, float* y, in
 
 // All output channels of one pixel, CHANNELS at a time and the remainder.
 template <int VECTORS>
-void ForwardPixel(const Geometry& g, const float* x, const float* k, float* y, int row_begin,
-                  int row_end, int col_begin, int col_end) {
+void ForwardPixel(const Geometry& g, const float* x, const float* k, const float* bias, float* y,
+                  int row_begin, int row_end, int col_begin, int col_end) {
   constexpr int kChannels = std::min(8, kAccumulators / VECTORS);
   int64_t o = 0;
   for (; o + kChannels <= g.o; o += kChannels)
-    ForwardTile<kChannels, VECTORS>(g, x, k + o, y + o * g.n, row_begin, row_end, col_begin, col_end);
+    ForwardTile<kChannels, VECTORS>(g, x, k + o, bias + o, y + o * g.n, row_begin, row_end,
+                                    col_begin, col_end);
   auto rest = [&]<int... R>(std::integer_sequence<int, R...>) {
-    ((g.o - o == R + 1 ? ForwardTile<R + 1, VECTORS>(g, x, k + o, y + o * g.n, row_begin,
-                                                     row_end, col_begin, col_end)
+    ((g.o - o == R + 1 ? ForwardTile<R + 1, VECTORS>(g, x, k + o, bias + o, y + o * g.n,
+                                                     row_begin, row_end, col_begin, col_end)
                        : void()),
      ...);
   };
@@ -101,8 +105,8 @@ void ForwardPixel(const Geometry& g, const float* x, const float* k, float* y, i
 }
 
 // Output pixels of units [begin, end), a unit being (batch block, pixel).
-void ForwardUnits(const Geometry& g, const float* x, const float* k, float* y, int64_t pad_top,
-                  int64_t pad_left, int64_t begin, int64_t end) {
+void ForwardUnits(const Geometry& g, const float* x, const float* k, const float* bias, float* y,
+                  int64_t pad_top, int64_t pad_left, int64_t begin, int64_t end) {
   const int64_t pixels = g.out_h * g.out_w;
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t block = unit / pixels, i = unit % pixels / g.out_w, j = unit % g.out_w;
@@ -113,16 +117,17 @@ void ForwardUnits(const Geometry& g, const float* x, const float* k, float* y, i
     const int64_t lane = block * kMaxVectors * kLanes;
     float* yp = y + (i * g.out_w + j) * g.YColumn() + lane;
     if (row_begin >= row_end || col_begin >= col_end) {  // Every tap in the padding.
-      for (int64_t o = 0; o < g.o; ++o) std::memset(yp + o * g.n, 0, vectors * sizeof(Vec));
+      for (int64_t o = 0; o < g.o; ++o)
+        for (int v = 0; v < vectors; ++v) Store(yp + o * g.n + v * kLanes, Vec{} + bias[o]);
       continue;
     }
     // May point outside x; only the taps inside it are read.
     const float* xp = x + top * g.XRow() + left * g.XColumn() + lane;
     switch (vectors) {
-      case 4: ForwardPixel<4>(g, xp, k, yp, row_begin, row_end, col_begin, col_end); break;
-      case 3: ForwardPixel<3>(g, xp, k, yp, row_begin, row_end, col_begin, col_end); break;
-      case 2: ForwardPixel<2>(g, xp, k, yp, row_begin, row_end, col_begin, col_end); break;
-      default: ForwardPixel<1>(g, xp, k, yp, row_begin, row_end, col_begin, col_end);
+      case 4: ForwardPixel<4>(g, xp, k, bias, yp, row_begin, row_end, col_begin, col_end); break;
+      case 3: ForwardPixel<3>(g, xp, k, bias, yp, row_begin, row_end, col_begin, col_end); break;
+      case 2: ForwardPixel<2>(g, xp, k, bias, yp, row_begin, row_end, col_begin, col_end); break;
+      default: ForwardPixel<1>(g, xp, k, bias, yp, row_begin, row_end, col_begin, col_end);
     }
   }
 }
@@ -168,9 +173,10 @@ void KernelTaps(const Geometry& g, const float* x, const float* dy, const int64_
   rest(std::make_integer_sequence<int, kChannels - 1>{});
 }
 
-// Adds units [begin, end), a unit being (output row, batch block), to acc (taps x g.o).
-void KernelUnits(const Geometry& g, const float* x, const float* dy, Vec* acc, int64_t begin,
-                 int64_t end) {
+// Adds units [begin, end), a unit being (output row, batch block), to acc (taps x g.o) and
+// dy's sums to bias_acc (g.o).
+void KernelUnits(const Geometry& g, const float* x, const float* dy, Vec* acc, Vec* bias_acc,
+                 int64_t begin, int64_t end) {
   constexpr int kTaps = 4;
   const int64_t taps = g.kh * g.kw * g.c;
   std::vector<int64_t> offsets(taps);  // Of each tap (a, b, c) from x's pixel of output (i, j).
@@ -184,6 +190,9 @@ void KernelUnits(const Geometry& g, const float* x, const float* dy, Vec* acc, i
     const float* xp = x + i * g.XRow() + lane;
     const float* yp = dy + i * g.out_w * g.YColumn() + lane;
     const int vectors = g.Vectors(block);
+    for (int64_t j = 0; j < g.out_w; ++j)
+      for (int64_t o = 0; o < g.o; ++o)
+        for (int v = 0; v < vectors; ++v) bias_acc[o] += Load(yp + j * g.YColumn() + o * g.n + v * kLanes);
     int64_t t = 0;
     for (; t + kTaps <= taps; t += kTaps)
       KernelTaps<kTaps>(g, xp, yp, offsets.data() + t, acc + t * g.o, vectors);
@@ -220,45 +229,54 @@ int64_t Tasks(ffi::ThreadPool& pool, int64_t units) {
   return std::clamp<int64_t>(pool.num_threads() * kTasksPerThread, 1, units);
 }
 
-ffi::Future Forward(ffi::ThreadPool pool, F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y,
+ffi::Future Forward(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, ffi::ResultBuffer<ffi::F32> y,
                     int64_t pad_top, int64_t pad_left) {
   const Geometry g = Shapes(x.dimensions(), k.dimensions(), y->dimensions());
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
+  const float* bp = bias.typed_data();
   float* yp = y->typed_data();
   const int64_t units = g.BatchBlocks() * g.out_h * g.out_w, tasks = Tasks(pool, units);
   return RunTasks(
       pool, tasks,
       [=](int64_t task) {
-        ForwardUnits(g, xp, kp, yp, pad_top, pad_left, units * task / tasks,
+        ForwardUnits(g, xp, kp, bp, yp, pad_top, pad_left, units * task / tasks,
                      units * (task + 1) / tasks);
       },
       [] {});
 }
 
-ffi::Future KernelBackward(ffi::ThreadPool pool, F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk) {
+// The lane-wise partial sums of `tasks` tasks, `size` vectors each, summed into out.
+void SumPartials(const Vec* partial, int64_t tasks, int64_t stride, int64_t size, float* out) {
+  for (int64_t i = 0; i < size; ++i) {
+    Vec total = Vec{};
+    for (int64_t task = 0; task < tasks; ++task) total += partial[task * stride + i];
+    float sum = 0;
+    for (int lane = 0; lane < kLanes; ++lane) sum += total[lane];
+    out[i] = sum;
+  }
+}
+
+ffi::Future KernelBackward(ffi::ThreadPool pool, F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk,
+                           ffi::ResultBuffer<ffi::F32> dbias) {
   const Geometry g = Shapes(x.dimensions(), dk->dimensions(), dy.dimensions());
   const float* xp = x.typed_data();
   const float* yp = dy.typed_data();
-  float* out = dk->typed_data();
-  const int64_t size = g.kh * g.kw * g.c * g.o;
+  float* kernel_out = dk->typed_data();
+  float* bias_out = dbias->typed_data();
+  const int64_t size = g.kh * g.kw * g.c * g.o, stride = size + g.o;
   const int64_t units = g.out_h * g.BatchBlocks(), tasks = Tasks(pool, units);
-  // One vector of lane-wise partial sums per kernel weight and task, summed at the end.
-  auto partial = std::make_shared<std::vector<Vec>>(tasks * size, Vec{});
+  // Per task, lane-wise partial sums: one vector per kernel weight, then one per bias.
+  auto partial = std::make_shared<std::vector<Vec>>(tasks * stride, Vec{});
   return RunTasks(
       pool, tasks,
       [=](int64_t task) {
-        KernelUnits(g, xp, yp, partial->data() + task * size, units * task / tasks,
-                    units * (task + 1) / tasks);
+        Vec* acc = partial->data() + task * stride;
+        KernelUnits(g, xp, yp, acc, acc + size, units * task / tasks, units * (task + 1) / tasks);
       },
       [=] {
-        for (int64_t i = 0; i < size; ++i) {
-          Vec total = Vec{};
-          for (int64_t task = 0; task < tasks; ++task) total += (*partial)[task * size + i];
-          float sum = 0;
-          for (int lane = 0; lane < kLanes; ++lane) sum += total[lane];
-          out[i] = sum;
-        }
+        SumPartials(partial->data(), tasks, stride, size, kernel_out);
+        SumPartials(partial->data() + size, tasks, stride, g.o, bias_out);
       });
 }
 
@@ -269,9 +287,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabBatchMinorConvForward, Forward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()
                                   .Arg<F32>()
+                                  .Arg<F32>()
                                   .Ret<F32>()
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabBatchMinorConvKernelBackward, KernelBackward,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Ret<F32>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>());

@@ -211,8 +211,11 @@ def onednn_conv_general_dilated(
     return _onednn_conv(lhs, rhs, geometry)
 
 
-def _batch_minor_call(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
-    """The forward kernel: x (N, H, W, C) and the result batch-minor, kernel (KH, KW, C, O)."""
+def _batch_minor_call(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: tuple
+) -> jax.Array:
+    """The forward kernel: x (N, H, W, C) and the result batch-minor, kernel (KH, KW, C, O),
+    bias (O,)."""
     (top, bottom), (left, right) = padding
     n, h, w, _ = x.shape
     kh, kw, _, o = kernel.shape
@@ -221,45 +224,60 @@ def _batch_minor_call(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Ar
     )
     call = jax.ffi.ffi_call(
         "cnn_lab_batch_minor_conv_forward", out, vmap_method="sequential",
-        input_layouts=(BATCH_MINOR, None), output_layouts=BATCH_MINOR,
+        input_layouts=(BATCH_MINOR, None, None), output_layouts=BATCH_MINOR,
     )  # fmt: skip
-    return call(x, kernel, pad_top=np.int64(top), pad_left=np.int64(left))
+    return call(x, kernel, bias, pad_top=np.int64(top), pad_left=np.int64(left))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _batch_minor_conv(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
-    return _batch_minor_call(x, kernel, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_minor_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: tuple):
+    return _batch_minor_call(x, kernel, bias, padding)
 
 
-def _batch_minor_forward(x, kernel, padding: tuple):
+def _batch_minor_forward(x, kernel, bias, padding: tuple):
     """As `_forward`, for the batch-minor kernels."""
-    return _batch_minor_conv(x.value, kernel.value, padding), (x.value, kernel.value, x.perturbed)
+    y = _batch_minor_conv(x.value, kernel.value, bias.value, padding)
+    return y, (x.value, kernel.value, x.perturbed)
 
 
 def _batch_minor_backward(padding: tuple, residuals: tuple, dy: jax.Array) -> tuple:
     x, kernel, input_gradient = residuals
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
-        return None, None
+        return None, None, None
     (top, bottom), (left, right) = padding
-    padded = lax.pad(
-        x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
+    zero = jnp.zeros((), x.dtype)
+    padded = lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+    shapes = (
+        jax.ShapeDtypeStruct(kernel.shape, x.dtype),
+        jax.ShapeDtypeStruct(kernel.shape[-1:], x.dtype),
     )
     call = jax.ffi.ffi_call(
-        "cnn_lab_batch_minor_conv_kernel_backward", jax.ShapeDtypeStruct(kernel.shape, x.dtype),
-        vmap_method="sequential", input_layouts=(BATCH_MINOR, BATCH_MINOR),
+        "cnn_lab_batch_minor_conv_kernel_backward", shapes, vmap_method="sequential",
+        input_layouts=(BATCH_MINOR, BATCH_MINOR),
     )  # fmt: skip
-    dk = call(padded, dy)
+    dk, dbias = call(padded, dy)
     if not input_gradient:
-        return None, dk
+        return None, dk, dbias
     # dx is dy convolved with the kernel flipped in space and transposed (O and C swapped),
     # padded so that every output position that read x[i] sees it again.
     kh, kw = kernel.shape[:2]
     flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
     dx_padding = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
-    return _batch_minor_call(dy, flipped, dx_padding), dk
+    no_bias = jnp.zeros(x.shape[-1:], x.dtype)
+    return _batch_minor_call(dy, flipped, no_bias, dx_padding), dk, dbias
 
 
 _batch_minor_conv.defvjp(_batch_minor_forward, _batch_minor_backward, symbolic_zeros=True)
+
+
+def _batch_minor_geometry(*arguments) -> tuple | None:
+    """`_cpu_geometry` of a call the batch-minor kernels take: stride 1, no dilation, a
+    batch that is a positive multiple of 16."""
+    geometry = _cpu_geometry(*arguments)
+    lhs = arguments[0]
+    if geometry is None or geometry[0] != (1, 1) or geometry[2] != (1, 1):
+        return None
+    return geometry if lhs.shape[0] and lhs.shape[0] % BATCH_LANES == 0 else None
 
 
 def batch_minor_conv_general_dilated(
@@ -282,17 +300,29 @@ def batch_minor_conv_general_dilated(
     """
     arguments = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                  dimension_numbers, feature_group_count, batch_group_count)  # fmt: skip
-    geometry = _cpu_geometry(*arguments, preferred_element_type)
-    if (
-        geometry is None
-        or geometry[0] != (1, 1)
-        or geometry[2] != (1, 1)
-        or lhs.shape[0] % BATCH_LANES
-        or lhs.shape[0] == 0
-    ):
+    geometry = _batch_minor_geometry(*arguments, preferred_element_type)
+    if geometry is None:
         return onednn_conv_general_dilated(*arguments, precision, preferred_element_type)
     cpu_kernels.problem()  # Registers the FFI targets.
-    return _batch_minor_conv(lhs, rhs, geometry[1])
+    return _batch_minor_conv(lhs, rhs, jnp.zeros(rhs.shape[-1:], rhs.dtype), geometry[1])
+
+
+def conv_with_bias(
+    function: Callable, x: jax.Array, kernel: jax.Array, bias: jax.Array, strides, padding
+) -> jax.Array:
+    """x (N, H, W, C) convolved with kernel (KH, KW, C, O) by `function`, plus bias (O,).
+
+    The batch-minor kernels add the bias themselves and sum its gradient in their kernel
+    gradient pass; XLA would instead re-lay the whole batch-minor output gradient out to sum
+    it, which took as long as LeNet-5's first convolution.
+    """
+    if function is batch_minor_conv_general_dilated:
+        arguments = (x, kernel, strides, padding, None, None, NHWC, 1, 1)
+        geometry = _batch_minor_geometry(*arguments, None)
+        if geometry is not None:
+            cpu_kernels.problem()  # Registers the FFI targets.
+            return _batch_minor_conv(x, kernel, bias, geometry[1])
+    return function(x, kernel, strides, padding, dimension_numbers=NHWC) + bias.reshape(1, 1, 1, -1)
 
 
 _FUNCTIONS = {

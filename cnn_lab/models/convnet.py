@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from cnn_lab.models.layers import get_activation, max_pool
+from cnn_lab.models.layers import Conv, get_activation, max_pool
 
 
 class ConvNet(nn.Module):
@@ -25,7 +25,7 @@ class ConvNet(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
         conv = functools.partial(
-            nn.Conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
+            Conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
         )
         act = get_activation(self.activation)
         x = max_pool(act(conv(32, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))

@@ -2,10 +2,14 @@
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from cnn_lab.models import conv
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -106,6 +110,41 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 def get_pooling(name: str) -> Callable[..., jax.Array]:
     """The pooling function called `name` (max or avg), with flax.linen's signature."""
     return _lookup(POOLINGS, name, "pooling")
+
+
+class Conv(nn.Module):
+    """A 2-D convolution with bias on NHWC input: `nn.Conv`'s parameters (kernel HWIO, bias),
+    names, initialisers and result, with the bias added through `conv.conv_with_bias` so
+    that the batch-minor CPU kernels fuse it and its gradient.
+
+    Attributes:
+      features: output channels.
+      kernel_size: (KH, KW).
+      strides: an int or (SH, SW).
+      padding: "SAME", "VALID", an int or ((top, bottom), (left, right)), as nn.Conv.
+      dtype: activations' dtype (None: the inputs'); parameters stay float32.
+      conv_general_dilated: the convolution (see `conv.conv_general_dilated`).
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: str | int | Sequence = "SAME"
+    dtype: Any = None
+    kernel_init: Callable = nn.linear.default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+    conv_general_dilated: Callable = lax.conv_general_dilated
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The convolution (B, H', W', features) of x (B, H, W, C)."""
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+        padding = nn.linear.canonicalize_padding(self.padding, 2)
+        return conv.conv_with_bias(self.conv_general_dilated, x, kernel, bias, strides, padding)
 
 
 # He et al. (2015) initialisation for convolutions followed by ReLU, as the ResNet paper and

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from cnn_lab.models.layers import get_activation, get_pooling
+from cnn_lab.models.layers import Conv, get_activation, get_pooling
 
 
 class LeNet5(nn.Module):
@@ -34,7 +34,7 @@ class LeNet5(nn.Module):
         """Logits (B, num_classes) for images x (B, H, W, C)."""
         del train  # LeNet-5 behaves the same in training and evaluation.
         conv = functools.partial(
-            nn.Conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
+            Conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
         )
         act, pool = get_activation(self.activation), get_pooling(self.pooling)
         x = pool(act(conv(6, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnn_lab.models.layers import StochasticDepth, get_activation
+from cnn_lab.models.layers import Conv, StochasticDepth, get_activation
 from cnn_lab.models.resnet import ResidualBlock, conv_and_norm
 
 PyTree = Any
@@ -371,7 +371,7 @@ class ODENet(nn.Module):
         act = get_activation(self.activation)
         norm = functools.partial(nn.GroupNorm, num_groups=_groups(self.width), dtype=self.dtype)
         conv = functools.partial(
-            nn.Conv,
+            Conv,
             self.width,
             dtype=self.dtype,
             conv_general_dilated=self.conv_general_dilated,

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from cnn_lab.models.layers import conv_kernel_init, get_activation, max_pool
+from cnn_lab.models.layers import Conv, conv_kernel_init, get_activation, max_pool
 
 # depth -> 3x3 convs in each of the five stages (Table 1 of the paper: A=11, B=13, D=16, E=19).
 DEPTHS: dict[int, tuple[int, ...]] = {
@@ -58,7 +58,7 @@ class VGG(nn.Module):
         act = get_activation(self.activation)
         for num_convs, width in zip(DEPTHS[self.depth], STAGE_WIDTHS, strict=True):
             for _ in range(num_convs):
-                x = nn.Conv(
+                x = Conv(
                     width,
                     (3, 3),
                     padding=1,

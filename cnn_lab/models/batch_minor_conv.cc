@@ -68,14 +68,16 @@ Geometry Shapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Spa
 template <int CHANNELS, int VECTORS>
 void ForwardTile(const Geometry& g, const float* x, const float* k, const float* bias, float* y,
                  int row_begin, int row_end, int col_begin, int col_end) {
+  // Locals, not g's fields: the compiler cannot keep those in registers across the stores.
+  const int64_t n = g.n, c = g.c, o_count = g.o, kw = g.kw, row = g.XRow(), column = g.XColumn();
   Vec acc[CHANNELS][VECTORS];
   for (int o = 0; o < CHANNELS; ++o)
     for (auto& v : acc[o]) v = Vec{} + bias[o];
   for (int a = row_begin; a < row_end; ++a)
     for (int b = col_begin; b < col_end; ++b) {
-      const float* xp = x + a * g.XRow() + b * g.XColumn();
-      const float* kp = k + (a * g.kw + b) * g.c * g.o;
-      for (int64_t c = 0; c < g.c; ++c, xp += g.n, kp += g.o) {
+      const float* xp = x + a * row + b * column;
+      const float* kp = k + (a * kw + b) * c * o_count;
+      for (int64_t i = 0; i < c; ++i, xp += n, kp += o_count) {
         Vec xv[VECTORS];
         for (int v = 0; v < VECTORS; ++v) xv[v] = Load(xp + v * kLanes);
         for (int o = 0; o < CHANNELS; ++o)
@@ -83,7 +85,7 @@ void ForwardTile(const Geometry& g, const float* x, const float* k, const float*
       }
     }
   for (int o = 0; o < CHANNELS; ++o)
-    for (int v = 0; v < VECTORS; ++v) Store(y + o * g.n + v * kLanes, acc[o][v]);
+    for (int v = 0; v < VECTORS; ++v) Store(y + o * n + v * kLanes, acc[o][v]);
 }
 
 // All output channels of one pixel, CHANNELS at a time and the remainder.
@@ -137,25 +139,28 @@ void ForwardUnits(const Geometry& g, const float* x, const float* k, const float
 template <int TAPS, int CHANNELS>
 void KernelTile(const Geometry& g, const float* x, const float* dy, const int64_t* offsets,
                 Vec* acc, int vectors) {
+  const int64_t n = g.n, o_count = g.o, out_w = g.out_w, x_column = g.XColumn(), y_column = g.YColumn();
+  int64_t offset[TAPS];
+  for (int t = 0; t < TAPS; ++t) offset[t] = offsets[t];
   Vec sum[TAPS][CHANNELS];
   for (int t = 0; t < TAPS; ++t)
-    for (int o = 0; o < CHANNELS; ++o) sum[t][o] = acc[t * g.o + o];
-  for (int64_t j = 0; j < g.out_w; ++j)
+    for (int o = 0; o < CHANNELS; ++o) sum[t][o] = acc[t * o_count + o];
+  for (int64_t j = 0; j < out_w; ++j)
     for (int v = 0; v < vectors; ++v) {
-      const float* yp = dy + j * g.YColumn() + v * kLanes;
-      const float* xp = x + j * g.XColumn() + v * kLanes;
+      const float* yp = dy + j * y_column + v * kLanes;
+      const float* xp = x + j * x_column + v * kLanes;
       Vec d[CHANNELS];
       for (int o = 0; o < CHANNELS; ++o) {
-        d[o] = Load(yp + o * g.n);
+        d[o] = Load(yp + o * n);
         Pin(d[o]);
       }
       for (int t = 0; t < TAPS; ++t) {
-        const Vec xv = Load(xp + offsets[t]);
+        const Vec xv = Load(xp + offset[t]);
         for (int o = 0; o < CHANNELS; ++o) sum[t][o] += xv * d[o];
       }
     }
   for (int t = 0; t < TAPS; ++t)
-    for (int o = 0; o < CHANNELS; ++o) acc[t * g.o + o] = sum[t][o];
+    for (int o = 0; o < CHANNELS; ++o) acc[t * o_count + o] = sum[t][o];
 }
 
 template <int TAPS>
@@ -190,9 +195,12 @@ void KernelUnits(const Geometry& g, const float* x, const float* dy, Vec* acc, V
     const float* xp = x + i * g.XRow() + lane;
     const float* yp = dy + i * g.out_w * g.YColumn() + lane;
     const int vectors = g.Vectors(block);
-    for (int64_t j = 0; j < g.out_w; ++j)
-      for (int64_t o = 0; o < g.o; ++o)
-        for (int v = 0; v < vectors; ++v) bias_acc[o] += Load(yp + j * g.YColumn() + o * g.n + v * kLanes);
+    for (int64_t o = 0; o < g.o; ++o) {
+      Vec sum = bias_acc[o];
+      for (int64_t j = 0; j < g.out_w; ++j)
+        for (int v = 0; v < vectors; ++v) sum += Load(yp + j * g.YColumn() + o * g.n + v * kLanes);
+      bias_acc[o] = sum;
+    }
     int64_t t = 0;
     for (; t + kTaps <= taps; t += kTaps)
       KernelTaps<kTaps>(g, xp, yp, offsets.data() + t, acc + t * g.o, vectors);

@@ -56,8 +56,7 @@ class ConvLayer:
 
 
 def conv_layers(model: nn.Module, variables: dict, image_shape: tuple[int, int, int]) -> list:
-    """Every convolution module (nn.Conv, layers.Conv) of `model` in the order a forward pass
-    calls them."""
+    """Every convolution module (nn.Conv, layers.Conv) of `model`, in forward-pass order."""
     convs = predict.modules_called(
         model, variables, image_shape, lambda m: isinstance(m, (nn.Conv, layers.Conv))
     )

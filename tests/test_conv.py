@@ -24,7 +24,7 @@ from cnn_lab.models import conv, cpu_kernels, get_model, layers
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The oneDNN wheels are Linux x86-64 only and the wrapper needs g++.
 pytestmark = pytest.mark.skipif(
-    cpu_kernels.problem() is not None, reason=f"no oneDNN here: {cpu_kernels.problem()}"
+    cpu_kernels.problem() is not None, reason=f"no CPU kernels here: {cpu_kernels.problem()}"
 )
 CONV_MODELS = ("lenet5", "convnet", "alexnet", "vgg", "resnet", "odenet", "ode_resnet")
 
@@ -95,14 +95,23 @@ def _few_channels(geometry: tuple) -> tuple:
     return ((h, w, min(c, 17)), (kh, kw, min(c, 17), min(o, 19)), *rest)
 
 
+# Padding the zoo does not make, for the batch-minor kernels' implicit padding: uneven, whole
+# output rows and columns in the padding (1x1 kernel), and more than the kernel's size - 1
+# (a negative padding for the input gradient).
+PADDED = [
+    ((9, 9, 4), (3, 3, 4, 7), (1, 1), ((1, 2), (3, 0)), (1, 1), 1),
+    ((8, 8, 3), (1, 1, 3, 5), (1, 1), ((2, 2), (1, 1)), (1, 1), 1),
+]
 # The batch-minor kernels take stride 1 without dilation (others go to oneDNN); 80 images make
-# a block of 64 lanes and one of 16.
+# a block of 64 lanes and one of 16, 48 images one block of 3 vectors.
 BATCH_MINOR_GEOMETRIES = sorted(
     {_few_channels(g) for g in GEOMETRIES if g[2] == (1, 1) and g[4] == (1, 1)}, key=str
 )
-CASES = [("onednn", 2, g) for g in GEOMETRIES] + [
-    ("batch_minor", 80, g) for g in BATCH_MINOR_GEOMETRIES
-]
+CASES = (
+    [("onednn", 2, g) for g in GEOMETRIES]
+    + [("batch_minor", 80, g) for g in BATCH_MINOR_GEOMETRIES + PADDED]
+    + [("batch_minor", 48, g) for g in PADDED]
+)
 
 
 @pytest.mark.parametrize("implementation, batch, geometry", CASES, ids=str)
@@ -154,6 +163,25 @@ def test_batch_minor_passes_strides_dilation_and_odd_batches_to_onednn():
             x, k, strides, "SAME", rhs_dilation=dilation, dimension_numbers=conv.NHWC
         )
         np.testing.assert_allclose(fn(x, k), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["onednn", "batch_minor"])
+def test_an_empty_output_is_xlas(implementation):
+    x, k = jnp.ones((16, 4, 4, 3)), jnp.ones((5, 5, 3, 6))
+    function = jax.jit(
+        lambda x, k: conv.conv_general_dilated(implementation)(
+            x, k, (1, 1), "VALID", dimension_numbers=conv.NHWC
+        )
+    )
+    assert "cnn_lab" not in function.lower(x, k).as_text()
+    assert function(x, k).shape == (16, 0, 0, 6)
+
+
+def test_the_kernels_compile_for_cpus_without_avx512(tmp_path):
+    # -march=native builds them for this machine; an AVX2-only machine must build them too.
+    command = cpu_kernels.compile_command(tmp_path / "avx2.so", march="x86-64-v3")
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_calls_onednn_does_not_take_fall_back_to_xla():
@@ -270,6 +298,18 @@ def test_resolve_picks_xla_on_many_devices_and_explains_a_bad_choice():
             conv.resolve(implementation)
     with pytest.raises(ValueError, match="'cudnn' is not one of auto, xla, onednn"):
         conv.resolve("cudnn")
+
+
+def test_auto_on_one_cpu_device_picks_batch_minor_for_few_channels_with_avx512(monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # As a user's run, not the 8 here.
+    monkeypatch.setattr(cpu_kernels, "wide_vectors", lambda: True)
+    assert conv.resolve("auto", few_channels=True) == "batch_minor"
+    assert conv.resolve("auto", few_channels=False) == "onednn"
+    assert conv.resolve("auto", "bfloat16", few_channels=True) == "xla"
+    monkeypatch.setattr(cpu_kernels, "wide_vectors", lambda: False)
+    assert conv.resolve("auto", few_channels=True) == "onednn"
+    with pytest.raises(ValueError, match="no AVX-512.*conv_implementation=auto"):
+        conv.resolve("batch_minor")
 
 
 def test_cpu_devices_give_oneDNN_one_device_unless_asked_otherwise():

@@ -6,7 +6,7 @@
 // consumes that layout itself, fusing the transposes into neighbouring ops), and every
 // multiply-add of a 16-image vector with one broadcast kernel weight is useful work.
 //
-// cnn_lab/models/conv.py compiles this file with -march=native on first use and registers:
+// cnn_lab/models/cpu_kernels.py compiles this file with -march=native on first use; it registers:
 //   cnn_lab_batch_minor_conv_forward(x, kernel, bias) -> y; attributes pad_top, pad_left
 //     y[n, i, j, o] = bias[o] + sum over (a, b, c) of
 //     x[n, i + a - pad_top, j + b - pad_left, c] * kernel[a, b, c, o], taps outside x being
@@ -16,15 +16,16 @@
 //     the caller. The bias gradient comes from the dy vectors this pass reads anyway; XLA
 //     would re-lay the whole batch-minor dy out to sum it.
 // x, y and dy are logically (N, H, W, C) with physical layout (H, W, C, N); kernels are HWIO.
-// N must be a multiple of 16 (conv.py sends other batches to oneDNN). Work is split into
+// N must be a multiple of 16 (conv.py sends other batches to oneDNN). Written for AVX-512's
+// 32 vector registers; other x86-64 CPUs compile it too. Work is split into
 // tasks on XLA's own intra-op thread pool and the handlers return a future, so they never
 // compete with XLA's other ops for the cores.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -38,14 +39,21 @@ constexpr int kLanes = 16;
 constexpr int kMaxVectors = 4;  // Lane vectors of the batch one task holds: 64 images.
 constexpr int kAccumulators = 24;  // Of the 32 vector registers, leaving room for operands.
 constexpr int kTasksPerThread = 4;  // Finer tasks balance around XLA's other work.
+// Bounds the kernel gradient's per-task partial sums (64 bytes per weight and task).
+constexpr int64_t kPartialBytes = int64_t{64} << 20;
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float UnalignedVec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 inline Vec Load(const float* p) { return *reinterpret_cast<const UnalignedVec*>(p); }
 inline void Store(float* p, Vec v) { *reinterpret_cast<UnalignedVec*>(p) = v; }
 // Keeps a loaded vector in a register: otherwise GCC re-reads it from memory in every
-// multiply-add, which doubles the loads and halves the speed.
+// multiply-add, which doubles the loads and halves the speed. Without AVX-512 a 16-float
+// vector spans two registers, which the constraint cannot name.
+#ifdef __AVX512F__
 inline void Pin(Vec& v) { __asm__("" : "+v"(v)); }
+#else
+inline void Pin(Vec&) {}
+#endif
 
 // Shapes of one call; strides of the batch-minor arrays in floats.
 struct Geometry {
@@ -63,18 +71,18 @@ Geometry Shapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Spa
   return {x[0], x[1], x[2], x[3], k[0], k[1], k[3], y[1], y[2]};
 }
 
-// y[CHANNELS channels][VECTORS lane vectors] of one output pixel, from the taps
-// [row_begin, row_end) x [col_begin, col_end); x points at tap (0, 0) and k at channel 0.
+// y[CHANNELS channels][VECTORS lane vectors] of one output pixel from rows x cols taps; x
+// points at the first tap inside x and k at that tap's weights for channel 0.
 template <int CHANNELS, int VECTORS>
 void ForwardTile(const Geometry& g, const float* x, const float* k, const float* bias, float* y,
-                 int row_begin, int row_end, int col_begin, int col_end) {
+                 int rows, int cols) {
   // Locals, not g's fields: the compiler cannot keep those in registers across the stores.
   const int64_t n = g.n, c = g.c, o_count = g.o, kw = g.kw, row = g.XRow(), column = g.XColumn();
   Vec acc[CHANNELS][VECTORS];
   for (int o = 0; o < CHANNELS; ++o)
     for (auto& v : acc[o]) v = Vec{} + bias[o];
-  for (int a = row_begin; a < row_end; ++a)
-    for (int b = col_begin; b < col_end; ++b) {
+  for (int a = 0; a < rows; ++a)
+    for (int b = 0; b < cols; ++b) {
       const float* xp = x + a * row + b * column;
       const float* kp = k + (a * kw + b) * c * o_count;
       for (int64_t i = 0; i < c; ++i, xp += n, kp += o_count) {
@@ -91,15 +99,13 @@ void ForwardTile(const Geometry& g, const float* x, const float* k, const float*
 // All output channels of one pixel, CHANNELS at a time and the remainder.
 template <int VECTORS>
 void ForwardPixel(const Geometry& g, const float* x, const float* k, const float* bias, float* y,
-                  int row_begin, int row_end, int col_begin, int col_end) {
+                  int rows, int cols) {
   constexpr int kChannels = std::min(8, kAccumulators / VECTORS);
   int64_t o = 0;
   for (; o + kChannels <= g.o; o += kChannels)
-    ForwardTile<kChannels, VECTORS>(g, x, k + o, bias + o, y + o * g.n, row_begin, row_end,
-                                    col_begin, col_end);
+    ForwardTile<kChannels, VECTORS>(g, x, k + o, bias + o, y + o * g.n, rows, cols);
   auto rest = [&]<int... R>(std::integer_sequence<int, R...>) {
-    ((g.o - o == R + 1 ? ForwardTile<R + 1, VECTORS>(g, x, k + o, bias + o, y + o * g.n,
-                                                     row_begin, row_end, col_begin, col_end)
+    ((g.o - o == R + 1 ? ForwardTile<R + 1, VECTORS>(g, x, k + o, bias + o, y + o * g.n, rows, cols)
                        : void()),
      ...);
   };
@@ -113,8 +119,8 @@ void ForwardUnits(const Geometry& g, const float* x, const float* k, const float
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t block = unit / pixels, i = unit % pixels / g.out_w, j = unit % g.out_w;
     const int64_t top = i - pad_top, left = j - pad_left;  // x's row and column of tap (0, 0)
-    const int row_begin = std::max<int64_t>(0, -top), col_begin = std::max<int64_t>(0, -left);
-    const int row_end = std::min(g.kh, g.h - top), col_end = std::min(g.kw, g.w - left);
+    const int64_t row_begin = std::max<int64_t>(0, -top), col_begin = std::max<int64_t>(0, -left);
+    const int64_t row_end = std::min(g.kh, g.h - top), col_end = std::min(g.kw, g.w - left);
     const int vectors = g.Vectors(block);
     const int64_t lane = block * kMaxVectors * kLanes;
     float* yp = y + (i * g.out_w + j) * g.YColumn() + lane;
@@ -123,13 +129,14 @@ void ForwardUnits(const Geometry& g, const float* x, const float* k, const float
         for (int v = 0; v < vectors; ++v) Store(yp + o * g.n + v * kLanes, Vec{} + bias[o]);
       continue;
     }
-    // May point outside x; only the taps inside it are read.
-    const float* xp = x + top * g.XRow() + left * g.XColumn() + lane;
+    const float* xp = x + (top + row_begin) * g.XRow() + (left + col_begin) * g.XColumn() + lane;
+    const float* kp = k + (row_begin * g.kw + col_begin) * g.c * g.o;
+    const int rows = row_end - row_begin, cols = col_end - col_begin;
     switch (vectors) {
-      case 4: ForwardPixel<4>(g, xp, k, bias, yp, row_begin, row_end, col_begin, col_end); break;
-      case 3: ForwardPixel<3>(g, xp, k, bias, yp, row_begin, row_end, col_begin, col_end); break;
-      case 2: ForwardPixel<2>(g, xp, k, bias, yp, row_begin, row_end, col_begin, col_end); break;
-      default: ForwardPixel<1>(g, xp, k, bias, yp, row_begin, row_end, col_begin, col_end);
+      case 4: ForwardPixel<4>(g, xp, kp, bias, yp, rows, cols); break;
+      case 3: ForwardPixel<3>(g, xp, kp, bias, yp, rows, cols); break;
+      case 2: ForwardPixel<2>(g, xp, kp, bias, yp, rows, cols); break;
+      default: ForwardPixel<1>(g, xp, kp, bias, yp, rows, cols);
     }
   }
 }
@@ -222,6 +229,10 @@ ffi::Future RunTasks(ffi::ThreadPool& pool, int64_t tasks, std::function<void(in
   job->finish = std::move(finish);
   job->remaining = tasks;
   ffi::Future future(job->promise);
+  if (tasks == 0) {  // An empty output.
+    job->finish();
+    job->promise.SetAvailable();
+  }
   for (int64_t i = 0; i < tasks; ++i)
     pool.Schedule([job, i] {
       job->task(i);
@@ -233,8 +244,12 @@ ffi::Future RunTasks(ffi::ThreadPool& pool, int64_t tasks, std::function<void(in
   return future;
 }
 
-int64_t Tasks(ffi::ThreadPool& pool, int64_t units) {
-  return std::clamp<int64_t>(pool.num_threads() * kTasksPerThread, 1, units);
+// Tasks for `units` units of work: a few per thread, none for no work, fewer where each
+// needs `bytes_per_task` of scratch.
+int64_t Tasks(ffi::ThreadPool& pool, int64_t units, int64_t bytes_per_task = 0) {
+  int64_t tasks = std::max<int64_t>(1, pool.num_threads()) * kTasksPerThread;
+  if (bytes_per_task) tasks = std::min(tasks, std::max<int64_t>(1, kPartialBytes / bytes_per_task));
+  return std::min(tasks, units);
 }
 
 ffi::Future Forward(ffi::ThreadPool pool, F32 x, F32 k, F32 bias, ffi::ResultBuffer<ffi::F32> y,
@@ -273,7 +288,8 @@ ffi::Future KernelBackward(ffi::ThreadPool pool, F32 x, F32 dy, ffi::ResultBuffe
   float* kernel_out = dk->typed_data();
   float* bias_out = dbias->typed_data();
   const int64_t size = g.kh * g.kw * g.c * g.o, stride = size + g.o;
-  const int64_t units = g.out_h * g.BatchBlocks(), tasks = Tasks(pool, units);
+  const int64_t units = g.out_h * g.BatchBlocks();
+  const int64_t tasks = Tasks(pool, units, stride * static_cast<int64_t>(sizeof(Vec)));
   // Per task, lane-wise partial sums: one vector per kernel weight, then one per bias.
   auto partial = std::make_shared<std::vector<Vec>>(tasks * stride, Vec{});
   return RunTasks(

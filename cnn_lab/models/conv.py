@@ -11,15 +11,15 @@ put 16 images in each lane instead. `config.model.conv_implementation` picks:
 - "xla": `lax.conv_general_dilated`, on any backend.
 - "onednn": oneDNN through XLA's FFI (CPU, one device in the whole run: the FFI call is not
   partitioned over a mesh). Calls it does not take (not float32, grouped, transposed,
-  negative padding, not 2-D NHWC/HWIO) run XLA's convolution instead.
+  negative padding, not 2-D NHWC/HWIO, an empty output) run XLA's convolution instead.
 - "batch_minor": the batch-minor kernels (CPU, one device) for stride-1, undilated
   convolutions of batches that are a multiple of 16; other calls go to "onednn". XLA lays
   their activations out batch-minor and fuses the transposes into neighbouring ops, which
   pays only where every convolution is small: ResNet-20's 3 -> 16 stem alone run this way
   took its train step from 621 to 374 images/s, LeNet-5 went from 15,700 to 25,500.
 - "auto": on a float32 run of one CPU device where the kernels load, "batch_minor" for
-  models whose class declares `few_channel_convolutions` (LeNet-5), else "onednn"; "xla"
-  elsewhere: accelerators always get XLA's own kernels.
+  models whose class declares `few_channel_convolutions` (LeNet-5) on a CPU with AVX-512,
+  else "onednn"; "xla" elsewhere: accelerators always get XLA's own kernels.
 
 The C++ kernels are built on first use (see `cpu_kernels`).
 """
@@ -73,9 +73,15 @@ def resolve(implementation: str, compute_dtype: str = "float32", few_channels: b
         problem = cpu_kernels.problem()
         if problem:
             reasons.append(problem)
+    # Without AVX-512's 32 vector registers the batch-minor kernels spill: LeNet-5's train
+    # step took 41 ms instead of 4 ms built for AVX2 (-march=x86-64-v3) on this AVX-512 CPU.
+    if implementation == "batch_minor" and not reasons and not cpu_kernels.wide_vectors():
+        reasons.append(
+            "this CPU has no AVX-512, without which the batch-minor kernels run 10x slower"
+        )
     if not reasons:
         if implementation == "auto":
-            return "batch_minor" if few_channels else "onednn"
+            return "batch_minor" if few_channels and cpu_kernels.wide_vectors() else "onednn"
         return implementation
     if implementation != "auto":
         raise ValueError(
@@ -160,7 +166,11 @@ def _cpu_geometry(
     batch_group_count,
     preferred_element_type,
 ) -> tuple | None:
-    """(strides, explicit padding, dilation) of a call the CPU kernels take, else None."""
+    """(strides, explicit padding, dilation) of a call the CPU kernels take, else None.
+
+    They take float32 2-D NHWC/HWIO calls without groups, input dilation or negative
+    padding, whose output is not empty.
+    """
     spatial = lhs.ndim - 2
     rhs_dilation = tuple(rhs_dilation or (1,) * spatial)
     taken = (
@@ -175,14 +185,26 @@ def _cpu_geometry(
     )
     if not taken:
         return None
+    dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], rhs_dilation, strict=True)]
     if isinstance(padding, str):
-        dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], rhs_dilation, strict=True)]
         padding = lax.padtype_to_pads(lhs.shape[1:3], dilated, window_strides, padding)
+    padded = [size + lo + hi for size, (lo, hi) in zip(lhs.shape[1:3], padding, strict=True)]
+    if any(size < k for size, k in zip(padded, dilated, strict=True)):
+        return None  # An empty output, which XLA's convolution returns.
     return (
         tuple(int(s) for s in window_strides),
         tuple((int(lo), int(hi)) for lo, hi in padding),
         tuple(int(d) for d in rhs_dilation),
     )
+
+
+def _require_kernels() -> None:
+    """Registers the FFI targets, or raises with the reason they cannot be loaded."""
+    problem = cpu_kernels.problem()
+    if problem:
+        raise RuntimeError(
+            f"{problem}. Set --config.model.conv_implementation=xla to use XLA's convolution."
+        )
 
 
 def onednn_conv_general_dilated(
@@ -207,15 +229,14 @@ def onednn_conv_general_dilated(
     geometry = _cpu_geometry(*arguments, preferred_element_type)
     if geometry is None:
         return lax.conv_general_dilated(*arguments, precision, preferred_element_type)
-    cpu_kernels.problem()  # Registers the FFI targets.
+    _require_kernels()
     return _onednn_conv(lhs, rhs, geometry)
 
 
 def _batch_minor_call(
     x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: tuple
 ) -> jax.Array:
-    """The forward kernel: x (N, H, W, C) and the result batch-minor, kernel (KH, KW, C, O),
-    bias (O,)."""
+    """The forward kernel on batch-minor x (N, H, W, C), kernel (KH, KW, C, O), bias (O,)."""
     (top, bottom), (left, right) = padding
     n, h, w, _ = x.shape
     kh, kw, _, o = kernel.shape
@@ -271,13 +292,15 @@ _batch_minor_conv.defvjp(_batch_minor_forward, _batch_minor_backward, symbolic_z
 
 
 def _batch_minor_geometry(*arguments) -> tuple | None:
-    """`_cpu_geometry` of a call the batch-minor kernels take: stride 1, no dilation, a
-    batch that is a positive multiple of 16."""
+    """`_cpu_geometry` of a call the batch-minor kernels take, else None.
+
+    They take stride 1, no dilation and a batch that is a positive multiple of 16.
+    """
     geometry = _cpu_geometry(*arguments)
-    lhs = arguments[0]
+    batch = arguments[0].shape[0]
     if geometry is None or geometry[0] != (1, 1) or geometry[2] != (1, 1):
         return None
-    return geometry if lhs.shape[0] and lhs.shape[0] % BATCH_LANES == 0 else None
+    return geometry if batch and batch % BATCH_LANES == 0 else None
 
 
 def batch_minor_conv_general_dilated(
@@ -303,7 +326,7 @@ def batch_minor_conv_general_dilated(
     geometry = _batch_minor_geometry(*arguments, preferred_element_type)
     if geometry is None:
         return onednn_conv_general_dilated(*arguments, precision, preferred_element_type)
-    cpu_kernels.problem()  # Registers the FFI targets.
+    _require_kernels()
     return _batch_minor_conv(lhs, rhs, jnp.zeros(rhs.shape[-1:], rhs.dtype), geometry[1])
 
 
@@ -320,7 +343,7 @@ def conv_with_bias(
         arguments = (x, kernel, strides, padding, None, None, NHWC, 1, 1)
         geometry = _batch_minor_geometry(*arguments, None)
         if geometry is not None:
-            cpu_kernels.problem()  # Registers the FFI targets.
+            _require_kernels()
             return _batch_minor_conv(x, kernel, bias, geometry[1])
     return function(x, kernel, strides, padding, dimension_numbers=NHWC) + bias.reshape(1, 1, 1, -1)
 

@@ -77,33 +77,45 @@ def _cpu_features() -> str:
     return platform.machine()
 
 
-def _build(rebuild: bool = False) -> Path:
-    """The compiled library, built into the user's cache once per source, jaxlib and CPU."""
+def wide_vectors() -> bool:
+    """Whether this CPU has AVX-512, whose 32 vector registers the batch-minor kernels fill."""
+    return "avx512f" in _cpu_features().split()
+
+
+def compile_command(output: Path, march: str = "native") -> list[str]:
+    """The g++ command that builds the library into `output` for CPU `march`."""
     library, include = _onednn_files()
     compiler = shutil.which("g++") or shutil.which("c++")
-    versions = (importlib.metadata.version("jaxlib"), str(library), str(compiler), _cpu_features())
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) to build the CPU convolutions")
+    return [
+        compiler, "-O3", f"-march={march}", "-std=c++20", "-shared", "-fPIC", "-w",
+        f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, _SOURCES), str(library),
+        f"-Wl,-rpath,{library.parent}", "-o", str(output),
+    ]  # fmt: skip
+
+
+def _build(rebuild: bool = False) -> Path:
+    """The compiled library, built into the user's cache once per source, jaxlib and CPU."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnn_lab"
+    command = compile_command(cache / "placeholder")
+    compiler_version = subprocess.run([command[0], "--version"], capture_output=True, text=True)
+    versions = (
+        importlib.metadata.version("jaxlib"), command[:-1], compiler_version.stdout, _cpu_features()
+    )  # fmt: skip
     sources = b"".join(source.read_bytes() for source in _SOURCES)
     key = hashlib.sha256(sources + repr(versions).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnn_lab"
     built = cache / f"cpu_conv_{key}.so"
     if built.exists() and not rebuild:
         return built
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) to build the CPU convolutions")
     cache.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent processes never load a partial file.
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         partial = Path(scratch) / built.name
-        command = [
-            compiler, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w",
-            f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, _SOURCES), str(library),
-            f"-Wl,-rpath,{library.parent}", "-o", str(partial),
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(compile_command(partial), capture_output=True, text=True)
         if result.returncode:
-            raise RuntimeError(
-                f"building {' and '.join(s.name for s in _SOURCES)} failed: {result.stderr[-2000:]}"
-            )
+            names = " and ".join(source.name for source in _SOURCES)
+            raise RuntimeError(f"building {names} failed: {result.stderr[-2000:]}")
         os.replace(partial, built)
     return built
 

@@ -121,7 +121,8 @@ class Conv(nn.Module):
       features: output channels.
       kernel_size: (KH, KW).
       strides: an int or (SH, SW).
-      padding: "SAME", "VALID", an int or ((top, bottom), (left, right)), as nn.Conv.
+      padding: "SAME", "VALID", an int or ((top, bottom), (left, right)), as nn.Conv (whose
+        "CIRCULAR" and "CAUSAL" no model uses, and this module does not take).
       dtype: activations' dtype (None: the inputs'); parameters stay float32.
       conv_general_dilated: the convolution (see `conv.conv_general_dilated`).
     """

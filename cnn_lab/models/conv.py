@@ -15,8 +15,10 @@ put 16 images in each lane instead. `config.model.conv_implementation` picks:
 - "batch_minor": the batch-minor kernels (CPU, one device) for stride-1, undilated
   convolutions of batches that are a multiple of 16; other calls go to "onednn". XLA lays
   their activations out batch-minor and fuses the transposes into neighbouring ops, which
-  pays only where every convolution is small: ResNet-20's 3 -> 16 stem alone run this way
-  took its train step from 621 to 374 images/s, LeNet-5 went from 15,700 to 25,500.
+  pays only where every convolution is small: LeNet-5's train step ran 2.6x faster than
+  with oneDNN, ResNet-20's at half the speed (352 against 657 images/s) and ConvNet's 16%
+  slower (`python -m cnn_lab.benchmark --config=configs/<name>.py
+  --config.model.conv_implementation=batch_minor`).
 - "auto": on a float32 run of one CPU device where the kernels load, "batch_minor" for
   models whose class declares `few_channel_convolutions` (LeNet-5) on a CPU with AVX-512,
   else "onednn"; "xla" elsewhere: accelerators always get XLA's own kernels.

@@ -213,17 +213,18 @@ def test_calls_onednn_does_not_take_fall_back_to_xla():
     assert "cnn_lab_onednn_conv_forward" in nhwc.lower(x, k).as_text()
 
 
-def test_vmap_over_kernels_matches_xla():
+@pytest.mark.parametrize("implementation, batch", [("onednn", 2), ("batch_minor", 16)])
+def test_vmap_over_kernels_matches_xla(implementation, batch):
     # Ensembles and per-example tricks vmap models; the FFI call runs once per member.
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(batch, 8, 8, 3)), jnp.float32)
     kernels = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 5)), jnp.float32)
 
     def apply(fn):
         return jax.vmap(lambda k: fn(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC))(kernels)
 
     np.testing.assert_allclose(
-        apply(conv.onednn_conv_general_dilated),
+        apply(conv.conv_general_dilated(implementation)),
         apply(lax.conv_general_dilated),
         rtol=1e-5,
         atol=1e-4,

@@ -89,8 +89,8 @@ def resolve(implementation: str, compute_dtype: str = "float32", few_channels: b
         raise ValueError(
             f"config.model.conv_implementation={implementation} cannot be used: "
             + "; ".join(reasons)
-            + ". Fix that, or set --config.model.conv_implementation=auto to use XLA's "
-            "convolution."
+            + ". Fix that, or set --config.model.conv_implementation=auto, which picks the "
+            "fastest convolution this run can use."
         )
     return "xla"
 

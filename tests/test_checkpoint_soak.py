@@ -66,7 +66,8 @@ def test_resume_on_another_device_count(tmp_path, data_dir):
     SGD, whose update is linear in the gradient, so reduction-order differences between
     device counts (about 1e-6) stay that small instead of being rescaled as by Adam.
     """
-    # XLA's convolution on 1 device too (auto would pick oneDNN): only the device count varies.
+    # XLA's convolution on 1 device too (auto would pick a CPU kernel): only the device count
+    # varies.
     sgd = {
         "optimizer.name": "sgd",
         "optimizer.learning_rate": 0.05,

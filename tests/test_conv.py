@@ -309,7 +309,7 @@ def test_auto_on_one_cpu_device_picks_batch_minor_for_few_channels_with_avx512(m
     assert conv.resolve("auto", "bfloat16", few_channels=True) == "xla"
     monkeypatch.setattr(cpu_kernels, "wide_vectors", lambda: False)
     assert conv.resolve("auto", few_channels=True) == "onednn"
-    with pytest.raises(ValueError, match="no AVX-512.*conv_implementation=auto"):
+    with pytest.raises(ValueError, match=r"no AVX-512.*conv_implementation=auto"):
         conv.resolve("batch_minor")
 
 

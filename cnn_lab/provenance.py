@@ -44,7 +44,8 @@ def _version(package: str) -> str | None:
 
 def collect(mesh: Mesh, conv_implementation: str) -> dict:
     """Git commit (and whether the tree had changes), package versions, devices of `mesh`,
-    and the convolution implementation ("xla" or "onednn") the run's model computes with."""
+    and the convolution implementation ("xla", "onednn" or "batch_minor") the run's model
+    computes with."""
     status = _git("status", "--porcelain")
     return {
         "git_commit": _git("rev-parse", "HEAD"),

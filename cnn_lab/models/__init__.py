@@ -91,7 +91,7 @@ def cpu_devices(
     # Several processes make several devices: the CPU convolutions are then not used.
     if requested or model is None or not _has_convolutions(model) or multi_process:
         return requested
-    if implementation in ("onednn", "batch_minor"):  # get_model explains what stands in the way.
+    if implementation in conv.CPU_IMPLEMENTATIONS:  # get_model explains what stands in the way.
         return 1
     if implementation == "xla" or model_config.get("compute_dtype") == "bfloat16":
         return requested

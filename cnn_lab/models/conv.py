@@ -36,7 +36,9 @@ from jax import lax
 
 from cnn_lab.models import cpu_kernels
 
-IMPLEMENTATIONS = ("auto", "xla", "onednn", "batch_minor")
+# cnn_lab's FFI kernels: CPU only, one device in the whole run.
+CPU_IMPLEMENTATIONS = ("onednn", "batch_minor")
+IMPLEMENTATIONS = ("auto", "xla", *CPU_IMPLEMENTATIONS)
 NHWC = ("NHWC", "HWIO", "NHWC")
 # jax.ffi's layouts run major to minor: H, W, C, then N, so 16 images share a vector.
 BATCH_MINOR = (1, 2, 3, 0)
@@ -209,32 +211,6 @@ def _require_kernels() -> None:
         )
 
 
-def onednn_conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision=None,
-    preferred_element_type=None,
-) -> jax.Array:
-    """`lax.conv_general_dilated` computed by oneDNN; lhs (N, H, W, C), rhs (KH, KW, C, O).
-
-    Other cases (see the module docstring) go to `lax.conv_general_dilated` unchanged.
-    """
-    arguments = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                 dimension_numbers, feature_group_count, batch_group_count)  # fmt: skip
-    geometry = _cpu_geometry(*arguments, preferred_element_type)
-    if geometry is None:
-        return lax.conv_general_dilated(*arguments, precision, preferred_element_type)
-    _require_kernels()
-    return _onednn_conv(lhs, rhs, geometry)
-
-
 def _batch_minor_call(
     x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: tuple
 ) -> jax.Array:
@@ -305,31 +281,75 @@ def _batch_minor_geometry(*arguments) -> tuple | None:
     return geometry if batch and batch % BATCH_LANES == 0 else None
 
 
-def batch_minor_conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision=None,
-    preferred_element_type=None,
-) -> jax.Array:
+def _stand_in(name: str, doc: str, geometry_of: Callable, compute: Callable, fallback: Callable):
+    """A `lax.conv_general_dilated` stand-in that also adds an optional `bias` (O,).
+
+    Calls `geometry_of` takes (it returns their geometry) run `compute(lhs, rhs, bias,
+    geometry)`; the others run `fallback`, and the bias is added after it.
+    """
+
+    def conv_general_dilated(
+        lhs: jax.Array,
+        rhs: jax.Array,
+        window_strides,
+        padding,
+        lhs_dilation=None,
+        rhs_dilation=None,
+        dimension_numbers=None,
+        feature_group_count: int = 1,
+        batch_group_count: int = 1,
+        precision=None,
+        preferred_element_type=None,
+        *,
+        bias: jax.Array | None = None,
+    ) -> jax.Array:
+        arguments = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                     dimension_numbers, feature_group_count, batch_group_count)  # fmt: skip
+        geometry = geometry_of(*arguments, preferred_element_type)
+        if geometry is None:
+            y = fallback(*arguments, precision, preferred_element_type)
+            return y if bias is None else y + bias.reshape(1, 1, 1, -1)
+        _require_kernels()
+        return compute(lhs, rhs, bias, geometry)
+
+    conv_general_dilated.__name__ = conv_general_dilated.__qualname__ = name
+    conv_general_dilated.__doc__ = doc
+    return conv_general_dilated
+
+
+def _onednn_compute(lhs: jax.Array, rhs: jax.Array, bias, geometry: tuple) -> jax.Array:
+    y = _onednn_conv(lhs, rhs, geometry)
+    return y if bias is None else y + bias.reshape(1, 1, 1, -1)
+
+
+def _batch_minor_compute(lhs: jax.Array, rhs: jax.Array, bias, geometry: tuple) -> jax.Array:
+    bias = jnp.zeros(rhs.shape[-1:], rhs.dtype) if bias is None else bias
+    return _batch_minor_conv(lhs, rhs, bias, geometry[1])
+
+
+onednn_conv_general_dilated = _stand_in(
+    "onednn_conv_general_dilated",
+    """`lax.conv_general_dilated` computed by oneDNN; lhs (N, H, W, C), rhs (KH, KW, C, O).
+
+    Other cases (see the module docstring) go to `lax.conv_general_dilated` unchanged.
+    """,
+    _cpu_geometry,
+    _onednn_compute,
+    lax.conv_general_dilated,
+)
+batch_minor_conv_general_dilated = _stand_in(
+    "batch_minor_conv_general_dilated",
     """`lax.conv_general_dilated` computed batch-minor; lhs (N, H, W, C), rhs (KH, KW, C, O).
 
     Takes stride-1, undilated calls with N a multiple of 16; others go to
-    `onednn_conv_general_dilated`.
-    """
-    arguments = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                 dimension_numbers, feature_group_count, batch_group_count)  # fmt: skip
-    geometry = _batch_minor_geometry(*arguments, preferred_element_type)
-    if geometry is None:
-        return onednn_conv_general_dilated(*arguments, precision, preferred_element_type)
-    _require_kernels()
-    return _batch_minor_conv(lhs, rhs, jnp.zeros(rhs.shape[-1:], rhs.dtype), geometry[1])
+    `onednn_conv_general_dilated`. A `bias` is added inside the kernels, which also sum
+    its gradient: XLA would instead re-lay the whole batch-minor output gradient out to sum
+    it, which took as long as LeNet-5's first convolution.
+    """,
+    _batch_minor_geometry,
+    _batch_minor_compute,
+    onednn_conv_general_dilated,
+)
 
 
 def conv_with_bias(
@@ -337,16 +357,10 @@ def conv_with_bias(
 ) -> jax.Array:
     """x (N, H, W, C) convolved with kernel (KH, KW, C, O) by `function`, plus bias (O,).
 
-    The batch-minor kernels add the bias themselves and sum its gradient in their kernel
-    gradient pass; XLA would instead re-lay the whole batch-minor output gradient out to sum
-    it, which took as long as LeNet-5's first convolution.
+    cnn_lab's stand-ins take the bias into their call (the batch-minor kernels fuse it).
     """
-    if function is batch_minor_conv_general_dilated:
-        arguments = (x, kernel, strides, padding, None, None, NHWC, 1, 1)
-        geometry = _batch_minor_geometry(*arguments, None)
-        if geometry is not None:
-            _require_kernels()
-            return _batch_minor_conv(x, kernel, bias, geometry[1])
+    if any(function is _FUNCTIONS[name] for name in CPU_IMPLEMENTATIONS):
+        return function(x, kernel, strides, padding, dimension_numbers=NHWC, bias=bias)
     return function(x, kernel, strides, padding, dimension_numbers=NHWC) + bias.reshape(1, 1, 1, -1)
 
 

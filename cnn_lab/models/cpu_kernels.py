@@ -98,7 +98,7 @@ def compile_command(output: Path, march: str = "native") -> list[str]:
 def _build(rebuild: bool = False) -> Path:
     """The compiled library, built into the user's cache once per source, jaxlib and CPU."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnn_lab"
-    command = compile_command(cache / "placeholder")
+    command = compile_command(cache / "placeholder")  # The output path is not part of the key.
     compiler_version = subprocess.run([command[0], "--version"], capture_output=True, text=True)
     versions = (
         importlib.metadata.version("jaxlib"), command[:-1], compiler_version.stdout, _cpu_features()
@@ -112,7 +112,7 @@ def _build(rebuild: bool = False) -> Path:
     # Build beside the target and rename: concurrent processes never load a partial file.
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         partial = Path(scratch) / built.name
-        result = subprocess.run(compile_command(partial), capture_output=True, text=True)
+        result = subprocess.run([*command[:-1], str(partial)], capture_output=True, text=True)
         if result.returncode:
             names = " and ".join(source.name for source in _SOURCES)
             raise RuntimeError(f"building {names} failed: {result.stderr[-2000:]}")

@@ -3,7 +3,7 @@
 Each average is a copy of the model's variables ({"params", "batch_stats"}): the BatchNorm
 statistics are averaged with the same weights as the parameters, so an averaged model is
 never evaluated with the raw model's statistics (`config.averaging.batch_stats="recompute"`
-re-estimates them instead; see `steps.recompute_batch_stats`). Both averages are updated
+re-estimates them instead; see `evaluation.recompute_batch_stats`). Both averages are updated
 inside the jitted train step, and their update counts follow from the state's step, so
 they are checkpointed and resumed with it at no extra cost.
 """

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from cnn_lab import sharding
 from cnn_lab.averaging import NO_AVERAGES, Averaging
+from cnn_lab.runtime import sharding
 
 
 @flax.struct.dataclass

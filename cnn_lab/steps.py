@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from cnn_lab import losses, param_groups, sharding
+from cnn_lab import losses, param_groups
 from cnn_lab.averaging import NO_AVERAGES, Averaging
 from cnn_lab.models import RNG_STREAMS
+from cnn_lab.runtime import sharding
 from cnn_lab.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -223,6 +224,15 @@ def eval_step(
         "class_count": jnp.sum(in_class, axis=0),
         **{k: v * jnp.sum(mask) for k, v in sown_metrics(sown.get("intermediates", {})).items()},
     }
+
+
+def make_eval_fn(model: nn.Module, mesh: Mesh, normalize: Normalize | None = None) -> Callable:
+    """eval_step jitted over `mesh`: replicated variables, batch split over the data axis."""
+    return jax.jit(
+        functools.partial(eval_step, model=model, normalize=normalize),
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
 
 
 def batch_stats_sums(variables: dict, images: jax.Array, start: dict, *, model: nn.Module) -> dict:

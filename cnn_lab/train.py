@@ -22,22 +22,13 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cnn_lab import (
-    averaging,
-    checkpoint,
-    distributed,
-    host,
-    optim,
-    provenance,
-    sharding,
-    steps,
-    transfer,
-)
+from cnn_lab import averaging, checkpoint, optim, steps, transfer
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, loading
-from cnn_lab.evaluate import evaluate, make_eval_fn, recompute_batch_stats
+from cnn_lab.evaluation import evaluate, recompute_batch_stats
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.models import conv, get_model
+from cnn_lab.runtime import distributed, host, provenance, sharding
 from cnn_lab.state import TrainState, init_state, restart_optimizer, start_from
 
 # Exit code of a run stopped by SIGTERM after saving: "temporary failure, run me again".
@@ -265,7 +256,7 @@ def train_and_evaluate(
     phase = optim.phase_at(phases, step)
     train_step = phase_step(phase.index)
     read_averages = jax.jit(averages.read, out_shardings=sharding.replicated(mesh))
-    eval_fn = make_eval_fn(model, mesh, normalize)
+    eval_fn = steps.make_eval_fn(model, mesh, normalize)
     validation_update = jax.jit(
         functools.partial(
             record_validation, plateau=plateau if config.schedule.name == "plateau" else None

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tiny_steps
 
-from cnn_lab import averaging, sharding
-from cnn_lab.evaluate import recompute_batch_stats
+from cnn_lab import averaging
+from cnn_lab.evaluation import recompute_batch_stats
+from cnn_lab.runtime import sharding
 
 LENET = dict(name="lenet5", num_classes=10)
 

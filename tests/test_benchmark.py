@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cnn_lab.benchmark import benchmark, format_pipeline, format_result, pipeline_benchmark
+from cnn_lab.tools.benchmark import benchmark, format_pipeline, format_result, pipeline_benchmark
 from configs import mlp_digits
 
 

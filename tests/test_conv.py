@@ -18,8 +18,9 @@ import pytest
 import tiny_steps
 from jax import lax
 
-from cnn_lab import models, sharding
+from cnn_lab import models
 from cnn_lab.models import conv, cpu_kernels, get_model, layers
+from cnn_lab.runtime import sharding
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The oneDNN wheels are Linux x86-64 only and the wrapper needs g++.

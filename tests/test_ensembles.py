@@ -11,8 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cnn_lab import checkpoint, evaluate, optim
+from cnn_lab import checkpoint, optim
 from cnn_lab.metric_writer import read_metrics
+from cnn_lab.tools import evaluate
 from cnn_lab.train import train_and_evaluate
 from configs import convnet_digits, lenet_digits
 

@@ -12,7 +12,7 @@ import pytest
 
 import cnn_lab
 from cnn_lab.data import streaming
-from cnn_lab.evaluate import evaluate_run
+from cnn_lab.tools.evaluate import evaluate_run
 from cnn_lab.train import train_and_evaluate
 from configs import lenet_digits
 

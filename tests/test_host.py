@@ -7,7 +7,7 @@ import sys
 # faults of the second round.
 SECOND_ROUND_FAULTS = """
 import ctypes, resource, sys
-from cnn_lab import host
+from cnn_lab.runtime import host
 if sys.argv[1] == "keep":
     assert host.keep_freed_memory()
 libc = ctypes.CDLL(None)

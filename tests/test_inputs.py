@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_lab import sharding
 from cnn_lab.data import inputs
 from cnn_lab.metric_writer import read_metrics
+from cnn_lab.runtime import sharding
 from cnn_lab.train import train_and_evaluate
 from configs import lenet_digits
 

@@ -1,4 +1,4 @@
-"""`python -m cnn_lab.inspect`: filters, top patches over receptive fields, confusion, curves."""
+"""`python -m cnn_lab.tools.inspect_run`: filters, top patches over receptive fields, confusion, curves."""
 
 import json
 import math
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn_lab import checkpoint, inspect, metric_writer
+from cnn_lab import checkpoint, metric_writer
+from cnn_lab.tools import inspect_run
 from cnn_lab.train import train_and_evaluate
 from configs import lenet_digits
 
@@ -25,7 +26,7 @@ def inspected(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     train_and_evaluate(config, workdir)
     (workdir / metric_writer.CURVES_FILE).unlink()
-    written = inspect.inspect_run(workdir, "latest", maps=MAPS, max_examples=128)
+    written = inspect_run.inspect_run(workdir, "latest", maps=MAPS, max_examples=128)
     return workdir, written
 
 
@@ -34,8 +35,8 @@ def _image(path) -> np.ndarray:
 
 
 def _grid_side(tiles: int, tile: int) -> int:
-    scale = math.ceil(inspect.MIN_TILE / tile)
-    return tiles * (tile * scale + inspect.BORDER) + inspect.BORDER
+    scale = math.ceil(inspect_run.MIN_TILE / tile)
+    return tiles * (tile * scale + inspect_run.BORDER) + inspect_run.BORDER
 
 
 def test_filter_grid_shows_every_first_layer_filter(inspected):
@@ -48,7 +49,7 @@ def test_filter_grid_shows_every_first_layer_filter(inspected):
 
 def test_filters_are_normalised_each_on_its_own_and_rgb():
     kernel = np.random.default_rng(0).normal(size=(3, 3, 3, 4)) * np.array([1, 10, 100, 1000])
-    tiles = inspect.filter_tiles(kernel)
+    tiles = inspect_run.filter_tiles(kernel)
     assert len(tiles) == 4
     for f, tile in enumerate(tiles):
         assert tile.shape == (3, 3, 3)
@@ -60,9 +61,9 @@ def test_filters_are_normalised_each_on_its_own_and_rgb():
 def test_receptive_fields_of_lenet(inspected):
     workdir, _ = inspected
     model, variables, _, _ = checkpoint.restore_for_inference(workdir, "latest")
-    layers = inspect.conv_layers(model, variables, (32, 32, 1))
+    layers = inspect_run.conv_layers(model, variables, (32, 32, 1))
     assert [layer.name for layer in layers] == ["Conv_0", "Conv_1"]
-    apply = inspect.layer_outputs(model, tuple(layer.path for layer in layers))
+    apply = inspect_run.layer_outputs(model, tuple(layer.path for layer in layers))
     boxes = {}
     for layer in layers:
 
@@ -70,7 +71,7 @@ def test_receptive_fields_of_lenet(inspected):
             return jnp.sum(apply(variables, image[None])[0][path][0][position[0], position[1]])
 
         positions = np.array([[0, 0], [3, 4]])
-        boxes[layer.name] = inspect.receptive_fields(
+        boxes[layer.name] = inspect_run.receptive_fields(
             unit, variables, (32, 32, 1), positions, jax.random.PRNGKey(0)
         ).tolist()
     # conv 5x5; then pool 2 (6x6, stride 2) and conv 5x5: 6 + 4 * 2 = 14 pixels.
@@ -82,7 +83,7 @@ def test_top_patch_grids(inspected):
     _, written = inspected
     for name, field in (("Conv_0", 5), ("Conv_1", 14)):
         image = _image(written[f"patches_{name}"])
-        assert image.shape == (_grid_side(MAPS, field), _grid_side(inspect.TOP, field), 3)
+        assert image.shape == (_grid_side(MAPS, field), _grid_side(inspect_run.TOP, field), 3)
         assert image.std() > 0
 
 
@@ -96,7 +97,7 @@ def test_confusion_matrix_and_per_class_accuracy(inspected):
     expected = [confusion[k, k] / rows[k] if rows[k] else math.nan for k in range(10)]
     np.testing.assert_allclose(table["per_class_accuracy"], expected)  # NaN: class unseen
     assert _image(written["confusion"]).std() > 0
-    assert written["confusion"] == workdir / inspect.INSPECT_DIR / "confusion_val.png"
+    assert written["confusion"] == workdir / inspect_run.INSPECT_DIR / "confusion_val.png"
 
 
 def test_missing_curves_are_drawn(inspected):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tiny_steps
 
-from cnn_lab import sharding
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.models import RNG_STREAMS, get_model
+from cnn_lab.runtime import sharding
 from cnn_lab.train import train_and_evaluate
 from configs import lenet_digits
 

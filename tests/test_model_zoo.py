@@ -14,7 +14,7 @@ from cnn_lab.models.alexnet import AlexNet, local_response_norm
 from cnn_lab.models.layers import StochasticDepth
 from cnn_lab.models.resnet import ResidualBlock, ResNet
 from cnn_lab.models.vgg import VGG
-from cnn_lab.summary import summarize
+from cnn_lab.tools.summary import summarize
 
 
 def key(seed: int) -> jax.Array:

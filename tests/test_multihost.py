@@ -12,8 +12,9 @@ from pathlib import Path
 import chex
 import pytest
 
-from cnn_lab import distributed, load_run
+from cnn_lab import load_run
 from cnn_lab.metric_writer import read_metrics
+from cnn_lab.runtime import distributed
 from cnn_lab.train import train_and_evaluate
 from configs import mlp_digits
 from launch import local

@@ -13,7 +13,7 @@ import pytest
 import scipy.linalg
 import tiny_steps
 
-from cnn_lab import sharding, steps
+from cnn_lab import steps
 from cnn_lab.models import get_model
 from cnn_lab.models.ode import (
     ADAPTIVE_SOLVERS,
@@ -27,6 +27,7 @@ from cnn_lab.models.ode import (
     solve,
 )
 from cnn_lab.models.resnet import ResNet
+from cnn_lab.runtime import sharding
 from configs import common
 
 ALL_SOLVERS = (*FIXED_STEP_SOLVERS, *ADAPTIVE_SOLVERS)

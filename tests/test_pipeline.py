@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_lab import sharding
 from cnn_lab.data import pipeline
+from cnn_lab.runtime import sharding
 
 
 def _split(n: int) -> pipeline.Split:

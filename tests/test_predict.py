@@ -11,9 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cnn_lab import predict, sharding
 from cnn_lab.data import pipeline
 from cnn_lab.models import get_model
+from cnn_lab.runtime import sharding
+from cnn_lab.tools import predict
 
 TTA = dict(image_size=8, flip=False, crop_fraction=0.8, scales=(), mc_samples=4)
 

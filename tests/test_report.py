@@ -12,7 +12,8 @@ import pytest
 from launching import env, launch
 from PIL import Image
 
-from cnn_lab import report, sweep
+from cnn_lab import sweep
+from cnn_lab.tools import report
 
 
 def _run(sweep_dir, overrides, accuracy):
@@ -100,7 +101,7 @@ def test_report_command_errors_name_the_fix(tmp_path, sweep_dir):
 
 
 def test_report_never_imports_training():
-    code = "import sys, cnn_lab.report; print('cnn_lab.train' in sys.modules, 'jax' in sys.modules)"
+    code = "import sys, cnn_lab.tools.report; print('cnn_lab.train' in sys.modules, 'jax' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env(), capture_output=True, text=True, check=True
     )
@@ -108,7 +109,7 @@ def test_report_never_imports_training():
 
 
 def test_points_whose_overrides_are_lists_of_dicts_are_grouped():
-    from cnn_lab import report
+    from cnn_lab.tools import report
 
     head_only = ({"epochs": 60, "freeze": ("Conv_.*",)},)  # As sweep.read_index gives it.
     runs = [

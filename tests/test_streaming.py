@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnn_lab import sharding
 from cnn_lab.data import loading, streaming
+from cnn_lab.runtime import sharding
 
 # Examples per shard of the mocked splits: 43 and 13 examples, neither divisible by 2 or 4.
 SHARDS = {"train": [10, 11, 11, 11], "test": [7, 6]}

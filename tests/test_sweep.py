@@ -7,7 +7,8 @@ import statistics
 import pytest
 from launching import TINY_RUN, launch, prepare_digits
 
-from cnn_lab import report, sweep
+from cnn_lab import sweep
+from cnn_lab.tools import report
 
 
 def test_product_and_zip_build_override_dicts():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tiny_steps
 
-from cnn_lab import sharding, steps
+from cnn_lab import steps
+from cnn_lab.runtime import sharding
 
 
 def _setup(model_config, devices):

@@ -4,10 +4,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from cnn_lab import optim, sharding, steps
+from cnn_lab import optim, steps
 from cnn_lab.averaging import NO_AVERAGES, Averaging
-from cnn_lab.evaluate import make_eval_fn
 from cnn_lab.models import get_model
+from cnn_lab.runtime import sharding
 from cnn_lab.state import init_state
 
 
@@ -65,7 +65,7 @@ def setup(
         averaging=averaging,
         micro_batches=micro_batches,
     )
-    return mesh, state, train_step, make_eval_fn(model, mesh)
+    return mesh, state, train_step, steps.make_eval_fn(model, mesh)
 
 
 def batch(image_size: int, n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:

@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnn_lab import sharding
 from cnn_lab.data import loading
+from cnn_lab.runtime import sharding
 
 Batch = dict[str, np.ndarray]
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cnn_lab import sharding
 from cnn_lab.data import loading
+from cnn_lab.runtime import sharding
 
 if TYPE_CHECKING:
     import tensorflow as tf

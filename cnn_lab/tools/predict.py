@@ -13,8 +13,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from cnn_lab import sharding
 from cnn_lab.data import augment, pipeline
+from cnn_lab.runtime import sharding
 
 VARIANTS = ("plain", "flip", "crops", "scales", "mc_dropout")
 

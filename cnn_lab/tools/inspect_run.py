@@ -1,4 +1,4 @@
-"""Look inside a trained model: `python -m cnn_lab.inspect --workdir=<dir> [--checkpoint=best]`.
+"""Look inside a trained model: `python -m cnn_lab.tools.inspect_run --workdir=<dir> [--checkpoint=best]`.
 
 Writes into <workdir>/inspect/:
 - `filters.png`: the first convolution's kernels, each scaled to [0, 1] on its own (RGB
@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cnn_lab import checkpoint, metric_writer, predict
+from cnn_lab import checkpoint, metric_writer
 from cnn_lab.data import augment, inputs
 from cnn_lab.data.inputs import split_string
 from cnn_lab.models import layers
+from cnn_lab.tools import predict
 
 INSPECT_DIR = "inspect"
 TOP = 9  # Patches shown per feature map.

@@ -16,7 +16,8 @@ import ctypes
 import ml_collections
 from absl import logging
 
-from cnn_lab import models, sharding
+from cnn_lab import models
+from cnn_lab.runtime import sharding
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8

@@ -1,0 +1,2 @@
+"""Where a run executes: CPU devices and memory (host), the mesh (sharding), processes
+(distributed), and what the run records about them (provenance)."""

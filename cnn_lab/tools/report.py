@@ -1,0 +1,217 @@
+"""Summarise a sweep: `python -m cnn_lab.report <sweep_dir> [--metric=test_accuracy]`.
+
+Reads the sweep's runs.csv and each run's metrics.jsonl (never the code that trained them)
+and writes, into the sweep directory, report_<metric>.md and .csv (mean +- sample standard
+deviation over seeds, per point and per value of each axis) and report_<metric>.png (the
+metric against each axis: every run as a dot, the mean with +- std bars).
+"""
+
+import csv
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cnn_lab import sweep
+
+SEED = "seed"  # The axis averaged over.
+
+
+def load_runs(sweep_dir: Path, metric: str) -> list[dict]:
+    """Every run of runs.csv: {"overrides", "finished", "value"} (value NaN until finished)."""
+    rows = sweep.read_index(sweep_dir)
+    if not rows:
+        raise FileNotFoundError(
+            f"{sweep_dir} has no {sweep.INDEX_FILE}. Pass the --sweep_dir of a sweep started "
+            "with `python -m launch.sweep`."
+        )
+    runs, available = [], set()
+    for row in rows:
+        metrics = sweep.final_metrics(sweep_dir / row["workdir"])
+        available |= set(metrics or ())
+        value = (metrics or {}).get(metric, math.nan)
+        runs.append(
+            {"overrides": row["overrides"], "finished": metrics is not None, "value": value}
+        )
+    if available and metric not in available:
+        raise ValueError(
+            f"No run recorded --metric={metric}. Choose one of: {', '.join(sorted(available))}."
+        )
+    return runs
+
+
+def axes_of(runs: list[dict]) -> list[str]:
+    """The overridden fields other than the seed that take more than one value."""
+    named = (k for run in runs for k in sweep.named_fields(run["overrides"]))
+    fields = [k for k in dict.fromkeys(named) if k != SEED]
+    varying = [f for f in fields if len({repr(r["overrides"].get(f)) for r in runs}) > 1]
+    return varying or fields
+
+
+def summarise(values: Sequence[float]) -> dict:
+    """{"runs", "finished", "mean", "std"} of the finished runs' values (std: n - 1, NaN if n < 2)."""
+    done = [v for v in values if not math.isnan(v)]
+    return {
+        "runs": len(values),
+        "finished": len(done),
+        "mean": statistics.fmean(done) if done else math.nan,
+        "std": statistics.stdev(done) if len(done) > 1 else math.nan,
+    }
+
+
+def _hashable(value):
+    """`value`, or its JSON text when it cannot be a dict key (e.g. a tuple of phase dicts)."""
+    try:
+        hash(value)
+    except TypeError:
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def group(runs: list[dict], fields: Sequence[str]) -> dict[tuple, list[float]]:
+    """Run values grouped by their values of `fields`, in first-seen order."""
+    groups: dict[tuple, list[float]] = {}
+    for run in runs:
+        key = tuple(_hashable(run["overrides"].get(f)) for f in fields)
+        groups.setdefault(key, []).append(run["value"])
+    return groups
+
+
+def fields_of(runs: list[dict]) -> list[str]:
+    """The fields naming the points (seed aside): the columns of the table of points."""
+    named = (k for r in runs for k in sweep.named_fields(r["overrides"]))
+    return [f for f in dict.fromkeys(named) if f != SEED]
+
+
+def tables(runs: list[dict]) -> list[dict]:
+    """Rows of the report: one per point (over seeds), then one per value of each axis."""
+    axes = axes_of(runs)
+    point_fields = fields_of(runs)
+    rows = [
+        {"scope": "point", **dict(zip(point_fields, key, strict=True)), **summarise(values)}
+        for key, values in group(runs, point_fields).items()
+    ]
+    for field in axes:
+        rows += [
+            {"scope": f"axis {field}", field: key[0], **summarise(values)}
+            for key, values in group(runs, [field]).items()
+        ]
+    return rows
+
+
+def _text(value: object) -> str:
+    """An override value as the command line spells it; blank where a row has none."""
+    return "" if value is None else sweep.flag_value(value)
+
+
+def _mean_std(row: dict) -> str:
+    if math.isnan(row["mean"]):
+        return "-"
+    return f"{row['mean']:.4f}" + (f" +- {row['std']:.4f}" if not math.isnan(row["std"]) else "")
+
+
+def markdown(sweep_dir: Path, metric: str, rows: list[dict], fields: list[str]) -> str:
+    """The report as Markdown: a table of points, then one table per axis."""
+    lines = [
+        f"# {sweep_dir.name}: {metric}",
+        "",
+        "mean +- sample standard deviation over seeds; `finished/runs` counts the runs "
+        "that trained to the end.",
+        "",
+        "## Points",
+        "",
+        "| " + " | ".join([*fields, "finished/runs", metric]) + " |",
+        "|" + "---|" * (len(fields) + 2),
+    ]
+    for row in (r for r in rows if r["scope"] == "point"):
+        cells = [_text(row.get(f)) for f in fields]
+        lines.append(
+            "| " + " | ".join([*cells, f"{row['finished']}/{row['runs']}", _mean_std(row)]) + " |"
+        )
+    for scope in dict.fromkeys(r["scope"] for r in rows if r["scope"] != "point"):
+        field = scope.removeprefix("axis ")
+        lines += ["", f"## {field}", "", f"| {field} | finished/runs | {metric} |", "|---|---|---|"]
+        for row in (r for r in rows if r["scope"] == scope):
+            lines.append(
+                f"| {_text(row[field])} | {row['finished']}/{row['runs']} | {_mean_std(row)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, metric: str, runs: list[dict], axes: list[str]) -> None:
+    """The metric against each axis: runs as dots, means with +- std bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # Files only.
+    import matplotlib.pyplot as plt
+
+    axes = axes or [SEED]
+    fig, panels = plt.subplots(1, len(axes), figsize=(4.5 * len(axes), 3.6), squeeze=False)
+    for panel, field in zip(panels[0], axes, strict=True):
+        groups = group(runs, [field])
+        keys = [k[0] for k in groups]
+        numeric = all(isinstance(k, int | float) and not isinstance(k, bool) for k in keys)
+        order = sorted(range(len(keys)), key=lambda i: keys[i]) if numeric else range(len(keys))
+        xs = [keys[i] if numeric else n for n, i in enumerate(order)]
+        values = [list(groups.values())[i] for i in order]
+        for x, vals in zip(xs, values, strict=True):
+            panel.plot([x] * len(vals), vals, "o", color="tab:blue", alpha=0.35, markersize=4)
+        stats = [summarise(v) for v in values]
+        panel.errorbar(
+            xs,
+            [s["mean"] for s in stats],
+            yerr=[0.0 if math.isnan(s["std"]) else s["std"] for s in stats],
+            fmt="-s",
+            color="tab:red",
+            capsize=4,
+            label="mean +- std",
+        )
+        if not numeric:
+            panel.set_xticks(xs, [str(keys[i]) for i in order])
+        panel.set_xlabel(field)
+        panel.set_ylabel(metric)
+        panel.grid(alpha=0.3)
+        panel.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: str | Path, metric: str = "test_accuracy") -> dict[str, Path]:
+    """Write report_<metric>.{md,csv,png} into the sweep directory; returns their paths."""
+    sweep_dir = Path(sweep_dir)
+    runs = load_runs(sweep_dir, metric)
+    rows = tables(runs)
+    fields = fields_of(runs)
+    paths = {ext: sweep_dir / f"report_{metric}.{ext}" for ext in ("md", "csv", "png")}
+    paths["md"].write_text(markdown(sweep_dir, metric, rows, fields))
+    with open(paths["csv"], "w", newline="") as f:
+        columns = ["scope", *fields, "runs", "finished", "mean", "std"]
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
+    plot(paths["png"], metric, runs, axes_of(runs))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: see the module docstring."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", help="The --sweep_dir of `python -m launch.sweep`.")
+    parser.add_argument("--metric", default="test_accuracy", help="A column of runs.csv.")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_report(args.sweep_dir, args.metric)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(paths["md"].read_text())
+    print("Wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,16 +18,24 @@ import pytest
 import tiny_steps
 from jax import lax
 
-from cnn_lab import models
-from cnn_lab.models import conv, cpu_kernels, get_model, layers
+from cnn_lab.kernels import build, selection, stand_ins
+from cnn_lab.models import conv_implementation, get_model, layers
 from cnn_lab.runtime import sharding
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The oneDNN wheels are Linux x86-64 only and the wrapper needs g++.
 pytestmark = pytest.mark.skipif(
-    cpu_kernels.problem() is not None, reason=f"no CPU kernels here: {cpu_kernels.problem()}"
+    build.problem() is not None, reason=f"no CPU kernels here: {build.problem()}"
 )
 CONV_MODELS = ("lenet5", "convnet", "alexnet", "vgg", "resnet", "odenet", "ode_resnet")
+
+
+@pytest.fixture(autouse=True)
+def _look_at_the_process_again():
+    # Selection looks at the backend and devices once per process; tests patch them.
+    selection._process_obstacles.cache_clear()
+    yield
+    selection._process_obstacles.cache_clear()
 
 
 def _config_names() -> list[str]:
@@ -53,7 +61,7 @@ def _zoo_convolutions() -> dict[tuple, set[str]]:
             found.setdefault((*key, kw.get("feature_group_count", 1)), set()).add(config_name)
             return lax.conv_general_dilated(lhs, rhs, strides, padding, **kw)
 
-        model = get_model(config.model).clone(conv_general_dilated=record)
+        model = get_model(config.model).clone(convolution=record)
         size, channels = config.data.image_size, config.data.channels
         x = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
         jax.eval_shape(lambda x, m=model: m.init(jax.random.PRNGKey(0), x, train=False), x)
@@ -125,13 +133,15 @@ def test_cpu_convolution_matches_xla_forward_and_gradients(implementation, batch
 
     def run(fn):
         def conv_fn(x, k):
-            return fn(x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=conv.NHWC)
+            return fn(
+                x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=stand_ins.NHWC
+            )
 
         y, vjp = jax.vjp(conv_fn, x, k)
         dy = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
         return (y, *vjp(dy))
 
-    function = conv.conv_general_dilated(implementation)
+    function = selection.convolution(implementation)
     both = jax.jit(lambda x, k: (run(lax.conv_general_dilated), run(function)))
     assert f"cnn_lab_{implementation}_conv_forward" in both.lower(x, k).as_text()
     expected, actual = both(x, k)
@@ -154,14 +164,14 @@ def test_batch_minor_passes_strides_dilation_and_odd_batches_to_onednn():
         x = jnp.asarray(rng.normal(size=(batch, 9, 9, 4)), jnp.float32)
 
         def fn(x, k, strides=strides, dilation=dilation):
-            return conv.batch_minor_conv_general_dilated(
-                x, k, strides, "SAME", rhs_dilation=dilation, dimension_numbers=conv.NHWC
+            return stand_ins.batch_minor_conv_general_dilated(
+                x, k, strides, "SAME", rhs_dilation=dilation, dimension_numbers=stand_ins.NHWC
             )
 
         hlo = jax.jit(fn).lower(x, k).as_text()
         assert "cnn_lab_onednn_conv_forward" in hlo and "batch_minor" not in hlo
         expected = lax.conv_general_dilated(
-            x, k, strides, "SAME", rhs_dilation=dilation, dimension_numbers=conv.NHWC
+            x, k, strides, "SAME", rhs_dilation=dilation, dimension_numbers=stand_ins.NHWC
         )
         np.testing.assert_allclose(fn(x, k), expected, rtol=1e-4, atol=1e-4)
 
@@ -170,8 +180,8 @@ def test_batch_minor_passes_strides_dilation_and_odd_batches_to_onednn():
 def test_an_empty_output_is_xlas(implementation):
     x, k = jnp.ones((16, 4, 4, 3)), jnp.ones((5, 5, 3, 6))
     function = jax.jit(
-        lambda x, k: conv.conv_general_dilated(implementation)(
-            x, k, (1, 1), "VALID", dimension_numbers=conv.NHWC
+        lambda x, k: selection.convolution(implementation)(
+            x, k, (1, 1), "VALID", dimension_numbers=stand_ins.NHWC
         )
     )
     assert "cnn_lab" not in function.lower(x, k).as_text()
@@ -180,7 +190,7 @@ def test_an_empty_output_is_xlas(implementation):
 
 def test_the_kernels_compile_for_cpus_without_avx512(tmp_path):
     # -march=native builds them for this machine; an AVX2-only machine must build them too.
-    command = cpu_kernels.compile_command(tmp_path / "avx2.so", march="x86-64-v3")
+    command = build.compile_command(tmp_path / "avx2.so", march="x86-64-v3")
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -189,26 +199,28 @@ def test_calls_onednn_does_not_take_fall_back_to_xla():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, 2, 6)), jnp.float32)
-    grouped = dict(feature_group_count=2, dimension_numbers=conv.NHWC)
+    grouped = dict(feature_group_count=2, dimension_numbers=stand_ins.NHWC)
     np.testing.assert_array_equal(
-        conv.onednn_conv_general_dilated(x, k, (1, 1), "SAME", **grouped),
+        stand_ins.onednn_conv_general_dilated(x, k, (1, 1), "SAME", **grouped),
         lax.conv_general_dilated(x, k, (1, 1), "SAME", **grouped),
     )
-    hlo = jax.jit(lambda x, k: conv.onednn_conv_general_dilated(x, k, (1, 1), "SAME", **grouped))
+    hlo = jax.jit(
+        lambda x, k: stand_ins.onednn_conv_general_dilated(x, k, (1, 1), "SAME", **grouped)
+    )
     assert "cnn_lab_onednn" not in hlo.lower(x, k).as_text()
-    cropping = dict(padding=((-1, 1), (0, 0)), dimension_numbers=conv.NHWC)  # XLA crops
+    cropping = dict(padding=((-1, 1), (0, 0)), dimension_numbers=stand_ins.NHWC)  # XLA crops
     k4 = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
     np.testing.assert_array_equal(
-        conv.onednn_conv_general_dilated(x, k4, (1, 1), **cropping),
+        stand_ins.onednn_conv_general_dilated(x, k4, (1, 1), **cropping),
         lax.conv_general_dilated(x, k4, (1, 1), **cropping),
     )
-    nchw = jax.jit(lambda x, k: conv.onednn_conv_general_dilated(x, k, (1, 1), "SAME"))
+    nchw = jax.jit(lambda x, k: stand_ins.onednn_conv_general_dilated(x, k, (1, 1), "SAME"))
     x_nchw, k_oihw = jnp.transpose(x, (0, 3, 1, 2)), jnp.zeros((6, 4, 3, 3))
     assert "cnn_lab_onednn" not in nchw.lower(x_nchw, k_oihw).as_text()  # lax's default layout
     k = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
     nhwc = jax.jit(
-        lambda x, k: conv.onednn_conv_general_dilated(
-            x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC
+        lambda x, k: stand_ins.onednn_conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=stand_ins.NHWC
         )
     )
     assert "cnn_lab_onednn_conv_forward" in nhwc.lower(x, k).as_text()
@@ -222,10 +234,12 @@ def test_vmap_over_kernels_matches_xla(implementation, batch):
     kernels = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 5)), jnp.float32)
 
     def apply(fn):
-        return jax.vmap(lambda k: fn(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC))(kernels)
+        return jax.vmap(lambda k: fn(x, k, (1, 1), "SAME", dimension_numbers=stand_ins.NHWC))(
+            kernels
+        )
 
     np.testing.assert_allclose(
-        apply(conv.conv_general_dilated(implementation)),
+        apply(selection.convolution(implementation)),
         apply(lax.conv_general_dilated),
         rtol=1e-5,
         atol=1e-4,
@@ -246,7 +260,7 @@ def test_a_train_step_with_cpu_convolutions_matches_xla(
     # BatchNorm, residuals, strided convs, pooling, biases and the optimizer around the calls.
     runs = {}
     for name in ("xla", implementation):
-        monkeypatch.setattr(conv, "resolve", lambda *_, i=name: i)
+        monkeypatch.setattr(selection, "resolve", lambda *_, i=name: i)
         mesh, state, train_step, _ = tiny_steps.setup(
             model, jax.devices()[:1], image_size=image_size, learning_rate=0.1, label_smoothing=0.0
         )
@@ -259,11 +273,11 @@ def test_a_train_step_with_cpu_convolutions_matches_xla(
 
 @pytest.mark.parametrize("implementation", ["onednn", "batch_minor"])
 def test_get_model_hands_the_resolved_convolution_to_every_conv_model(monkeypatch, implementation):
-    monkeypatch.setattr(conv, "resolve", lambda *_: implementation)
+    monkeypatch.setattr(selection, "resolve", lambda *_: implementation)
     for name in CONV_MODELS:
         model = get_model(ml_collections.ConfigDict(dict(name=name, num_classes=3)))
-        assert model.conv_general_dilated is conv.conv_general_dilated(implementation), name
-        assert conv.implementation_of(model) == implementation
+        assert model.convolution is selection.convolution(implementation), name
+        assert conv_implementation(model) == implementation
 
 
 def test_auto_picks_batch_minor_only_for_models_of_few_channels(monkeypatch):
@@ -271,20 +285,20 @@ def test_auto_picks_batch_minor_only_for_models_of_few_channels(monkeypatch):
     def resolve(implementation, compute_dtype="float32", few_channels=False):
         return "batch_minor" if few_channels else "onednn"
 
-    monkeypatch.setattr(conv, "resolve", resolve)
+    monkeypatch.setattr(selection, "resolve", resolve)
     for name in CONV_MODELS:
         model = get_model(ml_collections.ConfigDict(dict(name=name, num_classes=3)))
         expected = "batch_minor" if name == "lenet5" else "onednn"
-        assert conv.implementation_of(model) == expected, name
+        assert conv_implementation(model) == expected, name
 
 
 def test_a_model_without_convolutions_never_resolves_one(monkeypatch):
     def refuse(*_):
         raise AssertionError("resolve called for a model without convolutions")
 
-    monkeypatch.setattr(conv, "resolve", refuse)
+    monkeypatch.setattr(selection, "resolve", refuse)
     mlp = get_model(ml_collections.ConfigDict(dict(name="mlp", num_classes=3)))
-    assert conv.implementation_of(mlp) == "xla"
+    assert conv_implementation(mlp) == "xla"
     with pytest.raises(ValueError, match="'cudnn' is not one of"):
         get_model(
             ml_collections.ConfigDict(dict(name="mlp", num_classes=3, conv_implementation="cudnn"))
@@ -293,39 +307,25 @@ def test_a_model_without_convolutions_never_resolves_one(monkeypatch):
 
 def test_resolve_picks_xla_on_many_devices_and_explains_a_bad_choice():
     assert jax.device_count() == 8
-    assert conv.resolve("auto") == "xla"
-    assert conv.resolve("xla") == "xla"
+    assert selection.resolve("auto") == "xla"
+    assert selection.resolve("xla") == "xla"
     for implementation in ("onednn", "batch_minor"):
         with pytest.raises(ValueError, match=r"cpu_devices=1.*conv_implementation=auto"):
-            conv.resolve(implementation)
+            selection.resolve(implementation)
     with pytest.raises(ValueError, match="'cudnn' is not one of auto, xla, onednn"):
-        conv.resolve("cudnn")
+        selection.resolve("cudnn")
 
 
 def test_auto_on_one_cpu_device_picks_batch_minor_for_few_channels_with_avx512(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 1)  # As a user's run, not the 8 here.
-    monkeypatch.setattr(cpu_kernels, "wide_vectors", lambda: True)
-    assert conv.resolve("auto", few_channels=True) == "batch_minor"
-    assert conv.resolve("auto", few_channels=False) == "onednn"
-    assert conv.resolve("auto", "bfloat16", few_channels=True) == "xla"
-    monkeypatch.setattr(cpu_kernels, "wide_vectors", lambda: False)
-    assert conv.resolve("auto", few_channels=True) == "onednn"
+    monkeypatch.setattr(build, "wide_vectors", lambda: True)
+    assert selection.resolve("auto", few_channels=True) == "batch_minor"
+    assert selection.resolve("auto", few_channels=False) == "onednn"
+    assert selection.resolve("auto", "bfloat16", few_channels=True) == "xla"
+    monkeypatch.setattr(build, "wide_vectors", lambda: False)
+    assert selection.resolve("auto", few_channels=True) == "onednn"
     with pytest.raises(ValueError, match=r"no AVX-512.*conv_implementation=auto"):
-        conv.resolve("batch_minor")
-
-
-def test_cpu_devices_give_oneDNN_one_device_unless_asked_otherwise():
-    def model(name="resnet", **fields):
-        return ml_collections.ConfigDict(dict(name=name, compute_dtype="float32", **fields))
-
-    assert models.cpu_devices(0, model(conv_implementation="auto")) == 1
-    assert models.cpu_devices(0, model()) == 1  # Runs from before the knob: auto.
-    assert models.cpu_devices(0, model(conv_implementation="onednn")) == 1
-    assert models.cpu_devices(0, model(conv_implementation="batch_minor")) == 1
-    assert models.cpu_devices(0, model(conv_implementation="xla")) == 0
-    assert models.cpu_devices(3, model(conv_implementation="onednn")) == 3
-    assert models.cpu_devices(0, model("mlp")) == 0  # No convolutions: one device per core.
-    assert models.cpu_devices(0, model(), multi_process=True) == 0
+        selection.resolve("batch_minor")
 
 
 def test_a_default_training_run_uses_batch_minor_on_one_device(tmp_path):
@@ -350,9 +350,7 @@ def test_layers_conv_is_nn_conv_with_the_bias_inside_the_call(padding):
     reference = nn.Conv(6, (5, 5), (1, 1), padding=padding)
     params = reference.init(jax.random.PRNGKey(1), x)
     for implementation in ("xla", "onednn", "batch_minor"):
-        ours = layers.Conv(
-            6, (5, 5), 1, padding, conv_general_dilated=conv.conv_general_dilated(implementation)
-        )
+        ours = layers.Conv(6, (5, 5), 1, padding, convolution=selection.convolution(implementation))
         chex.assert_trees_all_equal(ours.init(jax.random.PRNGKey(1), x), params)
         shifted = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # A non-zero bias.
         np.testing.assert_allclose(
@@ -367,7 +365,7 @@ def test_batch_minor_sums_the_bias_gradient_in_its_kernel_pass():
 
     def gradients(implementation):
         module = layers.Conv(6, (5, 5), padding="VALID")
-        module = module.clone(conv_general_dilated=conv.conv_general_dilated(implementation))
+        module = module.clone(convolution=selection.convolution(implementation))
         params = module.init(jax.random.PRNGKey(0), x)
 
         def vjp(params):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cnn_lab.models import conv, cpu_kernels
+from cnn_lab.kernels import build, stand_ins
 
 pytestmark = pytest.mark.skipif(
-    cpu_kernels.problem() is not None, reason=f"no oneDNN here: {cpu_kernels.problem()}"
+    build.problem() is not None, reason=f"no oneDNN here: {build.problem()}"
 )
 PADDING = ((2, 2), (2, 2))
 
@@ -19,7 +19,7 @@ def conv_loss(fn):
     """A scalar of the convolution of x (B, H, W, C) with kernel (KH, KW, C, O)."""
 
     def loss(x: jax.Array, kernel: jax.Array) -> jax.Array:
-        y = fn(x, kernel, (1, 1), PADDING, dimension_numbers=conv.NHWC)
+        y = fn(x, kernel, (1, 1), PADDING, dimension_numbers=stand_ins.NHWC)
         return jnp.sum(jnp.sin(y))
 
     return loss
@@ -33,7 +33,7 @@ def inputs() -> tuple[jax.Array, jax.Array]:
 
 def test_kernel_only_gradient_skips_the_input_gradient_and_matches_xla():
     x, kernel = inputs()
-    grad = jax.jit(jax.grad(conv_loss(conv.onednn_conv_general_dilated), argnums=1))
+    grad = jax.jit(jax.grad(conv_loss(stand_ins.onednn_conv_general_dilated), argnums=1))
     hlo = grad.lower(x, kernel).as_text()
     assert "cnn_lab_onednn_conv_kernel_backward" in hlo
     assert "cnn_lab_onednn_conv_backward" not in hlo  # The (dx, dkernel) call.
@@ -43,7 +43,7 @@ def test_kernel_only_gradient_skips_the_input_gradient_and_matches_xla():
 
 def test_both_gradients_when_the_input_is_differentiated():
     x, kernel = inputs()
-    grad = jax.jit(jax.grad(conv_loss(conv.onednn_conv_general_dilated), argnums=(0, 1)))
+    grad = jax.jit(jax.grad(conv_loss(stand_ins.onednn_conv_general_dilated), argnums=(0, 1)))
     assert "cnn_lab_onednn_conv_backward" in grad.lower(x, kernel).as_text()
     expected = jax.grad(conv_loss(lax.conv_general_dilated), argnums=(0, 1))(x, kernel)
     for got, want in zip(grad(x, kernel), expected, strict=True):
@@ -55,7 +55,7 @@ def test_batch_minor_computes_the_input_gradient_only_when_asked(argnums, forwar
     # Its input gradient is a second forward call (dy with the flipped kernel).
     x, kernel = inputs()
     x = jnp.tile(x, (8, 1, 1, 1))  # 16 images: one lane vector.
-    grad = jax.jit(jax.grad(conv_loss(conv.batch_minor_conv_general_dilated), argnums=argnums))
+    grad = jax.jit(jax.grad(conv_loss(stand_ins.batch_minor_conv_general_dilated), argnums=argnums))
     hlo = grad.lower(x, kernel).as_text()
     assert hlo.count("@cnn_lab_batch_minor_conv_forward(") == forward_calls
     assert "cnn_lab_batch_minor_conv_kernel_backward" in hlo
@@ -70,12 +70,12 @@ def test_a_second_layer_still_gets_its_input_gradient():
 
     def two_layers(fn):
         def loss(k1: jax.Array, k2: jax.Array) -> jax.Array:
-            h = jnp.tanh(fn(x, k1, (1, 1), PADDING, dimension_numbers=conv.NHWC))
-            return jnp.sum(jnp.sin(fn(h, k2, (1, 1), PADDING, dimension_numbers=conv.NHWC)))
+            h = jnp.tanh(fn(x, k1, (1, 1), PADDING, dimension_numbers=stand_ins.NHWC))
+            return jnp.sum(jnp.sin(fn(h, k2, (1, 1), PADDING, dimension_numbers=stand_ins.NHWC)))
 
         return jax.grad(loss, argnums=(0, 1))
 
-    got = jax.jit(two_layers(conv.onednn_conv_general_dilated))(kernel, second)
+    got = jax.jit(two_layers(stand_ins.onednn_conv_general_dilated))(kernel, second)
     want = two_layers(lax.conv_general_dilated)(kernel, second)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 SHOW_DEVICES = (
-    "import sys; from cnn_lab import sharding; "
+    "import sys; from cnn_lab.runtime import sharding; "
     "sharding.use_cpu_devices(int(sys.argv[1]), int(sys.argv[2])); "
     "import jax; print(jax.device_count())"
 )

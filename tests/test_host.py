@@ -1,7 +1,14 @@
-"""With keep_freed_memory, a block freed and allocated again costs no new page faults."""
+"""The host's set-up: the CPU device count a run asks for, and with keep_freed_memory, a
+block freed and allocated again costs no new page faults."""
 
 import subprocess
 import sys
+
+import ml_collections
+import pytest
+
+from cnn_lab.kernels import build
+from cnn_lab.runtime import host
 
 # Allocates, touches and frees 64 MB twice (as XLA does a step's buffers); prints the page
 # faults of the second round.
@@ -31,3 +38,18 @@ def test_freed_memory_is_reused_without_page_faults():
     pages = 64_000_000 // 4096
     assert second_round_faults("default") > pages // 2  # glibc unmapped the block
     assert second_round_faults("keep") < pages // 20
+
+
+@pytest.mark.skipif(build.missing() is not None, reason=f"no CPU kernels here: {build.missing()}")
+def test_cpu_devices_give_oneDNN_one_device_unless_asked_otherwise():
+    def model(name="resnet", **fields):
+        return ml_collections.ConfigDict(dict(name=name, compute_dtype="float32", **fields))
+
+    assert host.cpu_devices(0, model(conv_implementation="auto")) == 1
+    assert host.cpu_devices(0, model()) == 1  # Runs from before the knob: auto.
+    assert host.cpu_devices(0, model(conv_implementation="onednn")) == 1
+    assert host.cpu_devices(0, model(conv_implementation="batch_minor")) == 1
+    assert host.cpu_devices(0, model(conv_implementation="xla")) == 0
+    assert host.cpu_devices(3, model(conv_implementation="onednn")) == 3
+    assert host.cpu_devices(0, model("mlp")) == 0  # No convolutions: one device per core.
+    assert host.cpu_devices(0, model(), multi_process=True) == 0

@@ -1,12 +1,14 @@
 """Model registry: the config's `model.name` picks a flax.linen module; other fields are its arguments."""
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
+from jax import lax
 
-from cnn_lab.models import conv, cpu_kernels
 from cnn_lab.models.alexnet import AlexNet
 from cnn_lab.models.convnet import ConvNet
 from cnn_lab.models.lenet import LeNet5
@@ -38,8 +40,8 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
 
     `compute_dtype` ("float32" or "bfloat16") becomes the module's `dtype`: activations are
     computed in it, parameters are created and kept in float32. `conv_implementation`
-    ("auto", "xla", "onednn" or "batch_minor", see `conv.resolve`) picks the convolution the
-    module runs.
+    ("auto", "xla", "onednn" or "batch_minor", see `cnn_lab.kernels`) picks the convolution
+    the module runs.
     """
     kwargs = dict(model_config)
     name = kwargs.pop("name")
@@ -57,7 +59,7 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
             f"Unknown model {name!r} (config.model.name). Known models: {', '.join(sorted(MODELS))}."
         )
     cls = MODELS[name]
-    set_here = {"parent", "name", "dtype", "conv_general_dilated"}
+    set_here = {"parent", "name", "dtype", "convolution"}
     fields = {f.name for f in dataclasses.fields(cls)} - set_here
     unknown = sorted(set(kwargs) - fields)
     if unknown:
@@ -66,33 +68,43 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
             f"Its fields are: {', '.join(sorted(fields))}."
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    conv.check_name(conv_implementation)
+    convolution = _convolution(conv_implementation, compute_dtype, cls)
     if _has_convolutions(cls):
-        few_channels = getattr(cls, "few_channel_convolutions", False)
-        implementation = conv.resolve(conv_implementation, compute_dtype, few_channels)
-        kwargs["conv_general_dilated"] = conv.conv_general_dilated(implementation)
+        kwargs["convolution"] = convolution
     return cls(**kwargs, dtype=COMPUTE_DTYPES[compute_dtype])
 
 
+def conv_implementation(model: nn.Module) -> str:
+    """The convolution ("xla", "onednn" or "batch_minor") a model built by get_model runs."""
+    return getattr(getattr(model, "convolution", None), "implementation", "xla")
+
+
+def has_convolutions(name: str) -> bool:
+    """Whether the model called `name` takes a convolution (an unknown name: False)."""
+    return name in MODELS and _has_convolutions(MODELS[name])
+
+
 def _has_convolutions(cls: type[nn.Module]) -> bool:
-    return "conv_general_dilated" in {f.name for f in dataclasses.fields(cls)}
+    return "convolution" in {f.name for f in dataclasses.fields(cls)}
 
 
-def cpu_devices(
-    requested: int, model_config: ml_collections.ConfigDict, multi_process: bool = False
-) -> int:
-    """The CPU device count to split into: `requested`, else 1 when cnn_lab's CPU
-    convolutions, which use every core from one device, will run, else 0 (one per core).
+def _convolution(implementation: str, compute_dtype: str, cls: type[nn.Module]) -> Callable:
+    """The convolution `cls` runs for config.model.conv_implementation=`implementation`.
 
-    Call before JAX starts its backends: it looks only at the config and installed files.
+    The one seam to cnn_lab's CPU kernels, chosen after the backend is known: XLA's
+    convolution ("xla", or "auto" off CPU or for a model without convolutions) needs nothing
+    of `cnn_lab.kernels`, which is imported only here and only for a CPU backend or an
+    explicit CPU choice.
     """
-    implementation = model_config.get("conv_implementation", "auto")
-    model = MODELS.get(model_config.get("name"))
-    # Several processes make several devices: the CPU convolutions are then not used.
-    if requested or model is None or not _has_convolutions(model) or multi_process:
-        return requested
-    if implementation in conv.CPU_IMPLEMENTATIONS:  # get_model explains what stands in the way.
-        return 1
-    if implementation == "xla" or model_config.get("compute_dtype") == "bfloat16":
-        return requested
-    return 1 if cpu_kernels.problem() is None else 0
+    convolves = _has_convolutions(cls)
+    if implementation == "xla" or (
+        implementation == "auto" and not (convolves and jax.default_backend() == "cpu")
+    ):
+        return lax.conv_general_dilated
+    from cnn_lab.kernels import selection
+
+    if not convolves:  # Only the name is checked.
+        selection.check_name(implementation)
+        return lax.conv_general_dilated
+    few_channels = getattr(cls, "few_channel_convolutions", False)
+    return selection.select(implementation, compute_dtype, few_channels)

@@ -85,7 +85,7 @@ class AlexNet(nn.Module):
     local_response_norm: bool = False
     activation: str = "relu"
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
-    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
+    convolution: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -105,7 +105,7 @@ class AlexNet(nn.Module):
                 padding=padding,
                 kernel_init=conv_kernel_init,
                 dtype=self.dtype,
-                conv_general_dilated=self.conv_general_dilated,
+                convolution=self.convolution,
                 name=f"conv{i + 1}",
             )(x)
             x = act(x)

@@ -19,14 +19,12 @@ class ConvNet(nn.Module):
     dropout_rate: float = 0.5
     activation: str = "relu"
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
-    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
+    convolution: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
-        conv = functools.partial(
-            Conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
-        )
+        conv = functools.partial(Conv, dtype=self.dtype, convolution=self.convolution)
         act = get_activation(self.activation)
         x = max_pool(act(conv(32, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))
         x = max_pool(act(conv(64, (5, 5), padding=2)(x)), (2, 2), strides=(2, 2))

@@ -9,8 +9,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnn_lab.models import conv
-
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "tanh": nn.tanh,
@@ -19,6 +17,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": nn.silu,
     "elu": nn.elu,
 }
+NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _tiles(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:
@@ -114,8 +113,8 @@ def get_pooling(name: str) -> Callable[..., jax.Array]:
 
 class Conv(nn.Module):
     """A 2-D convolution with bias on NHWC input: `nn.Conv`'s parameters (kernel HWIO, bias),
-    names, initialisers and result, with the bias added through `conv.conv_with_bias` so
-    that the batch-minor CPU kernels fuse it and its gradient.
+    names, initialisers and result, with the bias handed to a convolution that takes it (the
+    batch-minor CPU kernels fuse it and its gradient).
 
     Attributes:
       features: output channels.
@@ -124,7 +123,8 @@ class Conv(nn.Module):
       padding: "SAME", "VALID", an int or ((top, bottom), (left, right)), as nn.Conv (whose
         "CIRCULAR" and "CAUSAL" no model uses, and this module does not take).
       dtype: activations' dtype (None: the inputs'); parameters stay float32.
-      conv_general_dilated: the convolution (see `conv.conv_general_dilated`).
+      convolution: `lax.conv_general_dilated` or a stand-in with its signature; one whose
+        `takes_bias` is true also takes `bias=` (see `cnn_lab.kernels`).
     """
 
     features: int
@@ -134,7 +134,7 @@ class Conv(nn.Module):
     dtype: Any = None
     kernel_init: Callable = nn.linear.default_kernel_init
     bias_init: Callable = nn.initializers.zeros_init()
-    conv_general_dilated: Callable = lax.conv_general_dilated
+    convolution: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -145,7 +145,10 @@ class Conv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
         padding = nn.linear.canonicalize_padding(self.padding, 2)
-        return conv.conv_with_bias(self.conv_general_dilated, x, kernel, bias, strides, padding)
+        if getattr(self.convolution, "takes_bias", False):
+            return self.convolution(x, kernel, strides, padding, dimension_numbers=NHWC, bias=bias)
+        y = self.convolution(x, kernel, strides, padding, dimension_numbers=NHWC)
+        return y + bias.reshape(1, 1, 1, -1)
 
 
 # He et al. (2015) initialisation for convolutions followed by ReLU, as the ResNet paper and

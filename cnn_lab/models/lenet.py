@@ -27,15 +27,13 @@ class LeNet5(nn.Module):
     activation: str = "relu"
     pooling: str = "max"
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
-    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
+    convolution: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
         del train  # LeNet-5 behaves the same in training and evaluation.
-        conv = functools.partial(
-            Conv, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated
-        )
+        conv = functools.partial(Conv, dtype=self.dtype, convolution=self.convolution)
         act, pool = get_activation(self.activation), get_pooling(self.pooling)
         x = pool(act(conv(6, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))
         x = pool(act(conv(16, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))

@@ -363,7 +363,7 @@ class ODENet(nn.Module):
     residual_blocks: int = 0
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
     # The stem and downsampling convs' (set from conv_implementation); ODE blocks keep Conv3x3.
-    conv_general_dilated: Callable = lax.conv_general_dilated
+    convolution: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -374,7 +374,7 @@ class ODENet(nn.Module):
             Conv,
             self.width,
             dtype=self.dtype,
-            conv_general_dilated=self.conv_general_dilated,
+            convolution=self.convolution,
         )
         x = conv((3, 3), padding="VALID", name="conv1")(x)  # (B, 26, 26, 64)
         x = act(norm(name="norm1")(x))
@@ -432,7 +432,7 @@ class ODEResNet(nn.Module):
     bn_epsilon: float = 1e-5
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
     # The stem and downsampling convs' (set from conv_implementation); ODE blocks keep Conv3x3.
-    conv_general_dilated: Callable = lax.conv_general_dilated
+    convolution: Callable = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

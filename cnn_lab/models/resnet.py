@@ -31,14 +31,14 @@ SHORTCUTS = ("A", "B", "C")
 
 
 def conv_and_norm(module: nn.Module, train: bool) -> tuple[ModuleDef, ModuleDef]:
-    """A ResNet's layer makers, from `module`'s dtype, conv_general_dilated, bn_momentum and
+    """A ResNet's layer makers, from `module`'s dtype, convolution, bn_momentum and
     bn_epsilon: bias-free He-initialised convs, and batch norm (batch statistics if `train`)."""
     conv = functools.partial(
         nn.Conv,
         use_bias=False,
         kernel_init=conv_kernel_init,
         dtype=module.dtype,
-        conv_general_dilated=module.conv_general_dilated,
+        conv_general_dilated=module.convolution,
     )
     norm = functools.partial(
         nn.BatchNorm,
@@ -157,7 +157,7 @@ class ResNet(nn.Module):
     stochastic_depth_rate: float = 0.0
     stochastic_depth_mode: str = "batch"
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
-    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
+    convolution: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

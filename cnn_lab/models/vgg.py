@@ -45,7 +45,7 @@ class VGG(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
-    conv_general_dilated: Callable = lax.conv_general_dilated  # Set from conv_implementation.
+    convolution: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -64,7 +64,7 @@ class VGG(nn.Module):
                     padding=1,
                     kernel_init=conv_kernel_init,
                     dtype=self.dtype,
-                    conv_general_dilated=self.conv_general_dilated,
+                    convolution=self.convolution,
                 )(x)
                 if self.batch_norm:
                     x = nn.BatchNorm(

@@ -2,17 +2,18 @@
 
 Host memory: the process keeps what it frees mapped, so each step reuses the same pages.
 
-XLA's CPU runtime allocates every step's temporary buffers afresh (300 MB for a ResNet-20
-train step at batch 128). glibc serves blocks that large with mmap and unmaps them when they
-are freed, so every step the kernel faults in and zeroes every page again: 73,000 page
-faults per ResNet-20 step, about 30% of its time on our 2-core machine. With one malloc
-arena that never maps blocks of its own and never trims its heap, the next step's buffers
-land on memory that is already mapped. The cost: memory freed by the process is not given
-back to the system until it exits (its peak stays resident).
+XLA's CPU runtime allocates every step's temporary buffers afresh (hundreds of MB for a
+ResNet-20 train step). glibc serves blocks that large with mmap and unmaps them when they
+are freed, so every step the kernel faults in and zeroes every page again, a large share of
+a CPU step's time (README.md, Performance, has the figures). With one malloc arena that
+never maps blocks of its own and never trims its heap, the next step's buffers land on
+memory that is already mapped. The cost: memory freed by the process is not given back to
+the system until it exits (its peak stays resident).
 """
 
 import ctypes
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -38,17 +39,44 @@ def keep_freed_memory() -> bool:
     return applied
 
 
+def cpu_devices(
+    requested: int, model_config: ml_collections.ConfigDict, multi_process: bool = False
+) -> int:
+    """The CPU device count to split into: `requested`, else 1 when cnn_lab's CPU
+    convolutions, which use every core from one device, will run, else 0 (one per core).
+
+    Call before JAX starts its backends: it looks only at the config and installed files,
+    and builds nothing; a backend named other than CPU (JAX_PLATFORMS) never loads
+    `cnn_lab.kernels`.
+    """
+    implementation = model_config.get("conv_implementation", "auto")
+    platforms = jax.config.jax_platforms  # Read without starting a backend.
+    # Several processes make several devices: the CPU convolutions are then not used.
+    if (
+        requested
+        or multi_process
+        or implementation == "xla"
+        or not models.has_convolutions(model_config.get("name"))
+        or (platforms and platforms.split(",")[0] != "cpu")
+    ):
+        return requested
+    from cnn_lab.kernels import selection  # Only where the CPU may run the model.
+
+    compute_dtype = model_config.get("compute_dtype", "float32")
+    return 1 if selection.runs_kernels_on_one_device(implementation, compute_dtype) else requested
+
+
 def prepare(
     config: ml_collections.ConfigDict, batch_size: int | None = None, multi_process: bool = False
 ) -> None:
-    """CPU devices (`config.train.cpu_devices`, see `models.cpu_devices`) and kept memory
+    """CPU devices (`config.train.cpu_devices`, see `cpu_devices`) and kept memory
     (`config.train.keep_freed_memory`) for a run of `config`; call before JAX starts.
 
     `batch_size` is the batch the devices split; configs saved before a field existed get
     its default.
     """
     requested = config.train.get("cpu_devices", 0)
-    devices = models.cpu_devices(requested, config.model, multi_process)
+    devices = cpu_devices(requested, config.model, multi_process)
     sharding.use_cpu_devices(devices, batch_size)
     if config.train.get("keep_freed_memory", True):
         keep_freed_memory()

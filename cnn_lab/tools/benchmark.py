@@ -19,10 +19,11 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from jax import lax
 
 from cnn_lab import checkpoint, optim, steps
 from cnn_lab.data import augment, inputs
-from cnn_lab.models import conv, get_model
+from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import host, sharding
 from cnn_lab.state import init_state
 
@@ -97,7 +98,7 @@ def benchmark(
     sharding.check_batch_size(batch_size, mesh, "--batch_size")
     sharding.check_batch_size(eval_batch_size, mesh, "--eval_batch_size")
     model = get_model(config.model)
-    implementation = conv.implementation_of(model)
+    implementation = conv_implementation(model)
     # The schedule's length does not change the step's cost; any fixed one will do.
     schedule, tx, plateau = optim.from_config(config, steps_per_epoch=100, total_steps=10_000)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
@@ -158,7 +159,7 @@ def benchmark(
     if implementation == "xla":
         train_flops, eval_flops = _flops(compiled, mesh.size), _flops(eval_fn, mesh.size)
     else:  # XLA's cost analysis cannot see into oneDNN's calls: count XLA's convolution instead.
-        xla_model = model.clone(conv_general_dilated=conv.conv_general_dilated("xla"))
+        xla_model = model.clone(convolution=lax.conv_general_dilated)
         xla_step = _jit_train_step(config, xla_model, tx, schedule, mesh)
         train_flops = _flops(xla_step.lower(state, train_batch).compile(), mesh.size)
         xla_eval = steps.make_eval_fn(xla_model, mesh).lower(variables, eval_batch).compile()

@@ -6,7 +6,7 @@
 // consumes that layout itself, fusing the transposes into neighbouring ops), and every
 // multiply-add of a 16-image vector with one broadcast kernel weight is useful work.
 //
-// cnn_lab/models/cpu_kernels.py compiles this file with -march=native on first use; it registers:
+// cnn_lab/kernels/build.py compiles this file with -march=native on first use; it registers:
 //   cnn_lab_batch_minor_conv_forward(x, kernel, bias) -> y; attributes pad_top, pad_left
 //     y[n, i, j, o] = bias[o] + sum over (a, b, c) of
 //     x[n, i + a - pad_top, j + b - pad_left, c] * kernel[a, b, c, o], taps outside x being
@@ -16,7 +16,7 @@
 //     the caller. The bias gradient comes from the dy vectors this pass reads anyway; XLA
 //     would re-lay the whole batch-minor dy out to sum it.
 // x, y and dy are logically (N, H, W, C) with physical layout (H, W, C, N); kernels are HWIO.
-// N must be a multiple of 16 (conv.py sends other batches to oneDNN). Written for AVX-512's
+// N must be a multiple of 16 (stand_ins.py sends other batches to oneDNN). Written for AVX-512's
 // 32 vector registers; other x86-64 CPUs compile it too. Work is split into
 // tasks on XLA's own intra-op thread pool and the handlers return a future, so they never
 // compete with XLA's other ops for the cores.

@@ -1,111 +1,26 @@
-"""Which convolution the models run: XLA's native one, or cnn_lab's CPU kernels.
+"""`lax.conv_general_dilated` stand-ins that run cnn_lab's CPU kernels through XLA's FFI.
 
-XLA's CPU convolution keeps about one core busy and, for every kernel gradient, copies the
-activations into a batch-minor layout (recomputing batch norm and ReLU on the way); that
-copying took as long as the convolutions in a ResNet-20 train step. oneDNN (the library
-behind PyTorch's CPU convolutions) computes the forward pass and both gradients on NHWC
-arrays directly, with every core, but puts channels in its vector lanes: convolutions with
-few channels (LeNet-5's 3 -> 6 -> 16) leave most lanes idle. cnn_lab's batch-minor kernels
-put 16 images in each lane instead. `config.model.conv_implementation` picks:
-
-- "xla": `lax.conv_general_dilated`, on any backend.
-- "onednn": oneDNN through XLA's FFI (CPU, one device in the whole run: the FFI call is not
-  partitioned over a mesh). Calls it does not take (not float32, grouped, transposed,
-  negative padding, not 2-D NHWC/HWIO, an empty output) run XLA's convolution instead.
-- "batch_minor": the batch-minor kernels (CPU, one device) for stride-1, undilated
-  convolutions of batches that are a multiple of 16; other calls go to "onednn". XLA lays
-  their activations out batch-minor and fuses the transposes into neighbouring ops, which
-  pays only where every convolution is small: LeNet-5's train step ran 2.6x faster than
-  with oneDNN, ResNet-20's at half the speed (352 against 657 images/s) and ConvNet's 16%
-  slower (`python -m cnn_lab.benchmark --config=configs/<name>.py
-  --config.model.conv_implementation=batch_minor`).
-- "auto": on a float32 run of one CPU device where the kernels load, "batch_minor" for
-  models whose class declares `few_channel_convolutions` (LeNet-5) on a CPU with AVX-512,
-  else "onednn"; "xla" elsewhere: accelerators always get XLA's own kernels.
-
-The C++ kernels are built on first use (see `cpu_kernels`).
+Each takes the calls its kernels can compute (see `_cpu_geometry`, `_batch_minor_geometry`)
+and hands the others on unchanged, and computes its own gradients (`jax.custom_vjp`). The
+kernels are built and registered on a stand-in's first call that uses them (`build`).
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnn_lab.models import cpu_kernels
+from cnn_lab.kernels import build
 
-# cnn_lab's FFI kernels: CPU only, one device in the whole run.
-CPU_IMPLEMENTATIONS = ("onednn", "batch_minor")
-IMPLEMENTATIONS = ("auto", "xla", *CPU_IMPLEMENTATIONS)
 NHWC = ("NHWC", "HWIO", "NHWC")
 # jax.ffi's layouts run major to minor: H, W, C, then N, so 16 images share a vector.
 BATCH_MINOR = (1, 2, 3, 0)
 BATCH_LANES = 16
-
-
-def check_name(implementation: str) -> None:
-    """Raise ValueError unless `implementation` is one of IMPLEMENTATIONS."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"config.model.conv_implementation={implementation!r} is not one of "
-            f"{', '.join(IMPLEMENTATIONS)}. Use auto (cnn_lab's CPU kernels on a one-device CPU "
-            "run, else XLA)."
-        )
-
-
-def resolve(implementation: str, compute_dtype: str = "float32", few_channels: bool = False) -> str:
-    """The implementation ("xla", "onednn" or "batch_minor") `implementation` names here.
-
-    `few_channels`: the model declares that all its convolutions have few channels.
-    """
-    check_name(implementation)
-    if implementation == "xla":
-        return "xla"
-    reasons = []
-    if jax.default_backend() != "cpu":
-        reasons.append(f"the backend is {jax.default_backend()}, not cpu")
-    if jax.device_count() != 1:
-        reasons.append(
-            f"the run has {jax.device_count()} devices (cnn_lab's multi-threaded CPU convolutions "
-            "serve a run of one CPU device: set --config.train.cpu_devices=1, one process)"
-        )
-    if compute_dtype != "float32":
-        reasons.append(f"config.model.compute_dtype is {compute_dtype}, not float32")
-    if not reasons:
-        problem = cpu_kernels.problem()
-        if problem:
-            reasons.append(problem)
-    # Without AVX-512's 32 vector registers the batch-minor kernels spill: LeNet-5's train
-    # step took 41 ms instead of 4 ms built for AVX2 (-march=x86-64-v3) on this AVX-512 CPU.
-    if implementation == "batch_minor" and not reasons and not cpu_kernels.wide_vectors():
-        reasons.append(
-            "this CPU has no AVX-512, without which the batch-minor kernels run 10x slower"
-        )
-    if not reasons:
-        if implementation == "auto":
-            return "batch_minor" if few_channels and cpu_kernels.wide_vectors() else "onednn"
-        return implementation
-    if implementation != "auto":
-        raise ValueError(
-            f"config.model.conv_implementation={implementation} cannot be used: "
-            + "; ".join(reasons)
-            + ". Fix that, or set --config.model.conv_implementation=auto, which picks the "
-            "fastest convolution this run can use."
-        )
-    return "xla"
-
-
-def conv_general_dilated(implementation: str) -> Callable:
-    """`lax.conv_general_dilated`, or a stand-in, for a resolved implementation."""
-    return _FUNCTIONS[implementation]
-
-
-def implementation_of(model) -> str:
-    """The convolution ("xla", "onednn" or "batch_minor") a model built by get_model runs."""
-    function = getattr(model, "conv_general_dilated", None)
-    return next((name for name, f in _FUNCTIONS.items() if f is function), "xla")
 
 
 def _attributes(geometry: tuple) -> dict[str, np.ndarray]:
@@ -204,7 +119,7 @@ def _cpu_geometry(
 
 def _require_kernels() -> None:
     """Registers the FFI targets, or raises with the reason they cannot be loaded."""
-    problem = cpu_kernels.problem()
+    problem = build.problem()
     if problem:
         raise RuntimeError(
             f"{problem}. Set --config.model.conv_implementation=xla to use XLA's convolution."
@@ -281,14 +196,22 @@ def _batch_minor_geometry(*arguments) -> tuple | None:
     return geometry if batch and batch % BATCH_LANES == 0 else None
 
 
-def _stand_in(name: str, doc: str, geometry_of: Callable, compute: Callable, fallback: Callable):
+@dataclasses.dataclass(frozen=True)
+class StandIn:
     """A `lax.conv_general_dilated` stand-in that also adds an optional `bias` (O,).
 
     Calls `geometry_of` takes (it returns their geometry) run `compute(lhs, rhs, bias,
     geometry)`; the others run `fallback`, and the bias is added after it.
     """
 
-    def conv_general_dilated(
+    implementation: str  # Its name in config.model.conv_implementation and the provenance.
+    geometry_of: Callable
+    compute: Callable
+    fallback: Callable
+    takes_bias: ClassVar[bool] = True  # models.layers.Conv hands its bias to the call.
+
+    def __call__(
+        self,
         lhs: jax.Array,
         rhs: jax.Array,
         window_strides,
@@ -303,18 +226,15 @@ def _stand_in(name: str, doc: str, geometry_of: Callable, compute: Callable, fal
         *,
         bias: jax.Array | None = None,
     ) -> jax.Array:
+        """`lax.conv_general_dilated(...)` plus `bias`; lhs (N, H, W, C), rhs (KH, KW, C, O)."""
         arguments = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                      dimension_numbers, feature_group_count, batch_group_count)  # fmt: skip
-        geometry = geometry_of(*arguments, preferred_element_type)
+        geometry = self.geometry_of(*arguments, preferred_element_type)
         if geometry is None:
-            y = fallback(*arguments, precision, preferred_element_type)
+            y = self.fallback(*arguments, precision, preferred_element_type)
             return y if bias is None else y + bias.reshape(1, 1, 1, -1)
         _require_kernels()
-        return compute(lhs, rhs, bias, geometry)
-
-    conv_general_dilated.__name__ = conv_general_dilated.__qualname__ = name
-    conv_general_dilated.__doc__ = doc
-    return conv_general_dilated
+        return self.compute(lhs, rhs, bias, geometry)
 
 
 def _onednn_compute(lhs: jax.Array, rhs: jax.Array, bias, geometry: tuple) -> jax.Array:
@@ -327,45 +247,13 @@ def _batch_minor_compute(lhs: jax.Array, rhs: jax.Array, bias, geometry: tuple) 
     return _batch_minor_conv(lhs, rhs, bias, geometry[1])
 
 
-onednn_conv_general_dilated = _stand_in(
-    "onednn_conv_general_dilated",
-    """`lax.conv_general_dilated` computed by oneDNN; lhs (N, H, W, C), rhs (KH, KW, C, O).
-
-    Other cases (see the module docstring) go to `lax.conv_general_dilated` unchanged.
-    """,
-    _cpu_geometry,
-    _onednn_compute,
-    lax.conv_general_dilated,
+# oneDNN's convolutions; other cases (see `_cpu_geometry`) go to `lax.conv_general_dilated`.
+onednn_conv_general_dilated = StandIn(
+    "onednn", _cpu_geometry, _onednn_compute, lax.conv_general_dilated
 )
-batch_minor_conv_general_dilated = _stand_in(
-    "batch_minor_conv_general_dilated",
-    """`lax.conv_general_dilated` computed batch-minor; lhs (N, H, W, C), rhs (KH, KW, C, O).
-
-    Takes stride-1, undilated calls with N a multiple of 16; others go to
-    `onednn_conv_general_dilated`. A `bias` is added inside the kernels, which also sum
-    its gradient: XLA would instead re-lay the whole batch-minor output gradient out to sum
-    it, which took as long as LeNet-5's first convolution.
-    """,
-    _batch_minor_geometry,
-    _batch_minor_compute,
-    onednn_conv_general_dilated,
+# The batch-minor kernels take stride-1, undilated calls with N a multiple of 16; others go
+# to oneDNN. They add a `bias` inside the kernels, which also sum its gradient: XLA would
+# instead re-lay the whole batch-minor output gradient out to sum it.
+batch_minor_conv_general_dilated = StandIn(
+    "batch_minor", _batch_minor_geometry, _batch_minor_compute, onednn_conv_general_dilated
 )
-
-
-def conv_with_bias(
-    function: Callable, x: jax.Array, kernel: jax.Array, bias: jax.Array, strides, padding
-) -> jax.Array:
-    """x (N, H, W, C) convolved with kernel (KH, KW, C, O) by `function`, plus bias (O,).
-
-    cnn_lab's stand-ins take the bias into their call (the batch-minor kernels fuse it).
-    """
-    if any(function is _FUNCTIONS[name] for name in CPU_IMPLEMENTATIONS):
-        return function(x, kernel, strides, padding, dimension_numbers=NHWC, bias=bias)
-    return function(x, kernel, strides, padding, dimension_numbers=NHWC) + bias.reshape(1, 1, 1, -1)
-
-
-_FUNCTIONS = {
-    "xla": lax.conv_general_dilated,
-    "onednn": onednn_conv_general_dilated,
-    "batch_minor": batch_minor_conv_general_dilated,
-}

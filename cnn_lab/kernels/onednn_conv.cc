@@ -1,11 +1,11 @@
 // oneDNN 2-D convolutions on NHWC activations and HWIO kernels, as XLA FFI handlers.
 //
-// cnn_lab/models/conv.py compiles this file on first use and registers three targets:
+// cnn_lab/kernels/build.py compiles this file on first use and registers three targets:
 //   cnn_lab_onednn_conv_forward(x, kernel) -> y
 //   cnn_lab_onednn_conv_backward(x, kernel, dy) -> (dx, dkernel)
 //   cnn_lab_onednn_conv_kernel_backward(x, dy) -> dkernel
 // Attributes: strides (2), padding (low and high per spatial dim: 4), dilation (2, XLA's
-// convention: 1 is none). float32 only; conv.py sends other cases to XLA's convolution.
+// convention: 1 is none). float32 only; stand_ins.py sends other cases to XLA's convolution.
 // Activations stay in XLA's NHWC buffers (oneDNN's "nhwc" tag); kernels are reordered into
 // whatever blocked layout the chosen oneDNN kernel wants, which costs little (kernels are
 // small). Input and kernel gradients share one call so that they never run concurrently on

@@ -2,10 +2,10 @@
 
 Two files beside this one make one library: onednn_conv.cc (oneDNN's convolutions on NHWC
 arrays) and batch_minor_conv.cc (few-channel convolutions with the batch in the vector
-lanes). g++ compiles them for this machine's CPU (-march=native, about 10 s) against the
-pinned `onednn-devel-cpu-gomp` wheel into ~/.cache/cnn_lab, keyed by the sources, jaxlib,
-oneDNN, the compiler and the CPU's instruction sets, so a home directory shared by
-different machines never loads a build made for another CPU.
+lanes). g++ compiles them for this machine's CPU (-march=native) against the pinned
+`onednn-devel-cpu-gomp` wheel into ~/.cache/cnn_lab, keyed by the sources, jaxlib, oneDNN,
+the compiler and the CPU's instruction sets, so a home directory shared by different
+machines never loads a build made for another CPU.
 """
 
 import ctypes
@@ -43,6 +43,26 @@ def problem() -> str | None:
         logging.warning("cnn_lab's CPU convolutions unavailable, XLA's is used: %s", error)
         return f"cnn_lab's CPU convolutions could not be loaded ({error})"
     return None
+
+
+def missing() -> str | None:
+    """None when the wheels and a compiler the kernels need are installed, else what is not.
+
+    Cheap (it builds nothing), for decisions made before JAX starts its backends.
+    """
+    try:
+        _onednn_files()
+        _compiler()
+    except RuntimeError as error:
+        return f"cnn_lab's CPU convolutions cannot be built ({error})"
+    return None
+
+
+def _compiler() -> str:
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) to build the CPU convolutions")
+    return compiler
 
 
 def _onednn_files() -> tuple[Path, Path]:
@@ -85,9 +105,7 @@ def wide_vectors() -> bool:
 def compile_command(output: Path, march: str = "native") -> list[str]:
     """The g++ command that builds the library into `output` for CPU `march`."""
     library, include = _onednn_files()
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) to build the CPU convolutions")
+    compiler = _compiler()
     return [
         compiler, "-O3", f"-march={march}", "-std=c++20", "-shared", "-fPIC", "-w",
         f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, _SOURCES), str(library),

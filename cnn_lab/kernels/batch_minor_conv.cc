@@ -16,10 +16,10 @@
 //     the caller. The bias gradient comes from the dy vectors this pass reads anyway; XLA
 //     would re-lay the whole batch-minor dy out to sum it.
 // x, y and dy are logically (N, H, W, C) with physical layout (H, W, C, N); kernels are HWIO.
-// N must be a multiple of 16 (stand_ins.py sends other batches to oneDNN). Written for AVX-512's
-// 32 vector registers; other x86-64 CPUs compile it too. Work is split into
-// tasks on XLA's own intra-op thread pool and the handlers return a future, so they never
-// compete with XLA's other ops for the cores.
+// N must be a multiple of 16 (stand_ins.py sends other batches to oneDNN). Written for
+// AVX-512's 32 vector registers; other x86-64 CPUs compile it too. Work is split into tasks
+// on XLA's own intra-op thread pool and the handlers return a future, so they never compete
+// with XLA's other ops for the cores.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>

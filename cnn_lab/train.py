@@ -27,7 +27,7 @@ from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, loading
 from cnn_lab.evaluation import evaluate, recompute_batch_stats
 from cnn_lab.metric_writer import MetricWriter
-from cnn_lab.models import conv, get_model
+from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import distributed, host, provenance, sharding
 from cnn_lab.state import TrainState, init_state, restart_optimizer, start_from
 
@@ -199,7 +199,7 @@ def train_and_evaluate(
 
     writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
     if is_lead:
-        implementation = conv.implementation_of(model)
+        implementation = conv_implementation(model)
         workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
         print(
             model.tabulate(

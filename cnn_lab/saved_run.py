@@ -60,7 +60,7 @@ class SavedRun:
 
     @functools.cached_property
     def _variable_shapes(self) -> Variables:
-        """ShapeDtypeStructs of the model's parameters and BatchNorm statistics, on the CPU."""
+        """ShapeDtypeStructs of the model's parameters and BatchNorm statistics."""
         data = self.config.data
         images = jax.ShapeDtypeStruct(
             (1, data.image_size, data.image_size, data.channels), jnp.float32
@@ -68,11 +68,7 @@ class SavedRun:
         shapes = jax.eval_shape(
             lambda x: self.model.init(jax.random.PRNGKey(0), x, train=False), images
         )
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        return jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu),
-            {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
-        )
+        return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
 
     def snapshot_steps(self) -> list[int]:
         """The steps of the run's snapshots (ends of learning-rate cycles), oldest first."""
@@ -94,10 +90,13 @@ class SavedRun:
                 f"average={average!r}: {self.workdir} kept {list(names) or 'no averages'} "
                 "(config.averaging). Use 'raw'" + "".join(f", {n!r}" for n in names) + "."
             )
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        target = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=cpu)}
+        target = {"step": jax.ShapeDtypeStruct((), jnp.int32)}
         variables = self._variable_shapes
         target |= variables if average == "raw" else {"averages": {average: variables}}
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), target
+        )
         directory, wanted = _checkpoint_steps(self.workdir, checkpoint)
         if not directory.is_dir():
             raise CheckpointError(

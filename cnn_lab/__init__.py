@@ -6,7 +6,7 @@ __all__ = ["load_run"]
 def __getattr__(name: str):
     # Lazy, so importing cnn_lab.data or cnn_lab.losses does not load Orbax and every model.
     if name == "load_run":
-        from cnn_lab.checkpoint import load_run
+        from cnn_lab.saved_run import load_run
 
         return load_run
     raise AttributeError(f"module 'cnn_lab' has no attribute {name!r}")

@@ -7,6 +7,7 @@ for snapshot ensembles; never deleted), `broken_checkpoints/` (steps that failed
 validate, moved aside with a warning rather than deleted). Each step directory holds one
 Orbax PyTree item, `default`, readable without cnn_lab:
 `orbax.checkpoint.StandardCheckpointer().restore("<workdir>/checkpoints/<step>/default")`.
+Reading a finished run's weights for inference (with its model) is `saved_run`.
 """
 
 import shutil
@@ -14,17 +15,11 @@ import time
 import warnings
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-
-from cnn_lab import averaging
-from cnn_lab import workdir as workdir_lib
-from cnn_lab.models import get_model
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -212,94 +207,3 @@ def restore_newest_valid(
             "why). Rerun to start this run from scratch, or use a new --workdir."
         )
     return None
-
-
-def load_run(
-    workdir: str | Path, checkpoint: str | int = "best", average: str = "raw"
-) -> tuple[nn.Module, dict, ml_collections.ConfigDict]:
-    """(model, variables, config) of a finished or running run, on CPU, for inference.
-
-    `model.apply(variables, images, train=False)` gives logits (B, num_classes) for images
-    (B, H, W, C) preprocessed as in `config.data`. `checkpoint` is "best" (validation
-    accuracy), "latest", a step number or "snapshot:<step>"; `average` is "raw", or "ema" /
-    "polyak" for the run's averaged weights. Only the parameters and BatchNorm statistics
-    are read (no optimizer state); files are never modified.
-    """
-    model, variables, config, _ = restore_for_inference(workdir, checkpoint, average)
-    return model, variables, config
-
-
-def _checkpoint_steps(workdir: Path, checkpoint: str | int) -> tuple[Path, list[int] | None]:
-    """The directory `checkpoint` names, and which of its steps to try (None: newest valid)."""
-    name = str(checkpoint)
-    if name.startswith("snapshot:") and name[len("snapshot:") :].isdigit():
-        return workdir / SNAPSHOT_DIR, [int(name[len("snapshot:") :])]
-    if name.isdigit():
-        return workdir / LATEST_DIR, [int(name)]
-    if name in ("best", "latest"):
-        return workdir / (BEST_DIR if name == "best" else LATEST_DIR), None
-    raise ValueError(
-        f"checkpoint={checkpoint!r}: use 'best', 'latest', a step number or 'snapshot:<step>'."
-    )
-
-
-def snapshot_steps(workdir: str | Path) -> list[int]:
-    """The steps of the run's snapshots (ends of learning-rate cycles), oldest first."""
-    directory = Path(workdir) / SNAPSHOT_DIR
-    if not directory.is_dir():
-        return []
-    with make_manager(directory, read_only=True) as manager:
-        return sorted(manager.all_steps())
-
-
-def restore_for_inference(
-    workdir: str | Path, checkpoint: str | int = "best", average: str = "raw"
-) -> tuple[nn.Module, dict, ml_collections.ConfigDict, int]:
-    """As `load_run`, plus the step that was restored."""
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise FileNotFoundError(f"Workdir {workdir} does not exist. Pass the --workdir of a run.")
-    config = workdir_lib.read_config(workdir)
-    # The run's convolution suited its machine; this one (maybe with a GPU) picks its own.
-    model = get_model(ml_collections.ConfigDict({**config.model, "conv_implementation": "auto"}))
-    # The start step does not matter for reading the averages, only for updating them.
-    averages = averaging.from_config(config.averaging, steps_per_epoch=1)
-    if average != "raw" and average not in averages.names:
-        raise ValueError(
-            f"average={average!r}: {workdir} kept {list(averages.names) or 'no averages'} "
-            "(config.averaging). Use 'raw'" + "".join(f", {n!r}" for n in averages.names) + "."
-        )
-    shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
-    )
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    target = {"step": jax.ShapeDtypeStruct((), jnp.int32)}
-    target |= variables if average == "raw" else {"averages": {average: variables}}
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), target)
-    directory, wanted = _checkpoint_steps(workdir, checkpoint)
-    if not directory.is_dir():
-        raise CheckpointError(
-            f"{workdir} has no {directory.name}/ directory: the run has not saved "
-            f"{'a best checkpoint' if checkpoint == 'best' else 'that checkpoint'} yet."
-        )
-    with make_manager(directory, read_only=True) as manager:
-        available = sorted(manager.all_steps())
-        if wanted is not None and wanted[0] not in available:
-            raise CheckpointError(
-                f"{workdir} has no checkpoint at step {wanted[0]} in {directory.name}/. Saved "
-                f"steps: {available}; or use --checkpoint=best / latest."
-            )
-        restored = restore_newest_valid(
-            manager, target, partial=True, repair=False, steps=wanted or available
-        )
-    if restored is None:
-        raise CheckpointError(
-            f"{directory} holds no valid checkpoint (steps found: {available}). The run has "
-            "not saved one yet, or they are damaged."
-        )
-    step = int(restored.pop("step"))
-    if average != "raw":
-        restored = averages.read(restored["averages"], jnp.int32(step))[average]
-    return model, restored, config, step

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cnn_lab import checkpoint, param_groups
+from cnn_lab import param_groups, saved_run
 from cnn_lab import workdir as workdir_lib
 
 Variables = dict  # {"params": ..., "batch_stats": ...}
@@ -26,7 +26,7 @@ def read_variables(source: str | Path, checkpoint_name: str = "best") -> Variabl
     """Parameters and BatchNorm statistics (NumPy, on the host) of a workdir or Orbax checkpoint."""
     source = Path(source)
     if (source / workdir_lib.CONFIG_FILE).exists():
-        _, variables, _, _ = checkpoint.restore_for_inference(source, checkpoint_name)
+        variables, _ = saved_run.open_run(source).restore(checkpoint_name)
         return jax.device_get(variables)
     item = source / "default" if (source / "default").is_dir() else source
     try:

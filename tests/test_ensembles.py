@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cnn_lab import checkpoint, optim
+from cnn_lab import checkpoint, optim, saved_run
 from cnn_lab.metric_writer import read_metrics
 from cnn_lab.tools import evaluate
 from cnn_lab.train import train_and_evaluate
@@ -74,7 +74,7 @@ def test_validation_reports_every_average_side_by_side(runs):
 
 def test_snapshots_are_kept_beyond_keep_last(runs):
     _, averaged, _ = runs
-    assert checkpoint.snapshot_steps(averaged) == [4, 8]
+    assert saved_run.open_run(averaged).snapshot_steps() == [4, 8]
     assert sorted(int(p.name) for p in (averaged / checkpoint.LATEST_DIR).iterdir()) == [8]
 
 
@@ -88,14 +88,14 @@ def test_resume_restores_the_averages_and_retakes_a_lost_snapshot(runs, tmp_path
     shutil.move(resumed / checkpoint.SNAPSHOT_DIR / "4", resumed / checkpoint.LATEST_DIR / "4")
     shutil.rmtree(resumed / checkpoint.SNAPSHOT_DIR / "8")
     train_and_evaluate(_averaged_snapshot_config(data_dir), resumed)
-    assert checkpoint.snapshot_steps(resumed) == [4, 8]
+    assert saved_run.open_run(resumed).snapshot_steps() == [4, 8]
     for average in ("raw", "ema", "polyak"):
         for name in ("latest", "snapshot:4", "snapshot:8"):
-            _, a, _ = checkpoint.load_run(averaged, name, average)
-            _, b, _ = checkpoint.load_run(resumed, name, average)
+            _, a, _ = saved_run.load_run(averaged, name, average)
+            _, b, _ = saved_run.load_run(resumed, name, average)
             assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
-    _, ema, _ = checkpoint.load_run(averaged, "latest", "ema")
-    _, raw, _ = checkpoint.load_run(averaged, "latest")
+    _, ema, _ = saved_run.load_run(averaged, "latest", "ema")
+    _, raw, _ = saved_run.load_run(averaged, "latest")
     assert not np.array_equal(
         ema["params"]["Dense_2"]["kernel"], raw["params"]["Dense_2"]["kernel"]
     )
@@ -147,3 +147,25 @@ def test_cli_ensemble_table_and_json(runs):
     assert ensemble["member_accuracies"] == pytest.approx([r["accuracy"] for r in raw])
     assert 0.0 <= ensemble["disagreement"] <= 1.0
     assert list((plain / evaluate.PREDICTIONS_DIR).glob("test-latest@8-mc_dropout-*.npy"))
+
+
+def test_evaluation_opens_the_run_once_for_every_average_and_snapshot(runs, monkeypatch):
+    _, averaged, _ = runs
+    calls = {"read_config": 0, "get_model": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        saved_run.workdir_lib,
+        "read_config",
+        counted("read_config", saved_run.workdir_lib.read_config),
+    )
+    monkeypatch.setattr(saved_run, "get_model", counted("get_model", saved_run.get_model))
+    rows, _, _ = evaluate.evaluate_run(averaged, "latest", "test", ("ema", "polyak", "snapshots"))
+    assert [r["model"] for r in rows] == ["ema", "polyak", "snapshots(2)"]
+    assert calls == {"read_config": 1, "get_model": 1}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnn_lab import checkpoint, metric_writer
+from cnn_lab import metric_writer, saved_run
 from cnn_lab.tools import inspect_run
 from cnn_lab.train import train_and_evaluate
 from configs import lenet_digits
@@ -60,7 +60,7 @@ def test_filters_are_normalised_each_on_its_own_and_rgb():
 
 def test_receptive_fields_of_lenet(inspected):
     workdir, _ = inspected
-    model, variables, _, _ = checkpoint.restore_for_inference(workdir, "latest")
+    model, variables, _ = saved_run.load_run(workdir, "latest")
     layers = inspect_run.conv_layers(model, variables, (32, 32, 1))
     assert [layer.name for layer in layers] == ["Conv_0", "Conv_1"]
     apply = inspect_run.layer_outputs(model, tuple(layer.path for layer in layers))

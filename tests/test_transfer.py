@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_lab import checkpoint, optim, param_groups, steps, transfer
+from cnn_lab import checkpoint, optim, param_groups, saved_run, steps, transfer
 from cnn_lab.data import loading, pipeline
 from cnn_lab.models import get_model
 from cnn_lab.state import create_train_state
@@ -211,7 +211,7 @@ def fine_tuned(tmp_path_factory, data_dir, pretrained):
 
 
 def _params(workdir, step):
-    return _leaves(checkpoint.restore_for_inference(workdir, step)[1]["params"])
+    return _leaves(saved_run.load_run(workdir, step)[1]["params"])
 
 
 def test_phases_switch_which_params_move(pretrained, fine_tuned):

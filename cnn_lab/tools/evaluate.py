@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnn_lab import averaging, checkpoint
+from cnn_lab import checkpoint, saved_run, steps
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, pipeline
 from cnn_lab.data.inputs import split_string
@@ -53,7 +53,9 @@ def evaluate_run(
     rows, and the raw model's log-probabilities (N, K) and labels (N,) for ensembles.
     """
     workdir = Path(workdir)
-    model, raw, config, step = checkpoint.restore_for_inference(workdir, checkpoint_name)
+    run = saved_run.open_run(workdir)  # Config and model once, for every variant below.
+    model, config = run.model, run.config
+    raw, step = run.restore(checkpoint_name)
     mesh = sharding.make_mesh()
     # Padding and masking make any batch size exact: round up to split over these devices.
     batch_size = -(-config.eval.batch_size // mesh.size) * mesh.size
@@ -90,9 +92,9 @@ def evaluate_run(
         return result
 
     @functools.cache
-    def make_fn(variant: str) -> predict.PredictFn:
+    def make_fn(variant: str) -> steps.PredictFn:
         """One predict function per variant: members of an ensemble share its compilation."""
-        return predict.make_predict_fn(
+        return steps.make_predict_fn(
             model,
             variant,
             image_size=config.data.image_size,
@@ -108,13 +110,13 @@ def evaluate_run(
     fingerprint = hashlib.sha1((workdir / workdir_lib.CONFIG_FILE).read_bytes()).hexdigest()[:10]
     cache = jax.process_count() == 1
     raw_name = f"{checkpoint_name}@{step}"
-    snapshot_steps = checkpoint.snapshot_steps(workdir)
+    snapshot_steps = run.snapshot_steps()
     last = config.eval.snapshots if snapshots is None else snapshots
     if last:
         snapshot_steps = snapshot_steps[-last:]
     applicable = {
         "raw": True,
-        **dict.fromkeys(averaging.from_config(config.averaging, steps_per_epoch=1).names, True),
+        **dict.fromkeys(run.averages.names, True),
         "snapshots": bool(snapshot_steps),
         "flip": config.data.flip_preserves_label,
         "crops": True,
@@ -145,7 +147,7 @@ def evaluate_run(
         if variant == "raw":
             rows.append(_row(workdir, "raw", raw_name, [raw_log_probs], labels))
         elif variant in ("ema", "polyak"):
-            _, variables, _, _ = checkpoint.restore_for_inference(workdir, checkpoint_name, variant)
+            variables, _ = run.restore(checkpoint_name, variant)
             if config.averaging.batch_stats == "recompute":  # As validation in training did.
                 variables = recompute_batch_stats(
                     model,
@@ -158,10 +160,7 @@ def evaluate_run(
             rows.append(_row(workdir, variant, raw_name, members, labels))
         elif variant == "snapshots":
             members = [
-                log_probs(
-                    f"snapshot@{s}", checkpoint.restore_for_inference(workdir, f"snapshot:{s}")[1]
-                )
-                for s in snapshot_steps
+                log_probs(f"snapshot@{s}", run.restore(f"snapshot:{s}")[0]) for s in snapshot_steps
             ]
             name = f"snapshot@{snapshot_steps[0]}..{snapshot_steps[-1]}"
             rows.append(_row(workdir, f"snapshots({len(members)})", name, members, labels))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cnn_lab import checkpoint, metric_writer
+from cnn_lab import checkpoint, metric_writer, saved_run
 from cnn_lab.data import augment, inputs
 from cnn_lab.data.inputs import split_string
 from cnn_lab.models import layers
@@ -257,7 +257,9 @@ def inspect_run(
     many examples of `split` are searched and classified.
     """
     workdir = Path(workdir)
-    model, variables, config, step = checkpoint.restore_for_inference(workdir, checkpoint_name)
+    run = saved_run.open_run(workdir)
+    model, config = run.model, run.config
+    variables, step = run.restore(checkpoint_name)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     convs = conv_layers(model, variables, image_shape)
     if not convs:

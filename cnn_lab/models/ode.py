@@ -26,12 +26,6 @@ from cnn_lab.models.resnet import (
     stem,
 )
 
-# Metrics the ODE blocks sow that must stay 0, and what to do when one does not.
-METRIC_WARNINGS = {
-    "ode_max_steps_reached": "an ODE solve reached max_steps before t1; raise "
-    "config.model.max_steps or loosen config.model.rtol/atol.",
-}
-
 
 def _groups(features: int, max_groups: int = 32) -> int:
     """Chen et al.'s GroupNorm(min(32, C)), made to divide C for any width."""
@@ -44,7 +38,7 @@ class Conv3x3(nn.Module):
     `im2col=True` computes it as one matmul of the 9 shifted copies of the input with the
     kernel. Inside a while loop (diffrax's solve and backward pass) XLA:CPU computes the
     kernel gradient of a native convolution many times slower than the same convolution
-    unrolled; as a matmul it is fast (README: Neural ODEs). `im2col=False` uses
+    unrolled; as a matmul it is fast (timings in the README). `im2col=False` uses
     `lax.conv_general_dilated` (faster outside loops, and the better choice on GPU and TPU).
     Both read the same parameters.
     """
@@ -107,6 +101,13 @@ class ODEFunc(nn.Module):
         y = conv(act(norm(name="norm1")(h)), "conv1")
         y = conv(act(norm(name="norm2")(y)), "conv2")
         return norm(name="norm3")(y)
+
+
+# Metrics the ODE block sows that must stay 0, and what to do when one does not.
+METRIC_WARNINGS = {
+    "ode_max_steps_reached": "an ODE solve reached max_steps before t1; raise "
+    "config.model.max_steps or loosen config.model.rtol/atol.",
+}
 
 
 class ODEBlock(nn.Module):

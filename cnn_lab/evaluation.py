@@ -42,7 +42,7 @@ def evaluate(
     result = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
     if len(totals["class_count"]) > 5:
         result["top5_accuracy"] = float(totals["correct_top5"]) / count
-    result.update({k: float(v) / count for k, v in totals.items() if k.startswith("ode_")})
+    result.update({k: float(v) / count for k, v in totals.items() if k not in steps.EVAL_SUMS})
     result["count"] = int(count)
     result["per_class_accuracy"] = [
         float(c) / float(n) if n else math.nan

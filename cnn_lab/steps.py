@@ -33,18 +33,23 @@ def step_rngs(state: TrainState) -> dict[str, jax.Array]:
     return dict(zip(streams, jax.random.split(key, len(streams)), strict=True))
 
 
-def sown_metrics(intermediates: dict) -> Metrics:
-    """The mean of every scalar a model sowed under a name starting with "ode_", by name.
+def sown_metrics(sown: dict) -> Metrics:
+    """The mean of every scalar a model sowed into its "metrics" collection, by name.
 
-    Models sow into the "intermediates" collection (`self.sow("intermediates", name, x)`),
-    e.g. an ODE block its function evaluations as "ode_nfe"; several blocks sowing the same
-    name are averaged. A model that sows nothing gives {}.
+    Models report extras with `self.sow("metrics", name, scalar)`, e.g. an ODE block its
+    function evaluations as "ode_nfe"; several modules sowing the same name are averaged.
+    `sown` is the collection (model.apply(..., mutable=["metrics"])[1].get("metrics", {}));
+    a model that sows nothing gives {}.
     """
     values: dict[str, list[jax.Array]] = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(intermediates):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(sown):
         name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        if name.startswith("ode_"):
-            values.setdefault(name, []).append(jnp.asarray(leaf, jnp.float32))
+        if jnp.ndim(leaf):
+            raise ValueError(
+                f"A model sowed {name!r} of shape {jnp.shape(leaf)} into the 'metrics' "
+                "collection, which takes scalars only; sow a scalar (e.g. its mean) instead."
+            )
+        values.setdefault(name, []).append(jnp.asarray(leaf, jnp.float32))
     return {name: jnp.mean(jnp.stack(v)) for name, v in sorted(values.items())}
 
 
@@ -109,11 +114,11 @@ def train_step(
                 images,
                 train=True,
                 rngs=rngs,
-                mutable=["batch_stats", "intermediates"],
+                mutable=["batch_stats", "metrics"],
             )
         logits = logits.astype(jnp.float32)  # Softmax and loss in float32 in any compute dtype.
         loss = jnp.mean(losses.cross_entropy(logits, targets, label_smoothing))
-        return loss, (logits, updates.get("batch_stats", {}), updates.get("intermediates", {}))
+        return loss, (logits, updates.get("batch_stats", {}), updates.get("metrics", {}))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if micro_batches == 1:
@@ -200,17 +205,22 @@ def jit_train_step(
     )
 
 
+# The sums eval_step returns for every model; its other keys are the model's sown metrics.
+EVAL_SUMS = ("loss", "correct", "correct_top5", "count", "class_correct", "class_count")
+
+
 def eval_step(
     variables: dict, batch: Batch, *, model: nn.Module, normalize: Normalize | None = None
 ) -> Metrics:
     """Sums over the real rows (batch["mask"]) of a padded batch; `normalize` prepares uint8 images.
 
-    Returns loss, correct, correct_top5, count (scalars) and class_correct, class_count (K,);
-    sown "ode_*" scalars (one per batch) weighted by the batch's real rows, so that summed over
-    batches and divided by count they are means per example.
+    Returns EVAL_SUMS: loss, correct, correct_top5, count (scalars) and class_correct,
+    class_count (K,); and each metric the model sowed (`sown_metrics`, one per batch) weighted
+    by the batch's real rows, so that summed over batches and divided by count it is a mean
+    per example.
     """
     images = batch["image"] if normalize is None else normalize(batch["image"])
-    logits, sown = model.apply(variables, images, train=False, mutable=["intermediates"])
+    logits, sown = model.apply(variables, images, train=False, mutable=["metrics"])
     logits = logits.astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
@@ -223,7 +233,7 @@ def eval_step(
         "count": jnp.sum(mask),
         "class_correct": jnp.sum(in_class * correct[:, None], axis=0),
         "class_count": jnp.sum(in_class, axis=0),
-        **{k: v * jnp.sum(mask) for k, v in sown_metrics(sown.get("intermediates", {})).items()},
+        **{k: v * jnp.sum(mask) for k, v in sown_metrics(sown.get("metrics", {})).items()},
     }
 
 

@@ -2,6 +2,7 @@
 
 import functools
 import importlib
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -13,19 +14,10 @@ import pytest
 import scipy.linalg
 import tiny_steps
 
-from cnn_lab import steps
-from cnn_lab.models import get_model
-from cnn_lab.models.ode import (
-    ADAPTIVE_SOLVERS,
-    FIXED_STEP_SOLVERS,
-    Conv3x3,
-    ODEBlock,
-    ODEFunc,
-    ODENet,
-    ODEResNet,
-    SolverConfig,
-    solve,
-)
+from cnn_lab import evaluation, models, steps
+from cnn_lab.models import METRIC_WARNINGS, get_model, metric_warnings
+from cnn_lab.models.ode import Conv3x3, ODEBlock, ODEFunc, ODENet, ODEResNet
+from cnn_lab.models.ode_solve import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS, SolverConfig, solve
 from cnn_lab.models.resnet import ResNet
 from cnn_lab.runtime import sharding
 from configs import common
@@ -53,8 +45,8 @@ def _block_and_params(config: SolverConfig, shape=(2, 4, 4, 4), seed=0):
 
 
 def _sown(block, params, x) -> dict[str, float]:
-    _, state = block.apply({"params": params}, x, train=True, mutable=["intermediates"])
-    return {k: float(v) for k, v in steps.sown_metrics(state["intermediates"]).items()}
+    _, state = block.apply({"params": params}, x, train=True, mutable=["metrics"])
+    return {k: float(v) for k, v in steps.sown_metrics(state["metrics"]).items()}
 
 
 # --- the solve --------------------------------------------------------------------------------
@@ -240,20 +232,57 @@ def test_nfe_counts_every_vector_field_call(solver: str, steps: int):
 
 def test_reaching_max_steps_is_reported_not_raised():
     block, params, x = _block_and_params(SolverConfig("dopri5", rtol=1e-9, atol=1e-9, max_steps=2))
-    out, state = block.apply({"params": params}, x, train=True, mutable=["intermediates"])
-    sown = steps.sown_metrics(state["intermediates"])
+    out, state = block.apply({"params": params}, x, train=True, mutable=["metrics"])
+    sown = steps.sown_metrics(state["metrics"])
     assert float(sown["ode_max_steps_reached"]) == 1.0
     assert float(sown["ode_steps"]) == 2.0
     assert np.isfinite(np.asarray(out)).all()  # the state reached, short of t1
+    assert metric_warnings(sown) == [METRIC_WARNINGS["ode_max_steps_reached"]]
+    assert "config.model.max_steps" in metric_warnings(sown)[0]
+    assert metric_warnings({**sown, "ode_max_steps_reached": 0.0}) == []
 
 
-def test_sown_metrics_average_blocks_and_ignore_other_names():
+def test_sown_metrics_average_blocks_and_keep_every_name():
     sown = {
-        "stage1_ode": {"ode_nfe": (jnp.float32(14.0),), "other": (jnp.ones(3),)},
+        "stage1_ode": {"ode_nfe": (jnp.float32(14.0),), "other": (jnp.float32(2.0),)},
         "stage2_ode": {"ode_nfe": (jnp.float32(20.0),)},
     }
-    assert {k: float(v) for k, v in steps.sown_metrics(sown).items()} == {"ode_nfe": 17.0}
+    assert {k: float(v) for k, v in steps.sown_metrics(sown).items()} == {
+        "ode_nfe": 17.0,
+        "other": 2.0,
+    }
     assert steps.sown_metrics({}) == {}
+    with pytest.raises(ValueError, match=r"sowed 'other' of shape \(3,\).*scalars only"):
+        steps.sown_metrics({"block": {"other": (jnp.ones(3),)}})
+
+
+class SowsAProbe(nn.Module):
+    """A model that is no ODE and sows "probe" twice (3 and 5): a metric of any model."""
+
+    num_classes: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        del train
+        self.sow("metrics", "probe", jnp.float32(3.0))
+        self.sow("metrics", "probe", jnp.float32(5.0))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x.reshape(x.shape[0], -1))
+
+
+def test_any_sown_metric_reaches_train_and_eval_metrics(monkeypatch):
+    monkeypatch.setitem(models.MODELS, "sows_a_probe", SowsAProbe)
+    mesh, state, train_step, eval_step = _setup(
+        dict(name="sows_a_probe", num_classes=10), jax.devices()
+    )
+    state, metrics = train_step(state, sharding.to_global(_batch(), mesh))  # donates state
+    assert float(metrics["probe"]) == 4.0  # the mean of the two
+    batch = _batch(16)
+    batch["mask"] = np.arange(16) < 11
+    sums = eval_step(state.variables, sharding.to_global(batch, mesh))
+    assert float(sums["probe"]) == 4.0 * 11  # weighted by real rows
+    result = evaluation.evaluate(eval_step, state.variables, [batch], mesh)
+    assert result["probe"] == 4.0 and result["count"] == 11
 
 
 # --- models -----------------------------------------------------------------------------------

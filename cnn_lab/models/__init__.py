@@ -1,7 +1,7 @@
 """Model registry: the config's `model.name` picks a flax.linen module; other fields are its arguments."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -13,6 +13,7 @@ from cnn_lab.models.alexnet import AlexNet
 from cnn_lab.models.convnet import ConvNet
 from cnn_lab.models.lenet import LeNet5
 from cnn_lab.models.mlp import MLP
+from cnn_lab.models.ode import METRIC_WARNINGS as ODE_METRIC_WARNINGS
 from cnn_lab.models.ode import ODENet, ODEResNet
 from cnn_lab.models.resnet import ResNet
 from cnn_lab.models.vgg import VGG
@@ -27,6 +28,9 @@ MODELS: dict[str, type[nn.Module]] = {
     "odenet": ODENet,
     "ode_resnet": ODEResNet,
 }
+
+# Metrics the models sow (see steps.sown_metrics) that must stay 0, with what to change if not.
+METRIC_WARNINGS: dict[str, str] = {**ODE_METRIC_WARNINGS}
 
 # Every random stream a model may draw from; the train step supplies a key for each.
 RNG_STREAMS = ("dropout", "stochastic_depth")
@@ -82,6 +86,11 @@ def conv_implementation(model: nn.Module) -> str:
 def has_convolutions(name: str) -> bool:
     """Whether the model called `name` takes a convolution (an unknown name: False)."""
     return name in MODELS and _has_convolutions(MODELS[name])
+
+
+def metric_warnings(metrics: Mapping[str, float]) -> list[str]:
+    """The warning of each metric in `metrics` that must stay 0 (METRIC_WARNINGS) and is not."""
+    return [warning for name, warning in METRIC_WARNINGS.items() if metrics.get(name, 0.0) > 0]
 
 
 def _has_convolutions(cls: type[nn.Module]) -> bool:

@@ -1,7 +1,7 @@
 """Residual networks for ImageNet and CIFAR, post- or pre-activation, with stochastic depth."""
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -122,6 +122,88 @@ class ResidualBlock(nn.Module):
         return residual + y if self.preactivation else self.act(residual + y)
 
 
+def layout(family: str, depth: int, width: float) -> tuple[bool, tuple[int, ...], int]:
+    """(bottleneck blocks?, blocks per stage, stem width) of a ResNet `family` at `depth`,
+    channel counts multiplied by `width`."""
+    if family == "imagenet":
+        if depth not in IMAGENET_DEPTHS:
+            raise ValueError(
+                f"ImageNet ResNet depth {depth} is not one of "
+                f"{', '.join(map(str, IMAGENET_DEPTHS))}; change config.model.depth."
+            )
+        bottleneck, stage_sizes = IMAGENET_DEPTHS[depth]
+        return bottleneck, stage_sizes, round(64 * width)
+    if family == "cifar":
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(
+                f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}; "
+                "change config.model.depth."
+            )
+        return False, (((depth - 2) // 6),) * 3, round(16 * width)
+    raise ValueError(
+        f"Unknown ResNet family {family!r}. Known families: {', '.join(FAMILIES)}. "
+        "Set config.model.family to one of them."
+    )
+
+
+def stem(
+    x: jax.Array,
+    features: int,
+    *,
+    family: str,
+    preactivation: bool,
+    conv: ModuleDef,
+    norm: ModuleDef,
+    act: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    """The stem of the calling module, as `stem_conv` (and `stem_norm` unless `preactivation`).
+
+    x (B, H, W, C) -> (B, H / 4, W / 4, features) for "imagenet" (conv 7x7/2, max pool 3x3/2),
+    (B, H, W, features) for "cifar" (conv 3x3).
+    """
+    if family == "imagenet":
+        x = conv(features, (7, 7), 2, padding=3, name="stem_conv")(x)  # (B, H/2, W/2, 64)
+    else:
+        x = conv(features, (3, 3), 1, padding=1, name="stem_conv")(x)  # (B, H, W, 16)
+    if not preactivation:
+        x = act(norm(name="stem_norm")(x))
+    if family == "imagenet":
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # (B, H/4, W/4, 64)
+    return x
+
+
+def residual_stage(
+    x: jax.Array,
+    stage: int,
+    filters: int,
+    block: ModuleDef,
+    drop_paths: Sequence[ModuleDef],
+    *,
+    train: bool,
+) -> jax.Array:
+    """Stage `stage` (1-based) of the calling module: one `block` per entry of `drop_paths`,
+    named `stage<stage>_block<i>`; the first block of every stage after the first has stride 2.
+
+    `block` is a ResidualBlock partial lacking filters, strides and drop_path.
+    x (B, H, W, C) -> (B, H', W', filters or 4 * filters).
+    """
+    for i, drop_path in enumerate(drop_paths):
+        x = block(
+            filters=filters,
+            strides=2 if stage > 1 and i == 0 else 1,
+            drop_path=drop_path,
+            name=f"stage{stage}_block{i + 1}",
+        )(x, train=train)
+    return x
+
+
+def head(x: jax.Array, num_classes: int, dtype: Any) -> jax.Array:
+    """Global average pooling and the calling module's dense layer `head`: features
+    (B, H, W, C) -> logits (B, num_classes)."""
+    x = jnp.mean(x, axis=(1, 2))  # (B, C)
+    return nn.Dense(num_classes, dtype=dtype, name="head")(x)
+
+
 class ResNet(nn.Module):
     """ResNet (He et al., 2016, "Deep residual learning for image recognition").
 
@@ -162,7 +244,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
-        bottleneck, stage_sizes, stem_width = self._layout()
+        bottleneck, stage_sizes, stem_width = layout(self.family, self.depth, self.width)
         shortcut = self.shortcut or ("A" if self.family == "cifar" else "B")
         if shortcut not in SHORTCUTS:
             raise ValueError(
@@ -171,59 +253,34 @@ class ResNet(nn.Module):
             )
         act = get_activation(self.activation)
         conv, norm = conv_and_norm(self, train)
-
-        if self.family == "imagenet":
-            x = conv(stem_width, (7, 7), 2, padding=3, name="stem_conv")(x)  # (B, H/2, W/2, 64)
-        else:
-            x = conv(stem_width, (3, 3), 1, padding=1, name="stem_conv")(x)  # (B, H, W, 16)
-        if not self.preactivation:
-            x = act(norm(name="stem_norm")(x))
-        if self.family == "imagenet":
-            x = nn.max_pool(
-                x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))
-            )  # (B, H/4, W/4, 64)
-
+        x = stem(
+            x,
+            stem_width,
+            family=self.family,
+            preactivation=self.preactivation,
+            conv=conv,
+            norm=norm,
+            act=act,
+        )
+        block = functools.partial(
+            ResidualBlock,
+            bottleneck=bottleneck,
+            shortcut=shortcut,
+            preactivation=self.preactivation,
+            zero_init_last=self.zero_init_residual,
+            conv=conv,
+            norm=norm,
+            act=act,
+        )
         drop_rates = iter(linear_drop_rates(self.stochastic_depth_rate, sum(stage_sizes)))
-        for stage, num_blocks in enumerate(stage_sizes):
-            for block in range(num_blocks):
-                x = ResidualBlock(
-                    filters=stem_width * 2**stage,
-                    strides=2 if stage > 0 and block == 0 else 1,
-                    bottleneck=bottleneck,
-                    shortcut=shortcut,
-                    preactivation=self.preactivation,
-                    zero_init_last=self.zero_init_residual,
-                    conv=conv,
-                    norm=norm,
-                    act=act,
-                    drop_path=functools.partial(
-                        StochasticDepth, next(drop_rates), self.stochastic_depth_mode
-                    ),
-                    name=f"stage{stage + 1}_block{block + 1}",
-                )(x, train=train)
+        for stage, num_blocks in enumerate(stage_sizes, start=1):
+            drop_paths = [
+                functools.partial(StochasticDepth, next(drop_rates), self.stochastic_depth_mode)
+                for _ in range(num_blocks)
+            ]
+            x = residual_stage(
+                x, stage, stem_width * 2 ** (stage - 1), block, drop_paths, train=train
+            )
         if self.preactivation:
             x = act(norm(name="final_norm")(x))
-        x = jnp.mean(x, axis=(1, 2))  # (B, C)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-
-    def _layout(self) -> tuple[bool, tuple[int, ...], int]:
-        """(bottleneck?, blocks per stage, stem width) for this family and depth."""
-        if self.family == "imagenet":
-            if self.depth not in IMAGENET_DEPTHS:
-                raise ValueError(
-                    f"ImageNet ResNet depth {self.depth} is not one of "
-                    f"{', '.join(map(str, IMAGENET_DEPTHS))}; change config.model.depth."
-                )
-            bottleneck, stage_sizes = IMAGENET_DEPTHS[self.depth]
-            return bottleneck, stage_sizes, round(64 * self.width)
-        if self.family == "cifar":
-            if self.depth < 8 or (self.depth - 2) % 6:
-                raise ValueError(
-                    f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {self.depth}; "
-                    "change config.model.depth."
-                )
-            return False, (((self.depth - 2) // 6),) * 3, round(16 * self.width)
-        raise ValueError(
-            f"Unknown ResNet family {self.family!r}. Known families: {', '.join(FAMILIES)}. "
-            "Set config.model.family to one of them."
-        )
+        return head(x, self.num_classes, self.dtype)

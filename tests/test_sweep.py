@@ -20,12 +20,12 @@ def test_product_and_zip_build_override_dicts():
         {"model.depth": 56, "seed": 1},
     ]
     rates = sweep.axis("optimizer.learning_rate", [0.1, 0.05])
-    assert sweep.zip(depths, rates) == [
+    assert sweep.zipped(depths, rates) == [
         {"model.depth": 20, "optimizer.learning_rate": 0.1},
         {"model.depth": 56, "optimizer.learning_rate": 0.05},
     ]
     with pytest.raises(ValueError, match="one length"):
-        sweep.zip(depths, seeds[:1])
+        sweep.zipped(depths, seeds[:1])
     with pytest.raises(ValueError, match=r"model\.depth"):
         sweep.product(depths, depths)
 

@@ -11,7 +11,6 @@ Standard library only: config files import this module.
 """
 
 import ast
-import builtins
 import contextlib
 import csv
 import fcntl
@@ -62,15 +61,15 @@ def product(*sweeps: Sequence[Overrides]) -> list[Overrides]:
     return [_merge(parts) for parts in itertools.product(*sweeps)]
 
 
-def zip(*sweeps: Sequence[Overrides]) -> list[Overrides]:
-    """Points taken side by side: zip(axis("a", [1, 2]), axis("b", [3, 4])) -> a=1,b=3; a=2,b=4."""
+def zipped(*sweeps: Sequence[Overrides]) -> list[Overrides]:
+    """Points taken side by side: zipped(axis("a", [1, 2]), axis("b", [3, 4])) -> a=1,b=3; a=2,b=4."""
     lengths = {len(s) for s in sweeps}
     if len(lengths) > 1:
         raise ValueError(
-            f"sweep.zip needs sweeps of one length, got lengths {sorted(lengths)}. "
+            f"sweep.zipped needs sweeps of one length, got lengths {sorted(lengths)}. "
             "Use sweep.product for every combination."
         )
-    return [_merge(parts) for parts in builtins.zip(*sweeps, strict=True)]
+    return [_merge(parts) for parts in zip(*sweeps, strict=True)]
 
 
 def parse_axis(spec: str) -> list[Overrides]:

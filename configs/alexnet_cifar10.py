@@ -13,9 +13,9 @@ Differences: the paper centre-crops to 28x28 (random 28x28 crops as augmentation
 full 32x32 image with 4-pixel pad-and-crop. The weight-decay value is not given in the paper;
 5e-4 on every kernel is used.
 
-Expected: the paper's Table 1 gives ~0.81 test accuracy with weight decay and random crops
-(~0.76 with neither); not reproduced here (no CIFAR-10 on the development machine).
-About 33M multiply-adds per image forward at 32x32: minutes on one GPU, hours on a CPU.
+Expected: not measured here (no CIFAR-10 on the development machine). The paper's Table 1
+gives ~0.81 test accuracy with weight decay and random crops (~0.76 with neither). About 33M
+multiply-adds per image forward.
 """
 
 from configs import common

@@ -8,7 +8,7 @@ against over-fitting; Nesterov SGD with a cosine decay rather than Zhang et al.'
 exponential one.
 
 Expected: test accuracy 1.0000 (450/450; validation 0.956, 135 images) for seed 0, in 5
-minutes on 2 CPU cores shared with other jobs. `:smoke` trains for a few steps.
+minutes on 2 CPU cores shared with other jobs, no accelerator. `:smoke` trains for a few steps.
 """
 
 from configs import common

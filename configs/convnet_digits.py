@@ -1,6 +1,8 @@
 """The classic 2-conv ConvNet on the embedded digits data, resized to 28x28.
 
-python -m cnn_lab.train --config=configs/convnet_digits.py --workdir=runs/convnet_digits
+    python -m cnn_lab.train --config=configs/convnet_digits.py --workdir=runs/convnet_digits
+
+Expected: not measured yet (configs/lenet_digits.py, measured, reaches 0.99-1.00 on this data).
 """
 
 from configs import common

@@ -4,6 +4,9 @@
 
 Offline: `apt-get install dataset-fashion-mnist` provides the original IDX files, which
 cnn_lab prepares into TFDS format on first use (or set config.data.source_dir).
+
+Expected: test accuracy 0.9267 (seed 0) in about 35 minutes on 2 CPU cores shared with other
+jobs, no accelerator (measured before augmentation moved onto the devices).
 """
 
 from configs import common

@@ -2,7 +2,8 @@
 
     python -m cnn_lab.train --config=configs/lenet_digits.py --workdir=runs/lenet_digits
 
-2 CPU cores: about a minute; test accuracy ~0.99 (see README's results table).
+Expected: test accuracy 1.0000 / 0.9933 / 0.9889 for --config.seed=0 / 1 / 2, in 35-40 s
+(start-up included) on 2 CPU cores shared with other jobs, no accelerator.
 `--config=configs/lenet_digits.py:smoke` trains for a few steps (tests, debugging).
 """
 

@@ -3,6 +3,10 @@
     python -m cnn_lab.train --config=configs/lenet_mnist.py --workdir=runs/lenet_mnist
 
 Needs MNIST prepared in TFDS format (`tfds build mnist` on a machine with internet).
+
+Expected: not measured here (no MNIST on the development machine). LeCun et al. (1998,
+"Gradient-based learning applied to document recognition") report 0.95% test error for their
+LeNet-5 (tanh, average pooling; this config uses relu and max pooling).
 """
 
 from configs import common

@@ -3,6 +3,8 @@
     python -m cnn_lab.train --config=configs/mlp_cifar10.py --workdir=runs/mlp_cifar10
 
 Needs CIFAR-10 prepared in TFDS format (`tfds build cifar10` on a machine with internet).
+
+Expected: not measured here (no CIFAR-10 on the development machine).
 """
 
 from configs import common

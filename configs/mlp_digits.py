@@ -1,6 +1,8 @@
 """A fully connected net on the embedded digits data at its native 8x8.
 
-python -m cnn_lab.train --config=configs/mlp_digits.py --workdir=runs/mlp_digits
+    python -m cnn_lab.train --config=configs/mlp_digits.py --workdir=runs/mlp_digits
+
+Expected: not measured yet (configs/lenet_digits.py, measured, reaches 0.99-1.00 on this data).
 """
 
 from configs import common

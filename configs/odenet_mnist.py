@@ -5,14 +5,16 @@
 Needs MNIST prepared in TFDS format (`tfds build mnist` on a machine with internet).
 
 The paper's network: downsampling convs to 6x6x64, one ODE block over [0, 1] solved by an
-adaptive Runge-Kutta method at tolerance 1e-3, GroupNorm, 0.22M parameters (here 208,266);
-its Table 1 reports 0.42% test error (ResNet of 6 blocks: 0.41%), trained with SGD for 160
-epochs. Its NFE grows during training (its Figure 3: ~25 forward evaluations at the end).
-Not yet run here (no MNIST on the development machine); this is the recipe of
-configs/odenet_digits.py (0.9933 there) with a schedule for 54k training images: expect
-~0.99+ test accuracy. At 28x28 a 128-image step takes ~1.8 s on 2 busy CPU cores (~13 min an
-epoch, ~2 hours in all); minutes on a GPU with `--config.model.im2col=False`.
-The ResNet of matching width: `--config.model.residual_blocks=6 --config.model.im2col=False`.
+adaptive Runge-Kutta method at tolerance 1e-3, GroupNorm, 0.22M parameters (here 208,266),
+trained with SGD for 160 epochs; its NFE grows during training (its Figure 3: ~25 forward
+evaluations at the end). Here the recipe of configs/odenet_digits.py (0.9933 there) with a
+schedule for 54k training images. The ResNet of matching width:
+`--config.model.residual_blocks=6 --config.model.im2col=False`.
+
+Expected: not measured here (no MNIST on the development machine). Chen et al. (Table 1)
+report 0.42% test error (ResNet of 6 blocks: 0.41%). At 28x28 a 128-image step took ~1.8 s
+on 2 busy CPU cores (~13 min an epoch, ~2 hours in all); on a GPU use
+`--config.model.im2col=False`.
 """
 
 from configs import common, odenet_digits

@@ -10,12 +10,13 @@ times smaller: batch 64 for more steps per epoch, Nesterov momentum, a 2-epoch w
 cosine decay, weight decay 5e-4 and label smoothing 0.1 against over-fitting.
 
 Expected: test accuracy 0.9956, 0.9933 and 0.9978 for --config.seed=0, 1, 2 (mean 0.9956);
-each run took 6-6.5 minutes on 2 CPU cores shared with other jobs (load ~4-5: 8-19 s per epoch
-depending on the load). `:smoke` trains for a few steps.
+each run took 6-6.5 minutes on 2 CPU cores shared with other jobs, no accelerator (load ~4-5:
+8-19 s per epoch), measured before augmentation moved onto the devices. `:smoke` trains for a
+few steps.
 
 Stochastic depth ablation (rates 0, 0.2, 0.5 x seeds 0-2: nine runs, two at a time):
 
-    python -m launch.sweep --config=configs/resnet20_digits.py --sweep_dir=runs/sd_ablation \
+    python -m launch.sweep --config=configs/resnet20_digits.py --sweep_dir=runs/sd_ablation \\
         --parallel=2 && python -m cnn_lab.report runs/sd_ablation
 """
 

@@ -15,9 +15,10 @@ last BN scale of each residual branch initialised to zero, scale augmentation (r
 crop) and horizontal flips in training, one 224x224 centre crop of the 256-resized image in
 evaluation.
 
-Expected (Goyal et al., Table 1): top-1 error 23.60% +- 0.12 on the validation set, i.e.
-top-1 accuracy ~0.764 (the "test" line here, since ImageNet's test labels are not public).
-Not reproduced here. 4.1G multiply-adds per image forward: about a day on 8 GPUs.
+Expected: not measured here (ImageNet cannot be downloaded on the development machine).
+Goyal et al. (Table 1) report top-1 error 23.60% +- 0.12 on the validation set, i.e. top-1
+accuracy ~0.764 (the "test" line here, since ImageNet's test labels are not public). 4.1G
+multiply-adds per image forward.
 
 Input: streaming (the split does not fit in memory: 1.28M x 224x224x3 bytes is ~190 GB):
 each host decodes its part of the training split and takes the random-resized crop from the

@@ -6,7 +6,14 @@ First pre-train (configs/transfer_digits_pretrain.py), then, from the same direc
 
 The default is full fine-tuning in two phases: the new head alone (backbone frozen), then
 every layer at a lower learning rate. `get_sweep()` compares it with training from
-scratch and with training the head only, 3 seeds each (README, "Transfer learning").
+scratch and with training the head only, 3 seeds each (README, "Transfer learning"):
+
+    python -m launch.sweep --config=configs/transfer_digits.py --sweep_dir=runs/transfer_demo \\
+        --parallel=2 && python -m cnn_lab.report runs/transfer_demo
+
+Expected: test accuracy on the 224 test images of digits 5-9, seeds 0-2, 0.8810 +- 0.0438
+fine-tuned (scratch 0.8750 +- 0.0702, head only 0.7396 +- 0.0304), each run about a minute on
+2 CPU cores shared with other jobs, no accelerator.
 """
 
 from configs import common, lenet_digits

@@ -10,12 +10,11 @@ pad-and-crop and horizontal flips; the head is one dense layer from the 1x1x512 
 (14.7M parameters). Simonyan & Zisserman (2014) trained on ImageNet only (batch 256, lr 0.01
 divided by 10 on plateaus, weight decay 5e-4, dropout 0.5 in a 4096-4096 head).
 
-Differences: horizontal flips are not implemented yet (left for the input-pipeline issue);
-validation is carved from train (45k/5k) where kuangliu trains on all 50k.
+Difference: validation is carved from train (45k/5k) where kuangliu trains on all 50k.
 
-Expected: kuangliu reports 0.9264 test accuracy for VGG-16 with flips on all 50k images; not
-yet reproduced here (no CIFAR-10 on the development machine), expect somewhat less without
-flips. About 0.31G multiply-adds per image forward: an hour or two on one GPU, days on a CPU.
+Expected: not measured here (no CIFAR-10 on the development machine). kuangliu reports 0.9264
+test accuracy for VGG-16 trained on all 50k images. About 0.31G multiply-adds per image
+forward.
 """
 
 from configs import common

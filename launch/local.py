@@ -1,6 +1,6 @@
 """Start N processes of one multi-process run on this machine, for debugging multi-host code.
 
-    python -m launch.local --num_processes=2 --cpu_devices_per_process=4 -- \
+    python -m launch.local --num_processes=2 --cpu_devices_per_process=4 -- \\
         --config=configs/lenet_digits.py:smoke --workdir=runs/two_hosts
 
 Each process runs `python -m cnn_lab.train <args after -->` with

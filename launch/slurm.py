@@ -1,7 +1,7 @@
 """Train on a SLURM cluster: write an sbatch script that runs `srun python -m cnn_lab.train`.
 
-    python -m launch.slurm --config=configs/resnet20_cifar10.py --workdir=runs/r20 \
-        --nodes=2 --gpus_per_node=4 --process_per=gpu --time=04:00:00 --partition=gpu \
+    python -m launch.slurm --config=configs/resnet20_cifar10.py --workdir=runs/r20 \\
+        --nodes=2 --gpus_per_node=4 --process_per=gpu --time=04:00:00 --partition=gpu \\
         [--config.<field>=<value> ...] [--dry_run]
 
 Writes <workdir>/job.sbatch, submits it, and logs to <workdir>/slurm-<job id>.out. Under srun,

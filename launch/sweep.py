@@ -1,7 +1,7 @@
 """Run a grid of configs, each point in its own workdir, locally or as a SLURM job array.
 
-    python -m launch.sweep --config=configs/resnet20_digits.py --sweep_dir=runs/sd_ablation \
-        [--axis=model.depth=20,56 ...] [--seeds=3] [--parallel=2 | --slurm [--wait] ...] \
+    python -m launch.sweep --config=configs/resnet20_digits.py --sweep_dir=runs/sd_ablation \\
+        [--axis=model.depth=20,56 ...] [--seeds=3] [--parallel=2 | --slurm [--wait] ...] \\
         [--config.<field>=<value> ...]
 
 The points are the config file's `get_sweep()` (if it has one), times each --axis, times

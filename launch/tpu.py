@@ -1,6 +1,6 @@
 """Train on every worker of a Cloud TPU VM slice, through `gcloud compute tpus tpu-vm ssh`.
 
-    python -m launch.tpu --tpu=my-v4-32 --zone=us-central2-b --config=configs/resnet50_imagenet.py \
+    python -m launch.tpu --tpu=my-v4-32 --zone=us-central2-b --config=configs/resnet50_imagenet.py \\
         --workdir=/mnt/shared/runs/r50 [--config.<field>=<value> ...] [--dry_run]
 
 Runs the same train command on all workers at once (`--worker=all`); train starts

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tiny_steps
 
 from cnn_lab import averaging
 from cnn_lab.evaluation import recompute_batch_stats
@@ -61,7 +60,7 @@ def test_debiased_ema_is_a_weighted_mean_of_the_steps():
     np.testing.assert_allclose(undebiased["ema"]["params"]["w"], expected, rtol=1e-5)
 
 
-def test_train_step_keeps_the_averages_on_eight_devices():
+def test_train_step_keeps_the_averages_on_eight_devices(tiny_steps):
     """Through the jitted, sharded step: EMA(0) follows the params; Polyak is their mean."""
     avg = averaging.Averaging(ema_decay=0.0, polyak_start_step=0)
     mesh, state, train_step, _ = tiny_steps.setup(

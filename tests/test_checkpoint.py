@@ -109,6 +109,7 @@ def _start_and_kill(workdir, data_dir, rng, sig=signal.SIGKILL):
     return proc.returncode, stderr
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir, uninterrupted):
     returncode, _ = _start_and_kill(tmp_path, data_dir, np.random.default_rng(0))
     assert returncode == -signal.SIGKILL
@@ -119,6 +120,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir, uninterrupted
     _assert_bitwise_equal(_final_params(tmp_path), _final_params(uninterrupted))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_75(tmp_path, data_dir):
     returncode, stderr = _start_and_kill(
         tmp_path, data_dir, np.random.default_rng(1), signal.SIGTERM

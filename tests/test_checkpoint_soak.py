@@ -7,6 +7,7 @@ import time
 
 import chex
 import numpy as np
+import pytest
 from test_checkpoint import (  # noqa: F401  (fixtures data_dir and uninterrupted)
     ROOT,
     _assert_bitwise_equal,
@@ -21,6 +22,8 @@ from test_checkpoint import (  # noqa: F401  (fixtures data_dir and uninterrupte
 
 from cnn_lab import checkpoint
 from cnn_lab.train import train_and_evaluate
+
+pytestmark = pytest.mark.slow  # Dozens of training processes, killed and resumed.
 
 KILLS = 20
 KEEP = 2

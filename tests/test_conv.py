@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tiny_steps
 from jax import lax
 
 from cnn_lab.kernels import build, selection, stand_ins
@@ -188,6 +187,7 @@ def test_an_empty_output_is_xlas(implementation):
     assert function(x, k).shape == (16, 0, 0, 6)
 
 
+@pytest.mark.slow
 def test_the_kernels_compile_for_cpus_without_avx512(tmp_path):
     # -march=native builds them for this machine; an AVX2-only machine must build them too.
     command = build.compile_command(tmp_path / "avx2.so", march="x86-64-v3")
@@ -255,7 +255,7 @@ RESNET = dict(name="resnet", num_classes=10, depth=8, family="cifar")
     ids=["resnet-onednn", "lenet5-batch_minor"],
 )
 def test_a_train_step_with_cpu_convolutions_matches_xla(
-    monkeypatch, model, implementation, image_size
+    monkeypatch, tiny_steps, model, implementation, image_size
 ):
     # BatchNorm, residuals, strided convs, pooling, biases and the optimizer around the calls.
     runs = {}
@@ -328,6 +328,7 @@ def test_auto_on_one_cpu_device_picks_batch_minor_for_few_channels_with_avx512(m
         selection.resolve("batch_minor")
 
 
+@pytest.mark.slow
 def test_a_default_training_run_uses_batch_minor_on_one_device(tmp_path):
     # Outside the test session's 8 forced devices, as a user's run: cpu_devices 0 -> 1 device.
     flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")

@@ -121,6 +121,7 @@ def test_evaluation_rows_and_an_ensemble_of_one_model(runs):
         evaluate.ensemble_row([averaged, averaged], [log_probs, log_probs], [labels, labels[:-1]])
 
 
+@pytest.mark.slow
 def test_cli_ensemble_table_and_json(runs):
     _, averaged, plain = runs
     out = subprocess.run(

@@ -38,6 +38,7 @@ def _evaluate(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_prints_a_table_and_writes_json(run, tmp_path):
     workdir, results = run
     out = _evaluate(f"--workdir={workdir}", "--checkpoint=latest", "--split=test")
@@ -50,6 +51,7 @@ def test_cli_prints_a_table_and_writes_json(run, tmp_path):
     assert f"{written['accuracy']:.4f}" in out.stdout and "per-class accuracy" in out.stdout
 
 
+@pytest.mark.slow
 def test_cli_evaluates_several_workdirs(run):
     workdir, _ = run
     out = _evaluate(
@@ -59,6 +61,7 @@ def test_cli_evaluates_several_workdirs(run):
     assert out.stdout.count(" raw ") == 2  # one raw-model row per run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -75,6 +78,7 @@ def test_cli_bad_input_is_a_clear_error(run, args, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_workdir_without_a_run_is_a_clear_error(tmp_path):
     out = _evaluate(f"--workdir={tmp_path}")
     assert out.returncode != 0 and "holds no cnn_lab run" in out.stderr

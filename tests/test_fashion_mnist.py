@@ -11,6 +11,7 @@ from configs import lenet_fashion_mnist
 SOURCE = Path(loading.FASHION_MNIST_SOURCE_DIRS[0])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (SOURCE / "train-images-idx3-ubyte.gz").exists(),
     reason=f"real Fashion-MNIST not found in {SOURCE}: apt-get install dataset-fashion-mnist",

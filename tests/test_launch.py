@@ -4,13 +4,13 @@ import csv
 import json
 
 import pytest
-from launching import ROOT, TINY_RUN, launch, prepare_digits, require_slurm
 
 from cnn_lab import sweep
 from launch import slurm, tpu
 
 
-def test_slurm_dry_run_prints_the_requested_job():
+@pytest.mark.slow
+def test_slurm_dry_run_prints_the_requested_job(launch, repo_root):
     out = launch(
         "launch.slurm",
         "--config=configs/lenet_digits.py",
@@ -40,7 +40,7 @@ def test_slurm_dry_run_prints_the_requested_job():
         "--requeue",
         "--signal=TERM@600",
         "--account=lab",
-        f"--output={ROOT / 'runs/big'}/slurm-%j.out",
+        f"--output={repo_root / 'runs/big'}/slurm-%j.out",
     ):
         assert f"#SBATCH {option}" in lines
     run = next(line for line in lines if line.startswith("srun "))
@@ -48,7 +48,7 @@ def test_slurm_dry_run_prints_the_requested_job():
     assert "--config.seed=3" in run and "'--config.data.mean=(0.5,)'" in run
     assert 'scontrol requeue "$SLURM_JOB_ID"' in out.stdout
     assert f'"$status" -eq {slurm.PREEMPTED_EXIT_CODE}' in out.stdout
-    assert not (ROOT / "runs/big").exists()  # A dry run writes nothing.
+    assert not (repo_root / "runs/big").exists()  # A dry run writes nothing.
 
 
 def test_slurm_one_process_per_node_and_no_requeue():
@@ -60,14 +60,16 @@ def test_slurm_one_process_per_node_and_no_requeue():
         slurm.Resources(process_per="gpu")
 
 
-def test_slurm_refuses_a_misspelled_override_before_submitting():
+@pytest.mark.slow
+def test_slurm_refuses_a_misspelled_override_before_submitting(launch):
     out = launch(
         "launch.slurm", "--config=configs/lenet_digits.py", "--workdir=x", "--config.sed=1"
     )
     assert out.returncode != 0 and "sed" in out.stderr
 
 
-def test_tpu_dry_run_prints_the_gcloud_command():
+@pytest.mark.slow
+def test_tpu_dry_run_prints_the_gcloud_command(launch):
     out = launch(
         "launch.tpu",
         "--tpu=pod",
@@ -91,15 +93,15 @@ def test_tpu_dry_run_prints_the_gcloud_command():
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
+def digits_dir(tmp_path_factory, slurm_cluster, prepare_digits):
     """Digits for the SLURM jobs; skips (saying why) first when no test cluster is up."""
-    require_slurm()
     path = tmp_path_factory.mktemp("tfds")
     prepare_digits(path)
     return path
 
 
-def test_slurm_job_trains_a_digits_run(tmp_path, digits_dir):
+@pytest.mark.slow
+def test_slurm_job_trains_a_digits_run(tmp_path, digits_dir, launch, tiny_run):
     workdir = tmp_path / "run"
     out = launch(
         "launch.slurm",
@@ -108,7 +110,7 @@ def test_slurm_job_trains_a_digits_run(tmp_path, digits_dir):
         "--cpus_per_task=1",
         "--time=00:10:00",
         "--wait",
-        *sweep.override_flags(TINY_RUN | {"data.data_dir": str(digits_dir)}),
+        *sweep.override_flags(tiny_run | {"data.data_dir": str(digits_dir)}),
     )
     assert out.returncode == 0, out.stdout + out.stderr
     job = out.stdout.split()[1].rstrip(":")
@@ -120,7 +122,10 @@ def test_slurm_job_trains_a_digits_run(tmp_path, digits_dir):
     ]
 
 
-def test_slurm_job_array_runs_a_sweep_and_the_report_lists_every_point(tmp_path, digits_dir):
+@pytest.mark.slow
+def test_slurm_job_array_runs_a_sweep_and_the_report_lists_every_point(
+    tmp_path, digits_dir, launch, tiny_run
+):
     sweep_dir = tmp_path / "grid"
     out = launch(
         "launch.sweep",
@@ -131,7 +136,7 @@ def test_slurm_job_array_runs_a_sweep_and_the_report_lists_every_point(tmp_path,
         "--cpus_per_task=1",
         "--time=00:10:00",
         "--wait",
-        *sweep.override_flags(TINY_RUN | {"data.data_dir": str(digits_dir)}),
+        *sweep.override_flags(tiny_run | {"data.data_dir": str(digits_dir)}),
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "#SBATCH --array=0,1" in (sweep_dir / "array.sbatch").read_text()

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tiny_steps
 
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.models import RNG_STREAMS, get_model
@@ -79,7 +78,12 @@ MLP = dict(name="mlp", num_classes=10, hidden_sizes=(32,), dropout_rate=0.0)
 
 
 def _train(
-    model_config: dict, batch_size: int, micro_batches: int = 1, steps: int = 3, devices: int = 8
+    tiny_steps,
+    model_config: dict,
+    batch_size: int,
+    micro_batches: int = 1,
+    steps: int = 3,
+    devices: int = 8,
 ):
     """(params, batch_stats, opt_state, losses) after `steps` steps of a tiny model."""
     mesh, state, train_step, _ = tiny_steps.setup(
@@ -99,9 +103,11 @@ def _train(
     return jax.device_get((state.params, state.batch_stats, state.opt_state)), losses
 
 
-def test_bfloat16_training_keeps_float32_state_and_follows_float32():
-    (params32, _, _), losses32 = _train(MLP, 16, devices=1)
-    (params16, _, opt16), losses16 = _train({**MLP, "compute_dtype": "bfloat16"}, 16, devices=1)
+def test_bfloat16_training_keeps_float32_state_and_follows_float32(tiny_steps):
+    (params32, _, _), losses32 = _train(tiny_steps, MLP, 16, devices=1)
+    (params16, _, opt16), losses16 = _train(
+        tiny_steps, {**MLP, "compute_dtype": "bfloat16"}, 16, devices=1
+    )
     floats = [
         x for x in jax.tree.leaves((params16, opt16)) if jnp.issubdtype(x.dtype, jnp.floating)
     ]
@@ -113,14 +119,14 @@ def test_bfloat16_training_keeps_float32_state_and_follows_float32():
     assert any(jax.tree.leaves(differs))  # bfloat16 really ran: not bit-identical
 
 
-def test_micro_batches_equal_one_large_batch():
-    (big, _, _), big_losses = _train(MLP, 32)
-    (micro, _, _), micro_losses = _train(MLP, 32, micro_batches=4)
+def test_micro_batches_equal_one_large_batch(tiny_steps):
+    (big, _, _), big_losses = _train(tiny_steps, MLP, 32)
+    (micro, _, _), micro_losses = _train(tiny_steps, MLP, 32, micro_batches=4)
     chex.assert_trees_all_close(micro, big, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(micro_losses, big_losses, rtol=1e-5)
 
 
-def test_batchnorm_statistics_update_once_per_micro_batch():
+def test_batchnorm_statistics_update_once_per_micro_batch(tiny_steps):
     resnet = dict(name="resnet", num_classes=10, family="cifar", depth=8)
     # One device: BatchNorm's cross-device reductions are not what is tested here.
     mesh, state, train_step, _ = tiny_steps.setup(

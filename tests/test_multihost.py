@@ -69,6 +69,7 @@ def runs(tmp_path_factory):
     return root / "one", root / "two", two.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_of_four_devices_train_like_one_of_eight(runs):
     one, two, _ = runs
     provenance = json.loads((two / "config.json").read_text())["provenance"]
@@ -78,6 +79,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(runs):
     chex.assert_trees_all_close(params_two, params_one, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes_metrics_and_logs(runs):
     one, two, output = runs
     records_one, records_two = read_metrics(one), read_metrics(two)
@@ -91,6 +93,7 @@ def test_only_process_zero_writes_metrics_and_logs(runs):
     assert not any(line.startswith("[1] epoch") or line.startswith("[1] test:") for line in lines)
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     _, two, _ = runs
     workdir = tmp_path / "resumed"
@@ -105,6 +108,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     assert [r["step"] for r in read_metrics(workdir) if r["split"] == "val"] == [4, 8]
 
 
+@pytest.mark.slow
 def test_launcher_stops_every_process_when_one_fails():
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
     failing = [sys.executable, "-c", "import sys; print('bad input'); sys.exit(3)"]

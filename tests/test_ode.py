@@ -12,7 +12,6 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.linalg
-import tiny_steps
 
 from cnn_lab import evaluation, models, steps
 from cnn_lab.models import METRIC_WARNINGS, get_model, metric_warnings
@@ -353,25 +352,29 @@ def test_configs_build_their_model(name: str, params: int):
 TINY_ODENET = dict(name="odenet", num_classes=10, width=8, solver="dopri5", max_steps=16)
 
 
-def _setup(model_config: dict, devices):
-    return tiny_steps.setup(
-        model_config, devices, image_size=12, learning_rate=0.01, label_smoothing=0.0
+@pytest.fixture
+def make_steps(tiny_steps):
+    """make_steps(model_config, devices): tiny_steps.setup over 12x12 images."""
+    return functools.partial(
+        tiny_steps.setup, image_size=12, learning_rate=0.01, label_smoothing=0.0
     )
 
 
-def _batch(n=16, seed=0):
-    return tiny_steps.batch(12, n, seed)
+@pytest.fixture
+def make_batch(tiny_steps):
+    """make_batch(n=16, seed=0): random 12x12 images and labels."""
+    return functools.partial(tiny_steps.batch, 12)
 
 
-def test_odenet_sharded_train_step_matches_one_device_and_reports_nfe():
+def test_odenet_sharded_train_step_matches_one_device_and_reports_nfe(make_steps, make_batch):
     # Fixed steps, so 1 and 8 devices take the same steps: equal up to float reassociation.
     assert jax.device_count() == 8
     config = {**TINY_ODENET, "solver": "rk4", "steps": 2}
     runs = {}
     for n in (1, 8):
-        mesh, state, train_step, eval_step = _setup(config, jax.devices()[:n])
+        mesh, state, train_step, eval_step = make_steps(config, jax.devices()[:n])
         for i in range(3):
-            state, metrics = train_step(state, sharding.to_global(_batch(seed=i), mesh))
+            state, metrics = train_step(state, sharding.to_global(make_batch(seed=i), mesh))
         assert train_step._cache_size() == 1  # no recompilation after the first step
         runs[n] = (jax.device_get(state.params), jax.device_get(metrics))
     chex.assert_trees_all_close(runs[1][0], runs[8][0], atol=1e-4, rtol=1e-4)
@@ -381,19 +384,19 @@ def test_odenet_sharded_train_step_matches_one_device_and_reports_nfe():
     assert metrics["ode_steps"] == metrics["ode_accepted_steps"] == 2.0
     assert metrics["ode_rejected_steps"] == metrics["ode_max_steps_reached"] == 0.0
 
-    batch = _batch(16)
+    batch = make_batch(16)
     batch["mask"] = np.arange(16) < 11
     sums = eval_step(state.variables, sharding.to_global(batch, mesh))
     assert float(sums["ode_nfe"]) == 8.0 * float(sums["count"]) == 88.0  # weighted by real rows
 
 
-def test_adaptive_adjoint_odenet_trains_in_the_sharded_step():
+def test_adaptive_adjoint_odenet_trains_in_the_sharded_step(make_steps, make_batch):
     first = {}
     for n in (1, 8):
         config = {**TINY_ODENET, "adjoint": "adjoint"}
-        mesh, state, train_step, _ = _setup(config, jax.devices()[:n])
+        mesh, state, train_step, _ = make_steps(config, jax.devices()[:n])
         before = jax.device_get(state.params)
-        state, metrics = train_step(state, sharding.to_global(_batch(), mesh))
+        state, metrics = train_step(state, sharding.to_global(make_batch(), mesh))
         first[n] = jax.device_get(metrics)
     assert np.isfinite(first[8]["loss"]) and np.isfinite(first[8]["grad_norm"])
     # One step agrees; later ones may not: a float difference can flip an accept/reject.
@@ -405,9 +408,9 @@ def test_adaptive_adjoint_odenet_trains_in_the_sharded_step():
     assert all(jax.tree.leaves(moved))
 
 
-def test_models_that_sow_nothing_keep_their_metrics():
-    mesh, state, train_step, _ = _setup(
+def test_models_that_sow_nothing_keep_their_metrics(make_steps, make_batch):
+    mesh, state, train_step, _ = make_steps(
         dict(name="mlp", num_classes=10, hidden_sizes=(16,)), jax.devices()
     )
-    _, metrics = train_step(state, sharding.to_global(_batch(), mesh))
+    _, metrics = train_step(state, sharding.to_global(make_batch(), mesh))
     assert set(metrics) == {"loss", "accuracy", "learning_rate", "grad_norm"}

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from launching import env, launch
 from PIL import Image
 
 from cnn_lab import sweep
@@ -88,7 +87,8 @@ def test_axes_exclude_the_seed_and_fields_that_never_change(tmp_path):
     assert (one["runs"], one["finished"], one["mean"]) == (2, 1, 0.9) and math.isnan(one["std"])
 
 
-def test_report_command_errors_name_the_fix(tmp_path, sweep_dir):
+@pytest.mark.slow
+def test_report_command_errors_name_the_fix(tmp_path, sweep_dir, launch):
     def command(*args):
         return launch("cnn_lab.report", *args)
 
@@ -100,10 +100,10 @@ def test_report_command_errors_name_the_fix(tmp_path, sweep_dir):
     assert out.returncode == 0 and (sweep_dir / "report_val_loss.png").exists()
 
 
-def test_report_never_imports_training():
+def test_report_never_imports_training(launch_env):
     code = "import sys, cnn_lab.tools.report; print('cnn_lab.train' in sys.modules, 'jax' in sys.modules)"
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env(), capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env=launch_env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False", "False"]
 

@@ -5,7 +5,6 @@ import json
 import statistics
 
 import pytest
-from launching import TINY_RUN, launch, prepare_digits
 
 from cnn_lab import sweep
 from cnn_lab.tools import report
@@ -20,12 +19,12 @@ def test_product_and_zip_build_override_dicts():
         {"model.depth": 56, "seed": 1},
     ]
     rates = sweep.axis("optimizer.learning_rate", [0.1, 0.05])
-    assert sweep.zip(depths, rates) == [
+    assert sweep.zipped(depths, rates) == [
         {"model.depth": 20, "optimizer.learning_rate": 0.1},
         {"model.depth": 56, "optimizer.learning_rate": 0.05},
     ]
     with pytest.raises(ValueError, match="one length"):
-        sweep.zip(depths, seeds[:1])
+        sweep.zipped(depths, seeds[:1])
     with pytest.raises(ValueError, match=r"model\.depth"):
         sweep.product(depths, depths)
 
@@ -52,7 +51,8 @@ def test_workdir_names_say_the_overrides_and_differ():
     assert all("/" not in name for name in names)
 
 
-def test_a_misspelled_axis_stops_the_sweep_before_any_run(tmp_path):
+@pytest.mark.slow
+def test_a_misspelled_axis_stops_the_sweep_before_any_run(tmp_path, launch):
     out = launch(
         "launch.sweep",
         "--config=configs/mlp_digits.py:smoke",
@@ -68,7 +68,7 @@ GRID = ["--axis=optimizer.learning_rate=0.001,0.003", "--axis=model.dropout_rate
 
 
 @pytest.fixture(scope="module")
-def local_sweep(tmp_path_factory):
+def local_sweep(tmp_path_factory, launch, prepare_digits, tiny_run):
     """A 2 x 2 grid x 2 seeds of tiny digits runs, two at a time."""
     root = tmp_path_factory.mktemp("sweep")
     data_dir = root / "tfds"
@@ -78,13 +78,14 @@ def local_sweep(tmp_path_factory):
         f"--sweep_dir={root / 'grid'}",
         *GRID,
         "--seeds=2",
-        *sweep.override_flags(TINY_RUN | {"data.data_dir": str(data_dir)}),
+        *sweep.override_flags(tiny_run | {"data.data_dir": str(data_dir)}),
     ]
     out = launch("launch.sweep", *args, "--parallel=2", timeout=900)  # ~45 s of CPU in all.
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "grid", args
 
 
+@pytest.mark.slow
 def test_local_sweep_trains_every_point_in_its_workdir(local_sweep):
     sweep_dir, _ = local_sweep
     points = json.loads((sweep_dir / "sweep.json").read_text())["points"]
@@ -106,7 +107,8 @@ def test_local_sweep_trains_every_point_in_its_workdir(local_sweep):
         )
 
 
-def test_report_means_and_stds_match_the_runs(local_sweep):
+@pytest.mark.slow
+def test_report_means_and_stds_match_the_runs(local_sweep, launch):
     sweep_dir, _ = local_sweep
     out = launch("cnn_lab.report", str(sweep_dir))
     assert out.returncode == 0, out.stderr
@@ -140,7 +142,8 @@ def test_report_means_and_stds_match_the_runs(local_sweep):
     ]
 
 
-def test_rerun_skips_finished_points_and_resumes_an_interrupted_one(local_sweep):
+@pytest.mark.slow
+def test_rerun_skips_finished_points_and_resumes_an_interrupted_one(local_sweep, launch):
     sweep_dir, args = local_sweep
     logs = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/metrics.jsonl")}
     out = launch("launch.sweep", *args, "--parallel=2")

@@ -49,6 +49,7 @@ def test_other_digits_configs_run(tmp_path, digits_dir, get_config):
     assert np.isfinite(results["val"]["loss"])
 
 
+@pytest.mark.slow
 def test_lenet_learns_digits(tmp_path, digits_dir):
     config = lenet_digits.get_config()
     config.data.data_dir = digits_dir
@@ -69,6 +70,7 @@ def _cli(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_cli_overrides_reach_the_run(tmp_path, digits_dir):
     root = lenet_digits.__file__.rsplit("/configs/", 1)[0]
     out = _cli(
@@ -85,6 +87,7 @@ def test_cli_overrides_reach_the_run(tmp_path, digits_dir):
     assert "test: loss" in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override,message",
     [

@@ -1,48 +1,51 @@
 """The sharded train and eval steps: same results on 1 and 8 devices, no recompilation."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tiny_steps
 
 from cnn_lab import steps
 from cnn_lab.runtime import sharding
 
 
-def _setup(model_config, devices):
-    return tiny_steps.setup(
-        model_config, devices, image_size=8, learning_rate=0.1, label_smoothing=0.1
-    )
+@pytest.fixture
+def make_steps(tiny_steps):
+    """make_steps(model_config, devices): tiny_steps.setup over 8x8 images."""
+    return functools.partial(tiny_steps.setup, image_size=8, learning_rate=0.1, label_smoothing=0.1)
 
 
-def _batch(n=16, seed=0):
-    return tiny_steps.batch(8, n, seed)
+@pytest.fixture
+def make_batch(tiny_steps):
+    """make_batch(n=16, seed=0): random 8x8 images and labels."""
+    return functools.partial(tiny_steps.batch, 8)
 
 
 # A model with dropout, so the step RNG is exercised too.
 CONVNET = dict(name="convnet", num_classes=10, hidden_size=32, dropout_rate=0.5)
 
 
-def test_eight_devices_match_one_device():
+def test_eight_devices_match_one_device(make_steps, make_batch):
     assert jax.device_count() == 8
     runs = {}
     for n in (1, 8):
-        mesh, state, train_step, _ = _setup(CONVNET, jax.devices()[:n])
+        mesh, state, train_step, _ = make_steps(CONVNET, jax.devices()[:n])
         for i in range(3):
-            state, metrics = train_step(state, sharding.to_global(_batch(seed=i), mesh))
+            state, metrics = train_step(state, sharding.to_global(make_batch(seed=i), mesh))
         runs[n] = (jax.device_get(state.params), float(metrics["loss"]))
         assert state.params["Dense_0"]["kernel"].sharding.is_fully_replicated
     chex.assert_trees_all_close(runs[1][0], runs[8][0], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(runs[1][1], runs[8][1], rtol=1e-5)
 
 
-def test_train_step_compiles_once_and_changes_params():
-    mesh, state, train_step, _ = _setup(CONVNET, jax.devices())
+def test_train_step_compiles_once_and_changes_params(make_steps, make_batch):
+    mesh, state, train_step, _ = make_steps(CONVNET, jax.devices())
     before = jax.device_get(state.params)
     for i in range(3):
-        state, _ = train_step(state, sharding.to_global(_batch(seed=i), mesh))
+        state, _ = train_step(state, sharding.to_global(make_batch(seed=i), mesh))
     assert train_step._cache_size() == 1
     assert int(state.step) == 3
     moved = jax.tree.map(
@@ -51,8 +54,8 @@ def test_train_step_compiles_once_and_changes_params():
     assert all(jax.tree.leaves(moved))
 
 
-def test_dropout_keys_differ_per_step():
-    _mesh, state, _train_step, _ = _setup(CONVNET, jax.devices()[:1])
+def test_dropout_keys_differ_per_step(make_steps):
+    _mesh, state, _train_step, _ = make_steps(CONVNET, jax.devices()[:1])
     keys = [steps.step_rngs(state.replace(step=jnp.int32(s)))["dropout"] for s in (0, 1)]
     assert not np.array_equal(keys[0], keys[1])
 
@@ -65,9 +68,9 @@ def test_batch_size_not_divisible_by_devices_is_a_clear_error():
         sharding.check_batch_size(12, mesh, "config.train.batch_size")
 
 
-def test_eval_step_counts_only_real_rows():
-    mesh, state, _, eval_step = _setup(CONVNET, jax.devices())
-    batch = _batch(16)
+def test_eval_step_counts_only_real_rows(make_steps, make_batch):
+    mesh, state, _, eval_step = make_steps(CONVNET, jax.devices())
+    batch = make_batch(16)
     batch["mask"] = np.arange(16) < 11
     sums = eval_step(state.variables, sharding.to_global(batch, mesh))
     assert float(sums["count"]) == 11

@@ -269,14 +269,14 @@ class SowsAProbe(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x.reshape(x.shape[0], -1))
 
 
-def test_any_sown_metric_reaches_train_and_eval_metrics(monkeypatch):
+def test_any_sown_metric_reaches_train_and_eval_metrics(monkeypatch, make_steps, make_batch):
     monkeypatch.setitem(models.MODELS, "sows_a_probe", SowsAProbe)
-    mesh, state, train_step, eval_step = _setup(
+    mesh, state, train_step, eval_step = make_steps(
         dict(name="sows_a_probe", num_classes=10), jax.devices()
     )
-    state, metrics = train_step(state, sharding.to_global(_batch(), mesh))  # donates state
+    state, metrics = train_step(state, sharding.to_global(make_batch(), mesh))  # donates state
     assert float(metrics["probe"]) == 4.0  # the mean of the two
-    batch = _batch(16)
+    batch = make_batch(16)
     batch["mask"] = np.arange(16) < 11
     sums = eval_step(state.variables, sharding.to_global(batch, mesh))
     assert float(sums["probe"]) == 4.0 * 11  # weighted by real rows

@@ -28,8 +28,14 @@ ALWAYS_CHANGEABLE = (
 )
 
 # Fields added to the config after runs were written, with the value that reproduces how
-# those runs trained: a saved config without the field resumes under that value.
-ADDED_FIELDS = {"model.compute_dtype": "float32", "train.grad_accumulation_steps": 1}
+# those runs trained: `upgrade` gives a saved config without the field that value.
+ADDED_FIELDS = {
+    "model.compute_dtype": "float32",
+    "model.conv_implementation": "auto",
+    "train.grad_accumulation_steps": 1,
+    "train.cpu_devices": 0,
+    "train.keep_freed_memory": True,
+}
 
 
 def write_config(workdir: Path, config: ml_collections.ConfigDict, provenance: dict) -> None:
@@ -48,7 +54,19 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
             f"{workdir} holds no cnn_lab run ({CONFIG_FILE} not found). Pass the --workdir "
             "of a run started with `python -m cnn_lab.train`."
         )
-    return ml_collections.ConfigDict(tuples(json.loads(path.read_text())["config"]))
+    return upgrade(ml_collections.ConfigDict(tuples(json.loads(path.read_text())["config"])))
+
+
+def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` as saved by an older cnn_lab, with each field added since (ADDED_FIELDS).
+
+    The one place older workdirs are brought up to date: code downstream reads every field.
+    """
+    for field, value in ADDED_FIELDS.items():
+        section, name = field.split(".")
+        if name not in config[section]:
+            config[section][name] = value
+    return config
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -83,7 +101,6 @@ def check_resumable(
         k: (old, new)
         for k, (old, new) in changes.items()
         if k not in (*ALWAYS_CHANGEABLE, *allowed)
-        and not (old is None and k in ADDED_FIELDS and new == ADDED_FIELDS[k])
     }
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())

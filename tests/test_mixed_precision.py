@@ -162,5 +162,5 @@ def test_runs_from_before_these_knobs_resume_only_with_their_defaults(tmp_path):
     workdir_lib.check_resumable(tmp_path, lenet_digits.get_config())
     changed = lenet_digits.get_config()
     changed.model.compute_dtype = "bfloat16"
-    with pytest.raises(ValueError, match=r"model.compute_dtype: None -> 'bfloat16'"):
+    with pytest.raises(ValueError, match=r"model.compute_dtype: 'float32' -> 'bfloat16'"):
         workdir_lib.check_resumable(tmp_path, changed)

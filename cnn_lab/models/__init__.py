@@ -49,7 +49,7 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     """
     kwargs = dict(model_config)
     name = kwargs.pop("name")
-    # Runs from before these were knobs lack them.
+    # Optional in a model config written by hand; the zoo's configs set both.
     compute_dtype = kwargs.pop("compute_dtype", "float32")
     conv_implementation = kwargs.pop("conv_implementation", "auto")
     if compute_dtype not in COMPUTE_DTYPES:

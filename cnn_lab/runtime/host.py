@@ -72,11 +72,10 @@ def prepare(
     """CPU devices (`config.train.cpu_devices`, see `cpu_devices`) and kept memory
     (`config.train.keep_freed_memory`) for a run of `config`; call before JAX starts.
 
-    `batch_size` is the batch the devices split; configs saved before a field existed get
-    its default.
+    `batch_size` is the batch the devices split. A saved run's config must come through
+    `workdir.read_config`, which fills in fields added since it was written.
     """
-    requested = config.train.get("cpu_devices", 0)
-    devices = cpu_devices(requested, config.model, multi_process)
+    devices = cpu_devices(config.train.cpu_devices, config.model, multi_process)
     sharding.use_cpu_devices(devices, batch_size)
-    if config.train.get("keep_freed_memory", True):
+    if config.train.keep_freed_memory:
         keep_freed_memory()

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from cnn_lab import losses, param_groups
 from cnn_lab.averaging import NO_AVERAGES, Averaging
 from cnn_lab.models import RNG_STREAMS
+from cnn_lab.models.layers import METRICS
 from cnn_lab.runtime import sharding
 from cnn_lab.state import TrainState
 
@@ -114,11 +115,11 @@ def train_step(
                 images,
                 train=True,
                 rngs=rngs,
-                mutable=["batch_stats", "metrics"],
+                mutable=["batch_stats", METRICS],
             )
         logits = logits.astype(jnp.float32)  # Softmax and loss in float32 in any compute dtype.
         loss = jnp.mean(losses.cross_entropy(logits, targets, label_smoothing))
-        return loss, (logits, updates.get("batch_stats", {}), updates.get("metrics", {}))
+        return loss, (logits, updates.get("batch_stats", {}), updates.get(METRICS, {}))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if micro_batches == 1:
@@ -220,7 +221,7 @@ def eval_step(
     per example.
     """
     images = batch["image"] if normalize is None else normalize(batch["image"])
-    logits, sown = model.apply(variables, images, train=False, mutable=["metrics"])
+    logits, sown = model.apply(variables, images, train=False, mutable=[METRICS])
     logits = logits.astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
@@ -233,7 +234,7 @@ def eval_step(
         "count": jnp.sum(mask),
         "class_correct": jnp.sum(in_class * correct[:, None], axis=0),
         "class_count": jnp.sum(in_class, axis=0),
-        **{k: v * jnp.sum(mask) for k, v in sown_metrics(sown.get("metrics", {})).items()},
+        **{k: v * jnp.sum(mask) for k, v in sown_metrics(sown.get(METRICS, {})).items()},
     }
 
 

@@ -18,6 +18,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu": nn.elu,
 }
 NHWC = ("NHWC", "HWIO", "NHWC")
+# The collection models sow auxiliary scalars into (`self.sow(METRICS, name, x)`); the steps
+# log each by name.
+METRICS = "metrics"
 
 
 def _tiles(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnn_lab.models.layers import Conv, StochasticDepth, get_activation
+from cnn_lab.models.layers import METRICS, Conv, StochasticDepth, get_activation
 from cnn_lab.models.ode_solve import SolverConfig, solve
 from cnn_lab.models.resnet import (
     ResidualBlock,
@@ -143,7 +143,7 @@ class ODEBlock(nn.Module):
 
         h, stats = solve(vector_field, h0, params, self.solver_config)
         for name, value in stats.items():
-            self.sow("metrics", f"ode_{name}", value)
+            self.sow(METRICS, f"ode_{name}", value)
         return h.astype(x.dtype)
 
 

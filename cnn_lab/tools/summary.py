@@ -12,6 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cnn_lab.models import RNG_STREAMS, get_model
+from cnn_lab.models.layers import METRICS
 
 
 def summarize(config: ml_collections.ConfigDict, depth: int | None = None) -> str:
@@ -40,6 +41,7 @@ def summarize(config: ml_collections.ConfigDict, depth: int | None = None) -> st
     )(x, train=False)
 
     variables = jax.eval_shape(lambda: model.init(rngs, x, train=False))
+    variables.pop(METRICS, None)  # Sown auxiliary outputs (ODE blocks' NFE), not variables.
     flops = (
         jax.jit(lambda v: model.apply(v, x, train=False)).lower(variables).cost_analysis()["flops"]
     )

@@ -1,6 +1,7 @@
 """TrainState: the one pytree that is jitted, donated and checkpointed."""
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -78,6 +79,26 @@ def start_from(
 def restart_optimizer(state: TrainState, tx: optax.GradientTransformation) -> TrainState:
     """`state` with a fresh state of optimizer `tx` (a new training phase begins)."""
     return state.replace(opt_state=tx.init(state.params))
+
+
+def record_validation(
+    state: TrainState,
+    raw_accuracy: jax.Array,
+    accuracy: jax.Array,
+    epoch: jax.Array,
+    *,
+    feed_plateau: Callable[[optax.OptState, jax.Array], optax.OptState],
+) -> TrainState:
+    """Track the best validation `accuracy` (of config.averaging.select's model) and its `epoch`.
+
+    `raw_accuracy` goes to `feed_plateau` (optim.plateau_feedback): the rate steers the raw model.
+    """
+    improved = accuracy > state.best_val_accuracy
+    return state.replace(
+        plateau=feed_plateau(state.plateau, raw_accuracy),
+        best_val_accuracy=jnp.where(improved, accuracy, state.best_val_accuracy),
+        best_val_epoch=jnp.where(improved, epoch, state.best_val_epoch),
+    )
 
 
 def init_state(

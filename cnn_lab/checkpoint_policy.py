@@ -18,6 +18,14 @@ from cnn_lab import checkpoint
 from cnn_lab.state import TrainState
 
 
+class Preempted(Exception):
+    """SIGTERM (or a multi-host preemption notice) arrived; the state was saved at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"Preempted: saved a checkpoint at step {step}; rerun to resume.")
+        self.step = step
+
+
 @contextlib.contextmanager
 def sigterm_flag() -> Iterator[threading.Event]:
     """An Event set by SIGTERM while the block runs (signals only reach the main thread)."""

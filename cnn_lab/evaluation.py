@@ -55,7 +55,7 @@ class TrainWindow:
     """The train metrics of the steps since the last write: kept on device, then checked
     finite, averaged and written (with images/s) at log time."""
 
-    def __init__(self, writer: MetricWriter, *, batch_size: int, step: int, is_lead: bool):
+    def __init__(self, writer: MetricWriter, batch_size: int, step: int, is_lead: bool):
         """A window starting after `step`, of steps of `batch_size` examples."""
         self.writer, self.batch_size, self.is_lead = writer, batch_size, is_lead
         self.pending: list[dict] = []  # pending[i]: the metrics of step first_step + i + 1.
@@ -171,6 +171,7 @@ class SideBySide:
     data: inputs.Inputs
     eval_fn: Callable  # steps.make_eval_fn
     read_averages: Callable  # averaging.Averaging.read, jitted
+    names: tuple[str, ...]  # The averages kept, in the order they are reported.
     normalize: steps.Normalize
     batch_size: int
     # Train batches over which averages' BatchNorm statistics are re-estimated (None: kept).
@@ -196,6 +197,7 @@ class SideBySide:
             data,
             steps.make_eval_fn(model, data.mesh, normalize),
             jax.jit(averages.read, out_shardings=sharding.replicated(data.mesh)),
+            averages.names,
             normalize,
             eval_config.batch_size,
             averaging_config.recompute_batches if recompute else None,
@@ -233,3 +235,7 @@ class SideBySide:
                 metrics = {f"{name}_{k}": v for k, v in metrics.items() if k in _AVERAGE_METRICS}
             results |= metrics
         return results
+
+    def accuracies(self, metrics: dict) -> str:
+        """ "ema 0.9911 polyak 0.9900 " for the averages kept ("" for none)."""
+        return "".join(f"{name} {metrics[f'{name}_accuracy']:.4f} " for name in self.names)

@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from cnn_lab import averaging, checkpoint, checkpoint_policy, evaluation, optim, steps, transfer
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.averaging import Averaging
+from cnn_lab.checkpoint_policy import Preempted
 from cnn_lab.data import augment, inputs, loading
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.models import conv, get_model
@@ -31,15 +33,8 @@ from cnn_lab.state import TrainState, init_state, record_validation, restart_opt
 PREEMPTED_EXIT_CODE = 75
 
 
-class Preempted(Exception):
-    """SIGTERM (or a multi-host preemption notice) arrived; the state was saved at `step`."""
-
-    def __init__(self, step: int):
-        super().__init__(f"Preempted: saved a checkpoint at step {step}; rerun to resume.")
-        self.step = step
-
-
 def _check_classes(data_config: ml_collections.ConfigDict, num_classes: int) -> None:
+    """The data set (or config.data.classes) has as many classes as the model outputs."""
     found = len(data_config.classes) or loading.num_classes(
         data_config.name, data_dir=data_config.data_dir, source_dir=data_config.source_dir
     )
@@ -52,7 +47,7 @@ def _check_classes(data_config: ml_collections.ConfigDict, num_classes: int) -> 
 
 
 def _check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """Batch sizes that split over `mesh`, micro-batches that divide the batch, flips allowed."""
+    """Batch sizes that split over `mesh`, micro-batches that divide the batch."""
     sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     micro_batches = config.train.grad_accumulation_steps
@@ -69,14 +64,6 @@ def _check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     )
 
 
-def _check_flips(config: ml_collections.ConfigDict) -> None:
-    if config.augment.flip and not config.data.flip_preserves_label:
-        raise ValueError(
-            f"config.augment.flip=True, but a mirrored {config.data.name} image can change its "
-            "label (config.data.flip_preserves_label=False). Set --config.augment.flip=False."
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A run as `setup` prepares it: what the loop trains, on what, and where it writes."""
@@ -89,7 +76,7 @@ class Run:
     steps_per_epoch: int
     phases: list[optim.Phase]  # Each with its optimizer and learning-rate schedule.
     train_steps: list[Callable]  # The jitted train step of each phase (compiled when reached).
-    averaging: averaging.Averaging
+    averaging: Averaging
     state: TrainState  # Resumed, transferred (config.init_from) or fresh.
     checkpoints: checkpoint_policy.CheckpointPolicy
     writer: MetricWriter
@@ -108,7 +95,11 @@ def setup(
     mesh = sharding.make_mesh()
     _check_config(config, mesh)
     model = get_model(config.model)
-    _check_flips(config)
+    if config.augment.flip and not config.data.flip_preserves_label:
+        raise ValueError(
+            f"config.augment.flip=True, but a mirrored {config.data.name} image can change its "
+            "label (config.data.flip_preserves_label=False). Set --config.augment.flip=False."
+        )
     latest = checkpoint.make_manager(workdir / checkpoint.LATEST_DIR, config.checkpoint.keep)
     if latest.all_steps() and (workdir / workdir_lib.CONFIG_FILE).exists():
         workdir_lib.check_resumable(workdir, config, allow_config_changes)
@@ -157,14 +148,8 @@ def setup(
     if is_lead:
         implementation = conv.implementation_of(model)
         workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
-        print(
-            model.tabulate(
-                jax.random.PRNGKey(0),
-                jnp.zeros((1, *image_shape)),
-                train=False,
-                console_kwargs={"width": 120},
-            )
-        )
+        images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
+        print(model.tabulate(key, images, train=False, console_kwargs={"width": 120}))
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         print(
             f"{config.model.name}: {n_params:,} parameters; "
@@ -205,20 +190,20 @@ def setup(
     if restored is not None:
         policy.catch_up(state, step, best_step=int(state.best_val_epoch) * steps_per_epoch)
     return Run(
-        config,
-        is_lead,
-        model,
-        mesh,
-        data,
-        steps_per_epoch,
-        phases,
-        train_steps,
-        averages,
-        state,
-        policy,
-        writer,
-        evaluate,
-        record,
+        config=config,
+        is_lead=is_lead,
+        model=model,
+        mesh=mesh,
+        data=data,
+        steps_per_epoch=steps_per_epoch,
+        phases=phases,
+        train_steps=train_steps,
+        averaging=averages,
+        state=state,
+        checkpoints=policy,
+        writer=writer,
+        evaluate=evaluate,
+        record_validation=record,
     )
 
 
@@ -240,11 +225,6 @@ def _out_of_patience(state: TrainState, epoch: int, patience: int | None) -> boo
     return patience is not None and epoch - int(state.best_val_epoch) >= patience
 
 
-def _accuracies(names: tuple[str, ...], metrics: dict) -> str:
-    """ "ema 0.9911 polyak 0.9900 " for the averages kept ("" for none)."""
-    return "".join(f"{name} {metrics[f'{name}_accuracy']:.4f} " for name in names)
-
-
 def train_loop(run: Run) -> dict:
     """Train `run.state` through the remaining epochs, then evaluate it on test.
 
@@ -255,9 +235,7 @@ def train_loop(run: Run) -> dict:
     state, step = run.state, int(run.state.step)
     phase = optim.phase_at(run.phases, step)
     train_step = run.train_steps[phase.index]
-    window = evaluation.TrainWindow(
-        run.writer, batch_size=config.train.batch_size, step=step, is_lead=run.is_lead
-    )
+    window = evaluation.TrainWindow(run.writer, config.train.batch_size, step, run.is_lead)
     results = {}
     patience = config.train.early_stopping_patience
     stopped_early = _out_of_patience(state, step // spe, patience)  # Rerun: straight to test.
@@ -318,7 +296,7 @@ def train_loop(run: Run) -> dict:
                         f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
                         f"{train['loss']:.4f} acc {train['accuracy']:.4f} | "
                         f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
-                        f"{_accuracies(run.averaging.names, val)}| lr "
+                        f"{run.evaluate.accuracies(val)}| lr "
                         f"{train['learning_rate']:.3g} | "
                         f"{train['images_per_second']:.0f} img/s | "
                         f"{time.perf_counter() - epoch_start:.1f}s"
@@ -344,7 +322,7 @@ def train_loop(run: Run) -> dict:
         run.writer.plot()
         print(
             f"test: loss {results['test']['loss']:.4f}, accuracy "
-            f"{results['test']['accuracy']:.4f} {_accuracies(run.averaging.names, results['test'])}"
+            f"{results['test']['accuracy']:.4f} {run.evaluate.accuracies(results['test'])}"
             f"({results['test']['count']} examples)"
         )
     return results

@@ -55,9 +55,12 @@ class TrainWindow:
     """The train metrics of the steps since the last write: kept on device, then checked
     finite, averaged and written (with images/s) at log time."""
 
-    def __init__(self, writer: MetricWriter, batch_size: int, step: int, is_lead: bool):
+    def __init__(
+        self, writer: MetricWriter, batch_size: int, steps_per_epoch: int, step: int, is_lead: bool
+    ):
         """A window starting after `step`, of steps of `batch_size` examples."""
         self.writer, self.batch_size, self.is_lead = writer, batch_size, is_lead
+        self.steps_per_epoch = steps_per_epoch
         self.pending: list[dict] = []  # pending[i]: the metrics of step first_step + i + 1.
         self.first_step, self.start = step, time.perf_counter()
         self.last: dict[str, float] = {}  # The means of the last window written.
@@ -71,14 +74,16 @@ class TrainWindow:
             jax.block_until_ready(self.pending[-1])
         self.pending.append(metrics)
 
-    def write(self, step: int, steps_per_epoch: int) -> dict[str, float]:
+    def write(self, step: int) -> dict[str, float]:
         """Write the window's means at `step` (halting on non-finite ones); the last ones written."""
         if not self.pending:
             return self.last
         metrics = _mean_metrics(self.pending, self.first_step)
         elapsed = time.perf_counter() - self.start
         metrics["images_per_second"] = len(self.pending) * self.batch_size / elapsed
-        self.writer.write(step=step, epoch=step / steps_per_epoch, split="train", metrics=metrics)
+        self.writer.write(
+            step=step, epoch=step / self.steps_per_epoch, split="train", metrics=metrics
+        )
         if self.is_lead:
             _warn_ode_max_steps(metrics, self.first_step, step)
         self.pending, self.first_step, self.start = [], step, time.perf_counter()

@@ -77,7 +77,7 @@ class Run:
     phases: list[optim.Phase]  # Each with its optimizer and learning-rate schedule.
     train_steps: list[Callable]  # The jitted train step of each phase (compiled when reached).
     averaging: Averaging
-    state: TrainState  # Resumed, transferred (config.init_from) or fresh.
+    state: TrainState  # To start from (the loop donates it): resumed, transferred or fresh.
     checkpoints: checkpoint_policy.CheckpointPolicy
     writer: MetricWriter
     evaluate: evaluation.SideBySide
@@ -235,7 +235,7 @@ def train_loop(run: Run) -> dict:
     state, step = run.state, int(run.state.step)
     phase = optim.phase_at(run.phases, step)
     train_step = run.train_steps[phase.index]
-    window = evaluation.TrainWindow(run.writer, config.train.batch_size, step, run.is_lead)
+    window = evaluation.TrainWindow(run.writer, config.train.batch_size, spe, step, run.is_lead)
     results = {}
     patience = config.train.early_stopping_patience
     stopped_early = _out_of_patience(state, step // spe, patience)  # Rerun: straight to test.
@@ -263,22 +263,22 @@ def train_loop(run: Run) -> dict:
                         train_step = run.train_steps[phase.index]
                     # Every save follows a window write: its non-finite check comes first.
                     if step in policy.snapshot_steps:
-                        window.write(step, spe)
+                        window.write(step)
                         policy.save_snapshot(state, step)
                     if step % config.train.log_every_steps == 0:
-                        bar.set_postfix(loss=f"{window.write(step, spe)['loss']:.4f}")
+                        bar.set_postfix(loss=f"{window.write(step)['loss']:.4f}")
                     if step % spe == 0:
                         break  # The epoch's end: validation, then its save (and preemption).
                     if policy.preempted(step, sigterm):
-                        window.write(step, spe)
+                        window.write(step)
                         policy.save_latest(state, step)
                         raise Preempted(step)
                     every = config.checkpoint.every_steps
                     if every and step % every == 0:
-                        window.write(step, spe)
+                        window.write(step)
                         policy.save_latest(state, step)
                 bar.close()
-                train = window.write(step, spe)
+                train = window.write(step)
 
                 val = run.evaluate(state, step, "val")
                 val.pop("per_class_accuracy")

@@ -92,7 +92,7 @@ def make_plateau(schedule_config: ml_collections.ConfigDict) -> optax.GradientTr
     )
 
 
-# Moves the reduce-on-plateau state (TrainState.plateau) by one validation accuracy ().
+# Moves the reduce-on-plateau state (TrainState.plateau) by one validation accuracy, a scalar.
 PlateauFeedback = Callable[[optax.OptState, jax.Array], optax.OptState]
 
 

@@ -1,7 +1,6 @@
 """TrainState: the one pytree that is jitted, donated and checkpointed."""
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -12,6 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 from cnn_lab.averaging import NO_AVERAGES, Averaging
+from cnn_lab.optim import PlateauFeedback
 from cnn_lab.runtime import sharding
 
 
@@ -87,7 +87,7 @@ def record_validation(
     accuracy: jax.Array,
     epoch: jax.Array,
     *,
-    feed_plateau: Callable[[optax.OptState, jax.Array], optax.OptState],
+    feed_plateau: PlateauFeedback,
 ) -> TrainState:
     """Track the best validation `accuracy` (of config.averaging.select's model) and its `epoch`.
 

@@ -1,19 +1,94 @@
-"""In-loop evaluation: metrics of variables over a split's padded batches, and BatchNorm
-statistics re-estimated for averaged weights."""
+"""In-loop evaluation: the train metrics of each logging window, metrics of variables over a
+split's padded batches, BatchNorm statistics re-estimated for averaged weights, and a run's
+raw model beside its averages."""
 
+import dataclasses
 import functools
+import itertools
 import math
+import time
 from collections.abc import Callable, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from cnn_lab import steps
-from cnn_lab.data import pipeline
+from cnn_lab.averaging import Averaging
+from cnn_lab.data import inputs, pipeline
+from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.runtime import sharding
+from cnn_lab.state import TrainState
+
+# What each average reports, as "<average>_<metric>" beside the raw model's metrics.
+_AVERAGE_METRICS = ("loss", "accuracy", "top5_accuracy")
+
+
+def _mean_metrics(pending: list[dict], first_step: int) -> dict[str, float]:
+    """Average a window of step metrics; halt on the first non-finite loss or gradient."""
+    stacked = jax.device_get(pending)
+    for offset, metrics in enumerate(stacked):
+        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+            raise FloatingPointError(
+                f"Non-finite loss or gradient at step {first_step + offset + 1} "
+                f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}). Training stopped; "
+                "checkpoints saved before this step are kept. Lower "
+                "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+            )
+    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _warn_ode_max_steps(metrics: dict[str, float], first_step: int, last_step: int) -> None:
+    """ODE blocks (models/ode.py) report solves that stopped at max_steps short of t1."""
+    if metrics.get("ode_max_steps_reached", 0.0) > 0:
+        print(
+            f"Warning: steps {first_step + 1}-{last_step}: an ODE solve reached max_steps before"
+            " t1; raise config.model.max_steps or loosen config.model.rtol/atol."
+        )
+
+
+class TrainWindow:
+    """The train metrics of the steps since the last write: kept on device, then checked
+    finite, averaged and written (with images/s) at log time."""
+
+    def __init__(
+        self, writer: MetricWriter, batch_size: int, steps_per_epoch: int, step: int, is_lead: bool
+    ):
+        """A window starting after `step`, of steps of `batch_size` examples."""
+        self.writer, self.batch_size, self.is_lead = writer, batch_size, is_lead
+        self.steps_per_epoch = steps_per_epoch
+        self.pending: list[dict] = []  # pending[i]: the metrics of step first_step + i + 1.
+        self.first_step, self.start = step, time.perf_counter()
+        self.last: dict[str, float] = {}  # The means of the last window written.
+
+    def add(self, metrics: dict) -> None:
+        """Keep one step's metrics, after waiting for the step before it."""
+        if self.pending:
+            # At most two steps in flight: the host prepares the next batch while the devices
+            # compute, and XLA never has a long queue of steps whose cross-device collectives
+            # could interleave (seen to deadlock with 8 CPU devices on 2 cores).
+            jax.block_until_ready(self.pending[-1])
+        self.pending.append(metrics)
+
+    def write(self, step: int) -> dict[str, float]:
+        """Write the window's means at `step` (halting on non-finite ones); the last ones written."""
+        if not self.pending:
+            return self.last
+        metrics = _mean_metrics(self.pending, self.first_step)
+        elapsed = time.perf_counter() - self.start
+        metrics["images_per_second"] = len(self.pending) * self.batch_size / elapsed
+        self.writer.write(
+            step=step, epoch=step / self.steps_per_epoch, split="train", metrics=metrics
+        )
+        if self.is_lead:
+            _warn_ode_max_steps(metrics, self.first_step, step)
+        self.pending, self.first_step, self.start = [], step, time.perf_counter()
+        self.last = metrics
+        return metrics
 
 
 def evaluate(
@@ -91,3 +166,81 @@ def _batch_stats_fn(model: nn.Module, mesh: Mesh) -> Callable:
         in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
         out_shardings=replicated,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class SideBySide:
+    """Evaluates a training run's raw model and each of its parameter averages on one split."""
+
+    model: nn.Module
+    data: inputs.Inputs
+    eval_fn: Callable  # steps.make_eval_fn
+    read_averages: Callable  # averaging.Averaging.read, jitted
+    names: tuple[str, ...]  # The averages kept, in the order they are reported.
+    normalize: steps.Normalize
+    batch_size: int
+    # Train batches over which averages' BatchNorm statistics are re-estimated (None: kept).
+    recompute_batches: int | None
+    progress: bool
+
+    @classmethod
+    def for_run(
+        cls,
+        model: nn.Module,
+        data: inputs.Inputs,
+        averages: Averaging,
+        normalize: steps.Normalize,
+        eval_config: ml_collections.ConfigDict,
+        averaging_config: ml_collections.ConfigDict,
+        progress: bool,
+    ) -> "SideBySide":
+        """The evaluation of a training run on `data`, batched by config.eval, with the
+        `averages` it keeps (their statistics as config.averaging.batch_stats says)."""
+        recompute = averaging_config.batch_stats == "recompute"
+        return cls(
+            model,
+            data,
+            steps.make_eval_fn(model, data.mesh, normalize),
+            jax.jit(averages.read, out_shardings=sharding.replicated(data.mesh)),
+            averages.names,
+            normalize,
+            eval_config.batch_size,
+            averaging_config.recompute_batches if recompute else None,
+            progress,
+        )
+
+    def variants(self, state: TrainState, step: int) -> dict[str, dict]:
+        """The variables evaluated side by side after `step` steps: the raw model's, then each
+        average's."""
+        variants = {"raw": state.variables}
+        for name, variables in self.read_averages(state.averages, state.step).items():
+            if self.recompute_batches is not None:
+                batches = self.data.train_batches(epoch=step // self.data.steps_per_epoch)
+                batches = itertools.islice(batches, self.recompute_batches)
+                variables = recompute_batch_stats(
+                    self.model, variables, batches, self.data.mesh, self.normalize
+                )
+            variants[name] = variables
+        return variants
+
+    def __call__(self, state: TrainState, step: int, split: str) -> dict:
+        """Metrics of the raw model on `split`, and "<average>_loss" etc. of each average."""
+        results = {}
+        for name, variables in self.variants(state, step).items():
+            metrics = evaluate(
+                self.eval_fn,
+                variables,
+                self.data.eval_batches(split, self.batch_size),
+                self.data.mesh,
+                total=math.ceil((self.data.num_examples(split) or 0) / self.batch_size) or None,
+                progress=self.progress,
+                desc=f"{split} ({name})",
+            )
+            if name != "raw":
+                metrics = {f"{name}_{k}": v for k, v in metrics.items() if k in _AVERAGE_METRICS}
+            results |= metrics
+        return results
+
+    def accuracies(self, metrics: dict) -> str:
+        """ "ema 0.9911 polyak 0.9900 " for the averages kept ("" for none)."""
+        return "".join(f"{name} {metrics[f'{name}_accuracy']:.4f} " for name in self.names)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -89,6 +90,27 @@ def make_plateau(schedule_config: ml_collections.ConfigDict) -> optax.GradientTr
         atol=schedule_config.plateau_min_delta,
         accumulation_size=1,
     )
+
+
+# Moves the reduce-on-plateau state (TrainState.plateau) by one validation accuracy, a scalar.
+PlateauFeedback = Callable[[optax.OptState, jax.Array], optax.OptState]
+
+
+def plateau_feedback(schedule_config: ml_collections.ConfigDict) -> PlateauFeedback:
+    """What one epoch's validation accuracy does to the `make_plateau` state.
+
+    The `plateau` schedule feeds it `1 - accuracy`; every other schedule leaves it as it is,
+    so their rates are never cut when validation stalls.
+    """
+    if schedule_config.name != "plateau":
+        return lambda plateau_state, accuracy: plateau_state
+    plateau = make_plateau(schedule_config)
+
+    def feed(plateau_state: optax.OptState, accuracy: jax.Array) -> optax.OptState:
+        _, plateau_state = plateau.update({}, plateau_state, value=1.0 - accuracy)
+        return plateau_state
+
+    return feed
 
 
 def _decay_mask(params: optax.Params) -> optax.Params:

@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 from cnn_lab.averaging import NO_AVERAGES, Averaging
+from cnn_lab.optim import PlateauFeedback
 from cnn_lab.runtime import sharding
 
 
@@ -78,6 +79,26 @@ def start_from(
 def restart_optimizer(state: TrainState, tx: optax.GradientTransformation) -> TrainState:
     """`state` with a fresh state of optimizer `tx` (a new training phase begins)."""
     return state.replace(opt_state=tx.init(state.params))
+
+
+def record_validation(
+    state: TrainState,
+    raw_accuracy: jax.Array,
+    accuracy: jax.Array,
+    epoch: jax.Array,
+    *,
+    feed_plateau: PlateauFeedback,
+) -> TrainState:
+    """Track the best validation `accuracy` (of config.averaging.select's model) and its `epoch`.
+
+    `raw_accuracy` goes to `feed_plateau` (optim.plateau_feedback): the rate steers the raw model.
+    """
+    improved = accuracy > state.best_val_accuracy
+    return state.replace(
+        plateau=feed_plateau(state.plateau, raw_accuracy),
+        best_val_accuracy=jnp.where(improved, accuracy, state.best_val_accuracy),
+        best_val_epoch=jnp.where(improved, epoch, state.best_val_epoch),
+    )
 
 
 def init_state(

@@ -65,16 +65,15 @@ def test_plateau_divides_by_ten_after_patience():
 
 
 def test_only_the_plateau_schedule_is_cut_by_stalled_validation():
-    from cnn_lab.state import TrainState
-    from cnn_lab.train import record_validation
+    from cnn_lab.state import TrainState, record_validation
 
-    plateau = optim.make_plateau(
-        ml_collections.ConfigDict(
-            dict(decay_factor=0.1, plateau_patience=1, plateau_min_delta=1e-3)
-        )
-    )
+    schedule_config = dict(decay_factor=0.1, plateau_patience=1, plateau_min_delta=1e-3)
+    plateau = optim.make_plateau(ml_collections.ConfigDict(schedule_config))
     scales = {}
-    for name, transform in (("plateau", plateau), ("cosine", None)):
+    for name in ("plateau", "cosine"):
+        feed_plateau = optim.plateau_feedback(
+            ml_collections.ConfigDict(dict(name=name, **schedule_config))
+        )
         state = TrainState(
             step=0,
             params={},
@@ -93,7 +92,7 @@ def test_only_the_plateau_schedule_is_cut_by_stalled_validation():
                 jnp.float32(0.5),
                 jnp.float32(0.5 + epoch / 100),
                 jnp.int32(epoch),
-                plateau=transform,
+                feed_plateau=feed_plateau,
             )
         scales[name] = float(state.plateau.scale)
         assert int(state.best_val_epoch) == 4  # selection follows the selected model

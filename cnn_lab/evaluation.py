@@ -1,94 +1,27 @@
-"""In-loop evaluation: the train metrics of each logging window, metrics of variables over a
-split's padded batches, BatchNorm statistics re-estimated for averaged weights, and a run's
-raw model beside its averages."""
+"""In-loop evaluation: metrics of variables over a split's padded batches, BatchNorm statistics
+re-estimated for averaged weights, and a run's raw model beside its averages."""
 
 import dataclasses
 import functools
 import itertools
 import math
-import time
 from collections.abc import Callable, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from cnn_lab import steps
 from cnn_lab.averaging import Averaging
 from cnn_lab.data import inputs, pipeline
-from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.runtime import sharding
 from cnn_lab.state import TrainState
 
 # What each average reports, as "<average>_<metric>" beside the raw model's metrics.
 _AVERAGE_METRICS = ("loss", "accuracy", "top5_accuracy")
-
-
-def _mean_metrics(pending: list[dict], first_step: int) -> dict[str, float]:
-    """Average a window of step metrics; halt on the first non-finite loss or gradient."""
-    stacked = jax.device_get(pending)
-    for offset, metrics in enumerate(stacked):
-        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-            raise FloatingPointError(
-                f"Non-finite loss or gradient at step {first_step + offset + 1} "
-                f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}). Training stopped; "
-                "checkpoints saved before this step are kept. Lower "
-                "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
-            )
-    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
-
-
-def _warn_ode_max_steps(metrics: dict[str, float], first_step: int, last_step: int) -> None:
-    """ODE blocks (models/ode.py) report solves that stopped at max_steps short of t1."""
-    if metrics.get("ode_max_steps_reached", 0.0) > 0:
-        print(
-            f"Warning: steps {first_step + 1}-{last_step}: an ODE solve reached max_steps before"
-            " t1; raise config.model.max_steps or loosen config.model.rtol/atol."
-        )
-
-
-class TrainWindow:
-    """The train metrics of the steps since the last write: kept on device, then checked
-    finite, averaged and written (with images/s) at log time."""
-
-    def __init__(
-        self, writer: MetricWriter, batch_size: int, steps_per_epoch: int, step: int, is_lead: bool
-    ):
-        """A window starting after `step`, of steps of `batch_size` examples."""
-        self.writer, self.batch_size, self.is_lead = writer, batch_size, is_lead
-        self.steps_per_epoch = steps_per_epoch
-        self.pending: list[dict] = []  # pending[i]: the metrics of step first_step + i + 1.
-        self.first_step, self.start = step, time.perf_counter()
-        self.last: dict[str, float] = {}  # The means of the last window written.
-
-    def add(self, metrics: dict) -> None:
-        """Keep one step's metrics, after waiting for the step before it."""
-        if self.pending:
-            # At most two steps in flight: the host prepares the next batch while the devices
-            # compute, and XLA never has a long queue of steps whose cross-device collectives
-            # could interleave (seen to deadlock with 8 CPU devices on 2 cores).
-            jax.block_until_ready(self.pending[-1])
-        self.pending.append(metrics)
-
-    def write(self, step: int) -> dict[str, float]:
-        """Write the window's means at `step` (halting on non-finite ones); the last ones written."""
-        if not self.pending:
-            return self.last
-        metrics = _mean_metrics(self.pending, self.first_step)
-        elapsed = time.perf_counter() - self.start
-        metrics["images_per_second"] = len(self.pending) * self.batch_size / elapsed
-        self.writer.write(
-            step=step, epoch=step / self.steps_per_epoch, split="train", metrics=metrics
-        )
-        if self.is_lead:
-            _warn_ode_max_steps(metrics, self.first_step, step)
-        self.pending, self.first_step, self.start = [], step, time.perf_counter()
-        self.last = metrics
-        return metrics
 
 
 def evaluate(

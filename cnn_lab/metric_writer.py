@@ -1,11 +1,18 @@
-"""Where metrics go: metrics.jsonl, TensorBoard event files and the learning-curves plot."""
+"""Where metrics go: metrics.jsonl, TensorBoard event files and the learning-curves plot; the
+train metrics of each logging window."""
 
 import json
 import math
+import time
 from pathlib import Path
+
+import jax
+import numpy as np
 
 # tensorboardX writes TensorBoard's event format without needing TensorBoard installed.
 from tensorboardX import SummaryWriter
+
+from cnn_lab.models import metric_warnings
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -84,3 +91,58 @@ def plot_curves(workdir: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _mean_metrics(pending: list[dict], first_step: int) -> dict[str, float]:
+    """Average a window of step metrics; halt on the first non-finite loss or gradient."""
+    stacked = jax.device_get(pending)
+    for offset, metrics in enumerate(stacked):
+        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+            raise FloatingPointError(
+                f"Non-finite loss or gradient at step {first_step + offset + 1} "
+                f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}). Training stopped; "
+                "checkpoints saved before this step are kept. Lower "
+                "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+            )
+    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+class TrainWindow:
+    """The train metrics of the steps since the last write: kept on device, then checked
+    finite, averaged and written (with images/s) at log time."""
+
+    def __init__(
+        self, writer: MetricWriter, batch_size: int, steps_per_epoch: int, step: int, is_lead: bool
+    ):
+        """A window starting after `step`, of steps of `batch_size` examples."""
+        self.writer, self.batch_size, self.is_lead = writer, batch_size, is_lead
+        self.steps_per_epoch = steps_per_epoch
+        self.pending: list[dict] = []  # pending[i]: the metrics of step first_step + i + 1.
+        self.first_step, self.start = step, time.perf_counter()
+        self.last: dict[str, float] = {}  # The means of the last window written.
+
+    def add(self, metrics: dict) -> None:
+        """Keep one step's metrics, after waiting for the step before it."""
+        if self.pending:
+            # At most two steps in flight: the host prepares the next batch while the devices
+            # compute, and XLA never has a long queue of steps whose cross-device collectives
+            # could interleave (seen to deadlock with 8 CPU devices on 2 cores).
+            jax.block_until_ready(self.pending[-1])
+        self.pending.append(metrics)
+
+    def write(self, step: int) -> dict[str, float]:
+        """Write the window's means at `step` (halting on non-finite ones); the last ones written."""
+        if not self.pending:
+            return self.last
+        metrics = _mean_metrics(self.pending, self.first_step)
+        elapsed = time.perf_counter() - self.start
+        metrics["images_per_second"] = len(self.pending) * self.batch_size / elapsed
+        self.writer.write(
+            step=step, epoch=step / self.steps_per_epoch, split="train", metrics=metrics
+        )
+        # Models declare sown metrics that must stay 0 (models.METRIC_WARNINGS).
+        for warning in metric_warnings(metrics) if self.is_lead else ():
+            print(f"Warning: steps {self.first_step + 1}-{step}: {warning}")
+        self.pending, self.first_step, self.start = [], step, time.perf_counter()
+        self.last = metrics
+        return metrics

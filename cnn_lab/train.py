@@ -24,26 +24,13 @@ from cnn_lab import workdir as workdir_lib
 from cnn_lab.averaging import Averaging
 from cnn_lab.checkpoint_policy import Preempted
 from cnn_lab.data import augment, inputs, loading
-from cnn_lab.metric_writer import MetricWriter
+from cnn_lab.metric_writer import MetricWriter, TrainWindow
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import distributed, host, provenance, sharding
 from cnn_lab.state import TrainState, init_state, record_validation, restart_optimizer, start_from
 
 # Exit code of a run stopped by SIGTERM after saving: "temporary failure, run me again".
 PREEMPTED_EXIT_CODE = 75
-
-
-def _check_classes(data_config: ml_collections.ConfigDict, num_classes: int) -> None:
-    """The data set (or config.data.classes) has as many classes as the model outputs."""
-    found = len(data_config.classes) or loading.num_classes(
-        data_config.name, data_dir=data_config.data_dir, source_dir=data_config.source_dir
-    )
-    if found != num_classes:
-        kept = f" (config.data.classes={tuple(data_config.classes)})" if data_config.classes else ""
-        raise ValueError(
-            f"Data set {data_config.name!r} has {found} classes{kept} but config.model.num_classes="
-            f"{num_classes}. Set --config.model.num_classes={found}."
-        )
 
 
 def _check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -95,15 +82,11 @@ def setup(
     mesh = sharding.make_mesh()
     _check_config(config, mesh)
     model = get_model(config.model)
-    if config.augment.flip and not config.data.flip_preserves_label:
-        raise ValueError(
-            f"config.augment.flip=True, but a mirrored {config.data.name} image can change its "
-            "label (config.data.flip_preserves_label=False). Set --config.augment.flip=False."
-        )
+    augment.check_flip(config.augment, config.data)
     latest = checkpoint.make_manager(workdir / checkpoint.LATEST_DIR, config.checkpoint.keep)
     if latest.all_steps() and (workdir / workdir_lib.CONFIG_FILE).exists():
         workdir_lib.check_resumable(workdir, config, allow_config_changes)
-    _check_classes(config.data, config.model.num_classes)
+    loading.check_classes(config.data, config.model.num_classes)
     data = inputs.make_inputs(
         config.data,
         config.train.batch_size,
@@ -235,7 +218,7 @@ def train_loop(run: Run) -> dict:
     state, step = run.state, int(run.state.step)
     phase = optim.phase_at(run.phases, step)
     train_step = run.train_steps[phase.index]
-    window = evaluation.TrainWindow(run.writer, config.train.batch_size, spe, step, run.is_lead)
+    window = TrainWindow(run.writer, config.train.batch_size, spe, step, run.is_lead)
     results = {}
     patience = config.train.early_stopping_patience
     stopped_early = _out_of_patience(state, step // spe, patience)  # Rerun: straight to test.

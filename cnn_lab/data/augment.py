@@ -311,6 +311,17 @@ def augment_batch(
     return cutmix(images, targets, mix_key, config.cutmix_alpha)
 
 
+def check_flip(
+    augment_config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict
+) -> None:
+    """Raise ValueError if random flips are asked of a data set whose mirrored images change label."""
+    if augment_config.flip and not data_config.flip_preserves_label:
+        raise ValueError(
+            f"config.augment.flip=True, but a mirrored {data_config.name} image can change its "
+            "label (config.data.flip_preserves_label=False). Set --config.augment.flip=False."
+        )
+
+
 def crop_ranges(augment_config: ml_collections.ConfigDict) -> tuple | None:
     """(scale, ratio) of the config's random-resized crops, or None when they are off."""
     if not augment_config.resized_crop:

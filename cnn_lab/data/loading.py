@@ -8,6 +8,7 @@ import urllib.parse
 import zipfile
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -128,6 +129,19 @@ def num_classes(name: str, *, data_dir: str | None = None, source_dir: str | Non
     """Number of classes of the label (second supervised key) of data set `name`."""
     info = _prepared_builder(name, data_dir, source_dir).info
     return info.features[info.supervised_keys[1]].num_classes
+
+
+def check_classes(data_config: ml_collections.ConfigDict, model_classes: int) -> None:
+    """Raise ValueError unless the data set (or config.data.classes) has `model_classes` classes."""
+    found = len(data_config.classes) or num_classes(
+        data_config.name, data_dir=data_config.data_dir, source_dir=data_config.source_dir
+    )
+    if found != model_classes:
+        kept = f" (config.data.classes={tuple(data_config.classes)})" if data_config.classes else ""
+        raise ValueError(
+            f"Data set {data_config.name!r} has {found} classes{kept} but config.model.num_classes="
+            f"{model_classes}. Set --config.model.num_classes={found}."
+        )
 
 
 def _prepared_builder(

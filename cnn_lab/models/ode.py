@@ -164,18 +164,11 @@ class SolverFields(nn.Module):
     t1: float = SolverConfig.t1
 
     def solver_config(self) -> SolverConfig:
-        """These fields as the solve's configuration."""
-        return SolverConfig(
-            solver=self.solver,
-            steps=self.steps,
-            rtol=self.rtol,
-            atol=self.atol,
-            max_steps=self.max_steps,
-            adjoint=self.adjoint,
-            checkpoints=self.checkpoints,
-            t0=0.0,
-            t1=self.t1,
-        )
+        """These fields as the solve's configuration (t0 = 0)."""
+        names = {f.name for f in dataclasses.fields(SolverConfig)} & {
+            f.name for f in dataclasses.fields(self)
+        }
+        return SolverConfig(**{name: getattr(self, name) for name in names})
 
 
 class ODENet(SolverFields):

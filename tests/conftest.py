@@ -43,6 +43,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Strict dtype promotion: an implicit float64/int upcast or a weak-type mix-up is an error.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -70,8 +70,10 @@ class Averaging:
         read = dict(averages)
         if "ema" in averages and self.ema_debias:
             # Zero-initialised, so after t steps its weights sum to 1 - decay**t (Adam's fix).
+            # A float32 count: optax raises the python float decay to it (float ** int32 is an
+            # implicit promotion; XLA computes the power in float32 either way).
             read["ema"] = optax.tree.bias_correction(
-                averages["ema"], self.ema_decay, jnp.maximum(step, 1)
+                averages["ema"], self.ema_decay, jnp.maximum(step, 1).astype(jnp.float32)
             )
         return read
 

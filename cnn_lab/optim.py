@@ -107,7 +107,9 @@ def plateau_feedback(schedule_config: ml_collections.ConfigDict) -> PlateauFeedb
     plateau = make_plateau(schedule_config)
 
     def feed(plateau_state: optax.OptState, accuracy: jax.Array) -> optax.OptState:
-        _, plateau_state = plateau.update({}, plateau_state, value=1.0 - accuracy)
+        # optax.contrib.reduce_on_plateau averages the value with its int32 count.
+        with jax.numpy_dtype_promotion("standard"):
+            _, plateau_state = plateau.update({}, plateau_state, value=1.0 - accuracy)
         return plateau_state
 
     return feed

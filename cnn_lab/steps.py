@@ -152,7 +152,10 @@ def train_step(
         )
         grads = jax.tree.map(lambda g: g / micro_batches, grads_sum)
         loss, accuracy, sown = jax.tree.map(jnp.mean, (loss, accuracy, sown))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # optax's schedules and Adam bias correction mix python floats with the int32 step count.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        learning_rate = schedule(state.step)
     scale = state.plateau.scale
     updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
@@ -167,7 +170,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
-        "learning_rate": schedule(state.step) * scale,
+        "learning_rate": learning_rate * scale,
         "grad_norm": optax.tree.norm(grads),
         **sown,
     }
@@ -225,12 +228,12 @@ def eval_step(
     logits = logits.astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
-    correct = losses.topk_correct(logits, labels) * mask
+    correct = losses.topk_correct(logits, labels).astype(jnp.float32) * mask
     in_class = jax.nn.one_hot(labels, logits.shape[-1]) * mask[:, None]  # (B, K)
     return {
         "loss": jnp.sum(losses.cross_entropy(logits, labels) * mask),
         "correct": jnp.sum(correct),
-        "correct_top5": jnp.sum(losses.topk_correct(logits, labels, 5) * mask),
+        "correct_top5": jnp.sum(losses.topk_correct(logits, labels, 5).astype(jnp.float32) * mask),
         "count": jnp.sum(mask),
         "class_correct": jnp.sum(in_class * correct[:, None], axis=0),
         "class_count": jnp.sum(in_class, axis=0),

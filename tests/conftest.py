@@ -39,10 +39,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Strict dtype promotion (below) in the runs tests start as subprocesses too.
+os.environ["JAX_NUMPY_DTYPE_PROMOTION"] = "strict"
 
 import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Strict dtype promotion: an implicit float64/int upcast or a weak-type mix-up is an error.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 ROOT = Path(__file__).resolve().parents[1]
 

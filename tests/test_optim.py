@@ -50,15 +50,14 @@ def test_weight_decay_skips_biases():
 
 
 def test_plateau_divides_by_ten_after_patience():
-    plateau = optim.make_plateau(
-        ml_collections.ConfigDict(
-            dict(decay_factor=0.1, plateau_patience=2, plateau_min_delta=1e-3)
-        )
+    schedule_config = ml_collections.ConfigDict(
+        dict(name="plateau", decay_factor=0.1, plateau_patience=2, plateau_min_delta=1e-3)
     )
-    state = plateau.init({})
+    feed_plateau = optim.plateau_feedback(schedule_config)  # feeds make_plateau 1 - accuracy
+    state = optim.make_plateau(schedule_config).init({})
     scales = []
     for accuracy in (0.5, 0.6, 0.6, 0.6, 0.6):
-        _, state = plateau.update({}, state, value=1.0 - accuracy)
+        state = feed_plateau(state, accuracy)
         scales.append(float(state.scale))
     assert scales[:3] == [1.0, 1.0, 1.0]
     assert scales[3] == pytest.approx(0.1)

@@ -37,7 +37,11 @@ def value_and_grad(pool, x: jax.Array, window, strides, padding) -> tuple[jax.Ar
     """The pool's output and the gradient of a random projection of it, w.r.t. x."""
     out = pool(x, window, strides=strides, padding=padding)
     weights = jax.random.normal(jax.random.key(1), out.shape)
-    grad = jax.grad(lambda x: jnp.sum(pool(x, window, strides=strides, padding=padding) * weights))
+    grad = jax.grad(
+        lambda x: jnp.sum(
+            pool(x, window, strides=strides, padding=padding).astype(jnp.float32) * weights
+        )
+    )
     return out, jax.jit(grad)(x)
 
 

@@ -186,12 +186,13 @@ def cut(
     the image; targets (B, K) are mixed by the area actually pasted. Partners as in `mix`.
     """
     _, height, width, _ = images.shape
-    size = jnp.array([height, width])
+    size = jnp.array([height, width], jnp.float32)
     centre = jax.random.uniform(key, (2,)) * size
-    half_side = jnp.sqrt(1 - lam) * size / 2
+    half_side = jnp.sqrt(1 - lam).astype(jnp.float32) * size / 2
     low, high = jnp.round(centre - half_side), jnp.round(centre + half_side)
-    rows = (jnp.arange(height) >= low[0]) & (jnp.arange(height) < high[0])
-    cols = (jnp.arange(width) >= low[1]) & (jnp.arange(width) < high[1])
+    row, col = jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32)
+    rows = (row >= low[0]) & (row < high[0])
+    cols = (col >= low[1]) & (col < high[1])
     box = rows[:, None] & cols[None, :]
     pasted = jnp.mean(box.astype(targets.dtype))
     images = jnp.where(box[None, :, :, None], images[::-1], images)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnn_lab.models.layers import Conv, conv_kernel_init, get_activation
+from cnn_lab.models.layers import Conv, at_least_float32, conv_kernel_init, get_activation
 
 
 class Layout(NamedTuple):
@@ -49,7 +49,7 @@ def local_response_norm(x: jax.Array, size: int, k: float, alpha: float, beta: f
     """
     half = size // 2
     # In float32 at least: a bfloat16 sum of squares raised to -beta is too coarse.
-    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    wide = at_least_float32(x)
     summed = jax.lax.reduce_window(
         jnp.square(wide),
         jnp.array(0, wide.dtype),

@@ -154,6 +154,31 @@ class Conv(nn.Module):
         return y + bias.reshape(1, 1, 1, -1)
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """x (any shape) cast up to float32 when narrower (bfloat16); float32 and float64 stay."""
+    return x if jnp.finfo(x.dtype).bits >= 32 else x.astype(jnp.float32)
+
+
+def standard_promotion(norm: Callable[..., nn.Module]) -> Callable[..., Callable]:
+    """`norm`, a maker of flax norm layers (BatchNorm, GroupNorm), whose layers run under
+    standard dtype promotion, so that they also run where it is strict.
+
+    flax's norms promote their dtype with float32 and subtract float32 statistics from a
+    bfloat16 input: implicit promotions that strict promotion refuses.
+    """
+
+    def make(*args, **kwargs) -> Callable:
+        layer = norm(*args, **kwargs)  # Made here: named and bound as usual.
+
+        def apply(x: jax.Array, **call_kwargs) -> jax.Array:
+            with jax.numpy_dtype_promotion("standard"):
+                return layer(x, **call_kwargs)
+
+        return apply
+
+    return make
+
+
 # He et al. (2015) initialisation for convolutions followed by ReLU, as the ResNet paper and
 # torchvision use; flax's default (LeCun normal) halves the signal variance at every layer.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")

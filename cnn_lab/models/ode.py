@@ -15,7 +15,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnn_lab.models.layers import METRICS, Conv, StochasticDepth, get_activation
+from cnn_lab.models.layers import (
+    METRICS,
+    Conv,
+    StochasticDepth,
+    at_least_float32,
+    get_activation,
+    standard_promotion,
+)
 from cnn_lab.models.ode_solve import SolverConfig, solve
 from cnn_lab.models.resnet import (
     ResidualBlock,
@@ -90,7 +97,9 @@ class ODEFunc(nn.Module):
     def __call__(self, h: jax.Array, t: jax.Array) -> jax.Array:
         """dh/dt (B, H, W, C) at state h (B, H, W, C) and time t ()."""
         act = get_activation(self.activation)
-        norm = functools.partial(nn.GroupNorm, num_groups=_groups(self.features), dtype=self.dtype)
+        norm = standard_promotion(
+            functools.partial(nn.GroupNorm, num_groups=_groups(self.features), dtype=self.dtype)
+        )
 
         def conv(y: jax.Array, name: str) -> jax.Array:
             if self.time_channel:
@@ -134,8 +143,8 @@ class ODEBlock(nn.Module):
         )
         # The solver's state, time and error control stay float32 (or wider) whatever f
         # computes in: bfloat16's 8-bit mantissa is coarser than the default tolerances (1e-3).
-        state_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        h0, t0 = x.astype(state_dtype), jnp.zeros((), state_dtype)
+        h0 = at_least_float32(x)
+        t0 = jnp.zeros((), h0.dtype)
         params = self.param("func", lambda rng: func.init(rng, h0[:1], t0)["params"])
 
         def vector_field(t, h, params):
@@ -196,7 +205,9 @@ class ODENet(SolverFields):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits (B, num_classes) for images x (B, H, W, C)."""
         act = get_activation(self.activation)
-        norm = functools.partial(nn.GroupNorm, num_groups=_groups(self.width), dtype=self.dtype)
+        norm = standard_promotion(
+            functools.partial(nn.GroupNorm, num_groups=_groups(self.width), dtype=self.dtype)
+        )
         conv = functools.partial(
             Conv,
             self.width,

@@ -14,6 +14,7 @@ from cnn_lab.models.layers import (
     conv_kernel_init,
     get_activation,
     linear_drop_rates,
+    standard_promotion,
 )
 
 ModuleDef = Any
@@ -47,7 +48,7 @@ def conv_and_norm(module: nn.Module, train: bool) -> tuple[ModuleDef, ModuleDef]
         epsilon=module.bn_epsilon,
         dtype=module.dtype,
     )
-    return conv, norm
+    return conv, standard_promotion(norm)
 
 
 class ResidualBlock(nn.Module):

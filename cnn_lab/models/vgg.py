@@ -7,7 +7,13 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from cnn_lab.models.layers import Conv, conv_kernel_init, get_activation, max_pool
+from cnn_lab.models.layers import (
+    Conv,
+    conv_kernel_init,
+    get_activation,
+    max_pool,
+    standard_promotion,
+)
 
 # depth -> 3x3 convs in each of the five stages (Table 1 of the paper: A=11, B=13, D=16, E=19).
 DEPTHS: dict[int, tuple[int, ...]] = {
@@ -67,7 +73,7 @@ class VGG(nn.Module):
                     convolution=self.convolution,
                 )(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(
+                    x = standard_promotion(nn.BatchNorm)(
                         use_running_average=not train,
                         momentum=self.bn_momentum,
                         epsilon=self.bn_epsilon,

@@ -7,6 +7,9 @@ for snapshot ensembles; never deleted), `broken_checkpoints/` (steps that failed
 validate, moved aside with a warning rather than deleted). Each step directory holds one
 Orbax PyTree item, `default`, readable without cnn_lab:
 `orbax.checkpoint.StandardCheckpointer().restore("<workdir>/checkpoints/<step>/default")`.
+Each step's metadata (`_CHECKPOINT_METADATA`, committed with the step) records a digest of
+every array, checked on every restore: damage that still decodes to finite numbers is
+caught like a truncated file. Steps written before digests existed restore unchecked.
 Reading a finished run's weights for inference (with its model) is `saved_run`.
 """
 
@@ -26,6 +29,7 @@ BEST_DIR = "best"
 SNAPSHOT_DIR = "snapshots"
 BROKEN_DIR = "broken_checkpoints"
 _MUST_BE_FINITE = ("batch_stats", "opt_state", "averages")
+_DIGEST_KEY = "cnn_lab_digest"  # In each step's custom metadata.
 
 
 class CheckpointError(RuntimeError):
@@ -56,8 +60,58 @@ def make_manager(
 
 
 def save(manager: ocp.CheckpointManager, state, step: int) -> None:
-    """Start saving `state` as `step`; the host copy is taken before this returns (async write)."""
-    manager.save(step, args=ocp.args.PyTreeSave(state))
+    """Start saving `state` as `step`, with its digest; the host copy is taken before this
+    returns (async write)."""
+    manager.save(
+        step, args=ocp.args.PyTreeSave(state), custom_metadata={_DIGEST_KEY: digest(state)}
+    )
+
+
+def digest(tree) -> dict[str, int]:
+    """{"path/of/array": a 32-bit digest of its bits} for every array of `tree`.
+
+    The digest is a sum of the array's bit patterns, each weighted by an odd number drawn
+    from its position, modulo 2^32: any single changed value changes it. It is computed
+    where the arrays are (one pass on their devices); only the sums reach the host.
+    """
+    arrays = {"/".join(k): v for k, v in _flat(tree).items() if hasattr(v, "dtype")}
+    # Each sum is replicated: every process reads its own copy (multi-host arrays are not
+    # fully addressable).
+    sums = [int(np.asarray(s.addressable_data(0))) for s in _bit_sums(list(arrays.values()))]
+    return dict(zip(arrays, sums, strict=True))
+
+
+@jax.jit
+def _bit_sums(arrays: list[jax.Array]) -> list[jax.Array]:
+    """The position-weighted sum of each array's bits (uint32, wrapping)."""
+    sums = []
+    for x in arrays:
+        if x.dtype == jnp.bool_:
+            bits = x.astype(jnp.uint32)
+        elif x.dtype.itemsize >= 4:  # 64-bit values become pairs of 32-bit words.
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        else:
+            narrow = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+            bits = jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+        bits = jnp.ravel(bits)
+        # Knuth's multiplicative hash of the position, made odd: a weight never zeroes a change.
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+        sums.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+    return sums
+
+
+def digest_mismatches(manager: ocp.CheckpointManager, step: int, restored) -> list[str]:
+    """The arrays of `restored` (step `step`, maybe partial) whose digest differs from the
+    one saved with the step; [] for a step saved without digests."""
+    saved = (manager.metadata(step).custom_metadata or {}).get(_DIGEST_KEY)
+    if saved is None:
+        return []
+    found = digest(restored)
+    return [
+        f"{path} does not match its saved digest"
+        for path in sorted(found.keys() & saved.keys())
+        if found[path] != saved[path]
+    ]
 
 
 def _flat(tree) -> dict[tuple[str, ...], object]:
@@ -165,8 +219,9 @@ def restore_newest_valid(
 
     `target` may be a function of the step, for runs whose state layout changes with it
     (the optimizer state of training phases).
-    Validation: tree structure, shapes and dtypes as in `target`, and finite values.
-    Damaged steps (unreadable, half-written or half-deleted, non-finite) are moved aside
+    Validation: tree structure, shapes and dtypes as in `target`, the saved digests, and
+    finite values. Damaged steps (unreadable, half-written or half-deleted, altered, non-finite)
+    are moved aside
     (only skipped without `repair`) and the next older one is tried. `steps` limits the
     candidates. A readable step that does not fit `target` (another model
     or optimizer) raises CheckpointError: that is a config problem, not damage.
@@ -193,7 +248,7 @@ def restore_newest_valid(
             )
         try:
             state = restore_step(manager, step, target, partial=partial)
-            damage = nonfinite(state)
+            damage = digest_mismatches(manager, step, state) or nonfinite(state)
         except Exception as error:  # Truncated or missing files surface as many error types.
             damage = [f"{type(error).__name__}: {error}"]
         damage = _anywhere(damage)

@@ -148,10 +148,22 @@ def _damage_newest(workdir, how):
             f.unlink()
         for f in step_dir.rglob("_METADATA"):
             f.unlink()
+    elif how == "altered":  # bytes flipped in place (bad disk, bad copy): files still open
+        largest = max(files, key=lambda f: f.stat().st_size)
+        data = bytearray(largest.read_bytes())
+        for i in range(len(data) // 2, min(len(data) // 2 + 300, len(data))):
+            data[i] ^= 0x5A
+        largest.write_bytes(bytes(data))
+    elif how == "digest_mismatch":  # values that decode to finite numbers, but not the saved ones
+        path = step_dir / "_CHECKPOINT_METADATA"
+        record = json.loads(path.read_text())
+        digests = record["custom_metadata"]["cnn_lab_digest"]
+        digests[next(p for p in digests if "params" in p)] ^= 1
+        path.write_text(json.dumps(record))
     return step
 
 
-@pytest.mark.parametrize("how", ["truncate", "half_deleted"])
+@pytest.mark.parametrize("how", ["truncate", "half_deleted", "altered", "digest_mismatch"])
 def test_damaged_newest_step_is_moved_aside_and_an_older_one_used(tmp_path, data_dir, how):
     shutil.copytree(_trained(tmp_path / "src", data_dir, num_epochs=1), tmp_path / "run")
     workdir = tmp_path / "run"

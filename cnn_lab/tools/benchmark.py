@@ -145,13 +145,17 @@ def benchmark(
 
     with tempfile.TemporaryDirectory() as directory:
         manager = checkpoint.make_manager(Path(directory), keep=2)
-        blocking, total = [], []
+        blocking, total, restore = [], [], []
+        target = jax.eval_shape(lambda: holder["state"])
         for step in range(1, windows + 2):
             start = time.perf_counter()
             checkpoint.save(manager, holder["state"], step)
             blocking.append(time.perf_counter() - start)
             manager.wait_until_finished()
             total.append(time.perf_counter() - start)
+            start = time.perf_counter()  # As a resume reads it: digests and finiteness checked.
+            jax.block_until_ready(checkpoint.restore_newest_valid(manager, target))
+            restore.append(time.perf_counter() - start)
         manager.close()
 
     train_rate = _rate(train_times, batch_size * steps_per_window)
@@ -190,6 +194,7 @@ def benchmark(
         # The first save also creates directories and compiles; report the steady state.
         "checkpoint_blocking_ms": 1000 * statistics.median(blocking[1:]),
         "checkpoint_total_ms": 1000 * statistics.median(total[1:]),
+        "checkpoint_restore_ms": 1000 * statistics.median(restore[1:]),
     }
 
 
@@ -292,11 +297,15 @@ FIGURES = (
     ("train compile s", ("compile_seconds",), "{:.1f}"),
     ("peak host memory MB", ("peak_host_memory_mb",), "{:.0f}"),
     ("checkpoint save ms", ("checkpoint_total_ms",), "{:.0f}"),
+    ("checkpoint restore ms", ("checkpoint_restore_ms",), "{:.0f}"),
 )
 
 
-def _figure(result: dict, path: tuple[str, ...]) -> float:
+def _figure(result: dict, path: tuple[str, ...]) -> float | None:
+    """The figure at `path`; None where `result` (e.g. a JSON saved by an older version) lacks it."""
     for key in path:
+        if key not in result:
+            return None
         result = result[key]
     return result
 
@@ -315,8 +324,8 @@ def format_result(r: dict, baseline: dict | None = None) -> str:
     for label, path, fmt in FIGURES:
         value = _figure(r, path)
         line = f"  {label:<22}{fmt.format(value):>10}"
-        if baseline:
-            old = _figure(baseline, path)
+        old = _figure(baseline, path) if baseline else None
+        if old is not None:
             line += f"{fmt.format(old):>10}{value / old:>8.2f}"
         lines.append(line)
     return "\n".join(lines)

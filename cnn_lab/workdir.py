@@ -1,10 +1,12 @@
-"""A run's workdir: its lock (one run at a time), config.json with provenance, what may change on resume."""
+"""A run's workdir: its lock (one run at a time), its config.json, what may change on resume."""
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import socket
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +43,7 @@ def locked(workdir: str | Path, *, enabled: bool = True) -> Iterator[None]:
         return
     # "a": opening must not erase the holder's PID before the lock says who holds it.
     with open(workdir / LOCK_FILE, "a") as lock:
+        held = True
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -50,13 +53,25 @@ def locked(workdir: str | Path, *, enabled: bool = True) -> Iterator[None]:
                 "metrics. Wait for that run to end (or stop it), or pass another --workdir. "
                 "A run that died has released the lock already: no file needs deleting."
             ) from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()} {socket.gethostname()}\n")
-        lock.flush()
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            # Some cluster file systems (Lustre mounted without flock) refuse every lock:
+            # training there must still work, as it did before runs took the lock.
+            warnings.warn(
+                f"{workdir} cannot be locked ({error}): keep to one run in it by hand.",
+                stacklevel=3,  # The caller's `with`, past contextlib's __enter__.
+            )
+            held = False
+        if held:
+            lock.truncate(0)
+            lock.write(f"{os.getpid()} {socket.gethostname()}\n")
+            lock.flush()
         try:
             yield
         finally:
-            lock.truncate(0)  # Before the lock goes: nobody reads a PID that no longer holds it.
+            if held:  # Emptied before the lock goes: nobody reads a PID that holds nothing.
+                lock.truncate(0)
 
 
 def holder(workdir: str | Path) -> str | None:

@@ -1,5 +1,7 @@
 """One run per workdir: the lock, its error, its release when the holder dies, readers and sweeps."""
 
+import errno
+import fcntl
 import os
 import signal
 import socket
@@ -52,6 +54,15 @@ def test_a_held_workdir_refuses_a_second_lock_naming_the_holder(tmp_path):
     assert workdir_lib.holder(tmp_path / "run") is None
     with workdir_lib.locked(tmp_path / "run"):  # Released on exit: the next run takes it.
         assert workdir_lib.holder(tmp_path / "run") == HERE
+
+
+def test_a_file_system_without_locks_warns_and_trains_unguarded(tmp_path, monkeypatch):
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.warns(UserWarning, match="cannot be locked"), workdir_lib.locked(tmp_path):
+        assert (tmp_path / workdir_lib.LOCK_FILE).read_text() == ""  # Claims no holder.
 
 
 def test_train_on_a_locked_workdir_stops_before_writing_anything(tmp_path, tiny_run):

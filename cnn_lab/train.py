@@ -320,9 +320,12 @@ def train_and_evaluate(
     """Train `config` in `workdir` (resuming from its checkpoints), then evaluate on test.
 
     `allow_config_changes` names config fields that may differ from the run being resumed.
-    Returns the final validation and test metrics. Raises Preempted after a SIGTERM save.
+    Returns the final validation and test metrics. Raises Preempted after a SIGTERM save, and
+    workdir.WorkdirBusy, before writing anything, while another run trains in `workdir`.
     """
-    return train_loop(setup(config, Path(workdir), allow_config_changes))
+    # Process 0 holds the workdir's lock for the whole run; the OS frees it if the run dies.
+    with workdir_lib.locked(workdir, enabled=jax.process_index() == 0):
+        return train_loop(setup(config, Path(workdir), allow_config_changes))
 
 
 def main() -> None:

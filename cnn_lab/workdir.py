@@ -1,6 +1,13 @@
-"""A run's config.json: the resolved config with provenance, and what may change on resume."""
+"""A run's workdir: its lock (one run at a time), its config.json, what may change on resume."""
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
+import socket
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
@@ -8,6 +15,80 @@ import ml_collections
 from cnn_lab.sweep import tuples  # JSON lists back to tuples, as config files write them.
 
 CONFIG_FILE = "config.json"
+# Held (flock) by the process that trains in the workdir; holds its "<PID> <host>" for others.
+# The OS releases the lock when that process dies, so the file left behind never blocks.
+LOCK_FILE = ".lock"
+
+
+class WorkdirBusy(ValueError):
+    """Another process trains in this workdir (a ValueError: the --workdir value is in use)."""
+
+
+def _holder_text(lock_path: Path) -> str:
+    """The lock's holder as it wrote itself into the lock file: "PID 123 on host gpu7"."""
+    pid, _, host = lock_path.read_text().strip().partition(" ")
+    return f"PID {pid} on host {host}" if pid and host else "a process that is still starting"
+
+
+@contextlib.contextmanager
+def locked(workdir: str | Path, *, enabled: bool = True) -> Iterator[None]:
+    """Hold `workdir`'s exclusive lock (creating the directory), or raise WorkdirBusy at once.
+
+    `enabled=False` (processes other than 0 of a multi-process run) only creates the directory.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not enabled:
+        yield
+        return
+    # "a": opening must not erase the holder's PID before the lock says who holds it.
+    with open(workdir / LOCK_FILE, "a") as lock:
+        held = True
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirBusy(
+                f"{workdir} is in use by another training run ({_holder_text(workdir / LOCK_FILE)}"
+                "): two runs in one workdir would overwrite each other's checkpoints and "
+                "metrics. Wait for that run to end (or stop it), or pass another --workdir. "
+                "A run that died has released the lock already: no file needs deleting."
+            ) from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            # Some cluster file systems (Lustre mounted without flock) refuse every lock:
+            # training there must still work, as it did before runs took the lock.
+            warnings.warn(
+                f"{workdir} cannot be locked ({error}): keep to one run in it by hand.",
+                stacklevel=3,  # The caller's `with`, past contextlib's __enter__.
+            )
+            held = False
+        if held:
+            lock.truncate(0)
+            lock.write(f"{os.getpid()} {socket.gethostname()}\n")
+            lock.flush()
+        try:
+            yield
+        finally:
+            if held:  # Emptied before the lock goes: nobody reads a PID that holds nothing.
+                lock.truncate(0)
+
+
+def holder(workdir: str | Path) -> str | None:
+    """Who holds `workdir`'s lock ("PID 123 on host gpu7"), or None when no run holds it.
+
+    A probe that never blocks: it takes a shared lock for an instant, then releases it.
+    """
+    path = Path(workdir) / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_text(path)
+    return None  # Closing the file released the shared lock.
+
 
 # Changing these never changes what is trained, so a resumed run may always change them.
 ALWAYS_CHANGEABLE = (

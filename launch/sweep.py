@@ -7,9 +7,10 @@
 The points are the config file's `get_sweep()` (if it has one), times each --axis, times
 --seeds; --config.<field> overrides apply to every point. Each point trains in
 <sweep_dir>/<its overrides, e.g. model.depth=20,seed=0>/ (its output in train.log there).
-Rerunning skips finished points and resumes interrupted ones. <sweep_dir>/runs.csv lists
-every point's workdir, overrides, status and final metrics; sweep.json holds the grid;
-`python -m cnn_lab.report <sweep_dir>` summarises it.
+Rerunning skips finished points, leaves running ones (their workdir is locked) alone, and
+resumes interrupted ones. <sweep_dir>/runs.csv lists every point's workdir, overrides,
+status and final metrics; sweep.json holds the grid; `python -m cnn_lab.report <sweep_dir>`
+summarises it.
 """
 
 import concurrent.futures
@@ -25,6 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cnn_lab import sweep
+from cnn_lab import workdir as workdir_lib  # Standard library and ml_collections only.
 from launch import command, slurm
 
 SPEC_FILE = (
@@ -97,7 +99,8 @@ def finished(workdir: Path) -> bool:
 def run_point(sweep_dir: Path, spec: dict, index: int, *, python: str, srun: bool) -> str:
     """Train point `index` to the end (resuming its workdir), recording it in runs.csv.
 
-    Returns its status: done, preempted or failed.
+    Returns its status: done, preempted or failed; running, launching nothing, when another
+    process trains in its workdir.
     """
     overrides = spec["points"][index]
     name = sweep.workdir_name(overrides)
@@ -105,6 +108,9 @@ def run_point(sweep_dir: Path, spec: dict, index: int, *, python: str, srun: boo
     if finished(workdir):
         sweep.update_index(sweep_dir, name, overrides, "done", "0")
         return "done"
+    if workdir_lib.holder(workdir):
+        sweep.update_index(sweep_dir, name, overrides, "running")
+        return "running"
     sweep.update_index(sweep_dir, name, overrides, "running")
     workdir.mkdir(parents=True, exist_ok=True)
     train = command.train_command(
@@ -210,7 +216,17 @@ def main() -> None:
             sys.exit(f"error: {error}")
         points = spec["points"]
         todo = [i for i, p in enumerate(points) if not finished(root / sweep.workdir_name(p))]
-        print(f"{len(points) - len(todo)} of {len(points)} points finished; {len(todo)} to run.")
+        # A locked workdir is still training (another sweep, or a requeued job): not relaunched.
+        running = {
+            i: holder
+            for i in todo
+            if (holder := workdir_lib.holder(root / sweep.workdir_name(points[i])))
+        }
+        todo = [i for i in todo if i not in running]
+        finished_count = len(points) - len(todo) - len(running)
+        print(f"{finished_count} of {len(points)} points finished; {len(todo)} to run.")
+        for i, holder in running.items():
+            print(f"still running, not relaunched: {sweep.workdir_name(points[i])} ({holder})")
         if dry_run.value:
             for point in points:
                 workdir = root / sweep.workdir_name(point)
@@ -221,7 +237,9 @@ def main() -> None:
         listed = {row["workdir"] for row in sweep.read_index(root)}
         for i, point in enumerate(points):  # runs.csv lists every point from the start.
             name = sweep.workdir_name(point)
-            if i not in todo:
+            if i in running:
+                sweep.update_index(root, name, point, "running")
+            elif i not in todo:
                 sweep.update_index(root, name, point, "done", "0")
             elif name not in listed:
                 sweep.update_index(root, name, point, "pending")

@@ -117,7 +117,9 @@ def setup(
     restored = checkpoint.restore_newest_valid(
         latest, lambda s: fresh(optim.phase_at(phases, s).tx, abstract=True)
     )
-    if restored is not None:  # config.json was checked above, if it is there.
+    # Resuming without config.json is refused here, after the restore: a checkpoint of
+    # another model is then reported as such (check_resumable above needs the file).
+    if restored is not None:
         workdir_lib.check_config_present(workdir, latest.all_steps())
     state = restored if restored is not None else fresh(phases[0].tx)
     if restored is None and config.init_from.workdir:

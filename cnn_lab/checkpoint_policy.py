@@ -6,6 +6,8 @@ may be saved at all. Directory layout and restore order: see cnn_lab/checkpoint.
 """
 
 import contextlib
+import datetime
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -13,9 +15,31 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from cnn_lab import checkpoint
+from cnn_lab import workdir as workdir_lib
 from cnn_lab.state import TrainState
+
+# What a training attempt, and the tools run on it, write into the workdir (glob patterns).
+# A run starting from scratch moves these aside. Left in place: previous/, broken_checkpoints/
+# (quarantined steps, each named by step and time, read by nothing and named in the error that
+# preceded the fresh start) and files other programs keep there (launcher logs, the lock).
+RUN_OUTPUTS = (
+    checkpoint.LATEST_DIR,
+    checkpoint.BEST_DIR,
+    checkpoint.SNAPSHOT_DIR,
+    workdir_lib.CONFIG_FILE,
+    workdir_lib.CONFIG_FILE + ".tmp",
+    workdir_lib.METRICS_FILE,
+    workdir_lib.METRICS_FILE + ".tmp",
+    workdir_lib.TENSORBOARD_DIR,
+    workdir_lib.CURVES_FILE,
+    "eval_*.json",
+    "ensemble_*.json",
+    workdir_lib.PREDICTIONS_DIR,
+    workdir_lib.INSPECT_DIR,
+)
 
 
 class Preempted(Exception):
@@ -109,3 +133,51 @@ class CheckpointPolicy:
                 "config.optimizer.grad_clip_norm."
             )
         checkpoint.save(manager, state, step)
+
+
+def _dated_folder(parent: Path) -> Path:
+    """A new folder in `parent` named by the UTC time (with a suffix if that name is taken)."""
+    name = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    folder, n = parent / name, 1
+    while folder.exists():
+        folder, n = parent / f"{name}-{n}", n + 1
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _earlier_outputs(workdir: Path) -> list[Path]:
+    """The RUN_OUTPUTS present in `workdir`; checkpoints/ counts only when it holds anything."""
+    found = sorted({p for pattern in RUN_OUTPUTS for p in workdir.glob(pattern)})
+    latest = workdir / checkpoint.LATEST_DIR
+    return [p for p in found if p != latest or any(latest.iterdir())]
+
+
+def move_previous_attempt(workdir: Path, latest: ocp.CheckpointManager) -> Path | None:
+    """For a run starting from scratch: move every earlier output in `workdir` into one new
+    folder previous/<UTC time>/, so that nothing this run did not write can pass for its own.
+
+    Returns that folder (None if there was nothing to move). `latest`, the run's manager open
+    on checkpoints/ (which holds no step at a fresh start), keeps its directory: only its
+    contents move, then it reloads. Process 0 moves the files; every process must call this.
+    """
+    workdir = Path(workdir)
+    moved_to = None
+    if jax.process_index() == 0:
+        earlier = _earlier_outputs(workdir)
+        if earlier:
+            moved_to = _dated_folder(workdir / workdir_lib.PREVIOUS_DIR)
+            for path in earlier:
+                if path.name == checkpoint.LATEST_DIR:
+                    (moved_to / path.name).mkdir()
+                    for entry in path.iterdir():
+                        shutil.move(str(entry), str(moved_to / path.name / entry.name))
+                else:
+                    shutil.move(str(path), str(moved_to / path.name))
+            print(
+                f"Starting from scratch: moved the earlier outputs in {workdir} "
+                f"({', '.join(p.name for p in earlier)}) to {moved_to}."
+            )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("cnn_lab_move_previous_attempt")
+    latest.reload()
+    return moved_to

@@ -117,6 +117,10 @@ def setup(
     restored = checkpoint.restore_newest_valid(
         latest, lambda s: fresh(optim.phase_at(phases, s).tx, abstract=True)
     )
+    # Resuming without config.json is refused here, after the restore: a checkpoint of
+    # another model is then reported as such (check_resumable above needs the file).
+    if restored is not None:
+        workdir_lib.check_config_present(workdir, latest.all_steps())
     state = restored if restored is not None else fresh(phases[0].tx)
     if restored is None and config.init_from.workdir:
         variables = transfer.initial_variables(config.init_from, state.variables)
@@ -124,6 +128,8 @@ def setup(
             functools.partial(start_from, tx=phases[0].tx, averaging=averages),
             out_shardings=replicated,
         )(state, variables)
+    if restored is None:  # A fresh start: an earlier attempt's outputs must not mix in.
+        checkpoint_policy.move_previous_attempt(workdir, latest)
     step = int(state.step)
     policy = checkpoint_policy.CheckpointPolicy(latest, workdir, snapshot_steps)
 

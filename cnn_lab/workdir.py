@@ -1,4 +1,5 @@
-"""A run's workdir: its lock (one run at a time), its config.json, what may change on resume."""
+"""A run's workdir: its lock (one run at a time), its config.json (the resolved config with
+provenance, and what may change on resume), and the names of what runs write there."""
 
 import contextlib
 import errno
@@ -15,6 +16,13 @@ import ml_collections
 from cnn_lab.sweep import tuples  # JSON lists back to tuples, as config files write them.
 
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+PREDICTIONS_DIR = "predictions"  # Written by cnn_lab.tools.evaluate.
+INSPECT_DIR = "inspect"  # Written by cnn_lab.tools.inspect_run.
+PREVIOUS_DIR = "previous"  # Earlier attempts, one dated folder each, moved by a fresh start.
+
 # Held (flock) by the process that trains in the workdir; holds its "<PID> <host>" for others.
 # The OS releases the lock when that process dies, so the file left behind never blocks.
 LOCK_FILE = ".lock"
@@ -135,7 +143,15 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
             f"{workdir} holds no cnn_lab run ({CONFIG_FILE} not found). Pass the --workdir "
             "of a run started with `python -m cnn_lab.train`."
         )
-    return upgrade(ml_collections.ConfigDict(tuples(json.loads(path.read_text())["config"])))
+    try:
+        saved = json.loads(path.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as error:  # Not JSON, or not a config record.
+        raise ValueError(
+            f"{path} is damaged and cannot be read ({type(error).__name__}: {error}), e.g. by a "
+            "full disk or a copy cut short. Restore it from a backup or copy of the run, or use "
+            "a new --workdir."
+        ) from None
+    return upgrade(ml_collections.ConfigDict(tuples(saved)))
 
 
 def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -189,4 +205,15 @@ def check_resumable(
             f"{workdir} holds a run trained with a different config ({listed}). Resuming would "
             "mix two experiments. Use a new --workdir for the new config, or, if the change is "
             f"intended (e.g. more epochs), pass --allow_config_changes={','.join(refused)}."
+        )
+
+
+def check_config_present(workdir: Path, steps: list[int]) -> None:
+    """Raise FileNotFoundError if a workdir with checkpoint `steps` to resume lacks config.json."""
+    if not (Path(workdir) / CONFIG_FILE).exists():
+        raise FileNotFoundError(
+            f"{Path(workdir) / CONFIG_FILE} is missing, but {workdir} holds checkpoints to resume "
+            f"(steps {sorted(steps)}): without it this run cannot check that it resumes with the "
+            "config they were trained with. Restore config.json from a backup or copy of the run, "
+            "or use a new --workdir for this config."
         )

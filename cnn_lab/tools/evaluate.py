@@ -20,8 +20,7 @@ from cnn_lab.data.inputs import split_string
 from cnn_lab.evaluation import recompute_batch_stats
 from cnn_lab.runtime import host, sharding
 from cnn_lab.tools import predict
-
-PREDICTIONS_DIR = "predictions"  # Cached log-probabilities of each evaluated model variant.
+from cnn_lab.workdir import PREDICTIONS_DIR
 
 
 def _row(

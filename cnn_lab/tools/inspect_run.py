@@ -35,8 +35,8 @@ from cnn_lab.data import augment, inputs
 from cnn_lab.data.inputs import split_string
 from cnn_lab.models import layers
 from cnn_lab.tools import predict
+from cnn_lab.workdir import INSPECT_DIR
 
-INSPECT_DIR = "inspect"
 TOP = 9  # Patches shown per feature map.
 MIN_TILE = 32  # Tiles are scaled up (nearest) to at least this many pixels a side.
 BORDER = 2  # Pixels between tiles.

@@ -10,6 +10,9 @@ import optax
 
 from cnn_lab import param_groups
 
+OPTIMIZERS = ("sgd", "adam", "adamw")  # config.optimizer.name
+SCHEDULES = ("cosine", "constant", "piecewise", "cyclic_cosine", "plateau")  # config.schedule.name
+
 
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     """The one place durations in epochs become optimizer steps."""
@@ -55,8 +58,7 @@ def make_schedule(
         )
     else:
         raise ValueError(
-            f"Unknown schedule {name!r} (config.schedule.name). "
-            "Known: constant, piecewise, cosine, cyclic_cosine, plateau."
+            f"Unknown schedule {name!r} (config.schedule.name). Known: {', '.join(SCHEDULES)}."
         )
     if not warmup:
         return main
@@ -144,7 +146,7 @@ def _base(
             )
         ]
     raise ValueError(
-        f"Unknown optimizer {oc.name!r} (config.optimizer.name). Known: sgd, adam, adamw."
+        f"Unknown optimizer {oc.name!r} (config.optimizer.name). Known: {', '.join(OPTIMIZERS)}."
     )
 
 

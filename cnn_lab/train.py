@@ -19,11 +19,20 @@ import ml_collections
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from cnn_lab import averaging, checkpoint, checkpoint_policy, evaluation, optim, steps, transfer
+from cnn_lab import (
+    averaging,
+    checkpoint,
+    checkpoint_policy,
+    evaluation,
+    optim,
+    steps,
+    transfer,
+    user_input,
+)
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.averaging import Averaging
 from cnn_lab.checkpoint_policy import Preempted
-from cnn_lab.data import augment, inputs, loading
+from cnn_lab.data import augment, inputs
 from cnn_lab.metric_writer import MetricWriter, TrainWindow
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import distributed, host, provenance, sharding
@@ -31,24 +40,6 @@ from cnn_lab.state import TrainState, init_state, record_validation, restart_opt
 
 # Exit code of a run stopped by SIGTERM after saving: "temporary failure, run me again".
 PREEMPTED_EXIT_CODE = 75
-
-
-def _check_config(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """Batch sizes that split over `mesh`, micro-batches that divide the batch."""
-    sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
-    sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
-    micro_batches = config.train.grad_accumulation_steps
-    if micro_batches < 1 or config.train.batch_size % micro_batches:
-        raise ValueError(
-            f"config.train.grad_accumulation_steps={micro_batches} must be at least 1 and "
-            f"divide config.train.batch_size={config.train.batch_size} (each micro-batch "
-            "holds batch_size / grad_accumulation_steps examples)."
-        )
-    sharding.check_batch_size(
-        config.train.batch_size // micro_batches,
-        mesh,
-        "config.train.batch_size / config.train.grad_accumulation_steps",
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,17 +67,17 @@ def setup(
     workdir: Path,
     allow_config_changes: tuple[str, ...] = (),
 ) -> Run:
-    """Check `config`, open its data and checkpoints, and restore (or create) the state."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Open `config`'s data and checkpoints, and restore (or create) the state.
+
+    `config` and `workdir` come checked (`user_input.validate`, `check_workdir`); what else a
+    user can get wrong (a changed config, the data set) is checked here before the workdir is
+    written to: a mistake leaves it as it was.
+    """
     is_lead = jax.process_index() == 0
     mesh = sharding.make_mesh()
-    _check_config(config, mesh)
     model = get_model(config.model)
-    augment.check_flip(config.augment, config.data)
-    latest = checkpoint.make_manager(workdir / checkpoint.LATEST_DIR, config.checkpoint.keep)
-    if latest.all_steps() and (workdir / workdir_lib.CONFIG_FILE).exists():
+    if _has_checkpoints(workdir) and (workdir / workdir_lib.CONFIG_FILE).exists():
         workdir_lib.check_resumable(workdir, config, allow_config_changes)
-    loading.check_classes(config.data, config.model.num_classes)
     data = inputs.make_inputs(
         config.data,
         config.train.batch_size,
@@ -113,46 +104,6 @@ def setup(
         mesh=mesh,
         averaging=averages,
     )
-    # A checkpoint at step s holds the optimizer state of the phase that trains step s + 1.
-    restored = checkpoint.restore_newest_valid(
-        latest, lambda s: fresh(optim.phase_at(phases, s).tx, abstract=True)
-    )
-    # Resuming without config.json is refused here, after the restore: a checkpoint of
-    # another model is then reported as such (check_resumable above needs the file).
-    if restored is not None:
-        workdir_lib.check_config_present(workdir, latest.all_steps())
-    state = restored if restored is not None else fresh(phases[0].tx)
-    if restored is None and config.init_from.workdir:
-        variables = transfer.initial_variables(config.init_from, state.variables)
-        state = jax.jit(
-            functools.partial(start_from, tx=phases[0].tx, averaging=averages),
-            out_shardings=replicated,
-        )(state, variables)
-    if restored is None:  # A fresh start: an earlier attempt's outputs must not mix in.
-        checkpoint_policy.move_previous_attempt(workdir, latest)
-    step = int(state.step)
-    policy = checkpoint_policy.CheckpointPolicy(latest, workdir, snapshot_steps)
-
-    writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
-    if is_lead:
-        implementation = conv_implementation(model)
-        workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
-        images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
-        print(model.tabulate(key, images, train=False, console_kwargs={"width": 120}))
-        n_params = sum(x.size for x in jax.tree.leaves(state.params))
-        print(
-            f"{config.model.name}: {n_params:,} parameters; "
-            + ", ".join(f"{data.num_examples(s)} {s}" for s in ("train", "val", "test"))
-            + f" examples ({data.mode} input); {mesh.size} device(s); "
-            + (
-                f"resuming at step {step}"
-                if restored is not None
-                else f"starting from {config.init_from.workdir}"
-                if config.init_from.workdir
-                else "from scratch"
-            )
-        )
-
     normalize = augment.normalizer(tuple(config.data.mean), tuple(config.data.std))
     train_steps = [
         steps.jit_train_step(
@@ -176,8 +127,56 @@ def setup(
         out_shardings=replicated,
         donate_argnums=0,
     )
-    if restored is not None:
-        policy.catch_up(state, step, best_step=int(state.best_val_epoch) * steps_per_epoch)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    latest = checkpoint.make_manager(workdir / checkpoint.LATEST_DIR, config.checkpoint.keep)
+    policy = None
+    try:
+        # A checkpoint at step s holds the optimizer state of the phase that trains step s + 1.
+        restored = checkpoint.restore_newest_valid(
+            latest, lambda s: fresh(optim.phase_at(phases, s).tx, abstract=True)
+        )
+        # Resuming without config.json is refused here, after the restore: a checkpoint of
+        # another model is then reported as such (check_resumable above needs the file).
+        if restored is not None:
+            workdir_lib.check_config_present(workdir, latest.all_steps())
+        state = restored if restored is not None else fresh(phases[0].tx)
+        if restored is None and config.init_from.workdir:
+            variables = transfer.initial_variables(config.init_from, state.variables)
+            state = jax.jit(
+                functools.partial(start_from, tx=phases[0].tx, averaging=averages),
+                out_shardings=replicated,
+            )(state, variables)
+        if restored is None:  # A fresh start: an earlier attempt's outputs must not mix in.
+            checkpoint_policy.move_previous_attempt(workdir, latest)
+        step = int(state.step)
+        policy = checkpoint_policy.CheckpointPolicy(latest, workdir, snapshot_steps)
+
+        writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
+        if is_lead:
+            implementation = conv_implementation(model)
+            workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
+            images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
+            print(model.tabulate(key, images, train=False, console_kwargs={"width": 120}))
+            n_params = sum(x.size for x in jax.tree.leaves(state.params))
+            print(
+                f"{config.model.name}: {n_params:,} parameters; "
+                + ", ".join(f"{data.num_examples(s)} {s}" for s in ("train", "val", "test"))
+                + f" examples ({data.mode} input); {mesh.size} device(s); "
+                + (
+                    f"resuming at step {step}"
+                    if restored is not None
+                    else f"starting from {config.init_from.workdir}"
+                    if config.init_from.workdir
+                    else "from scratch"
+                )
+            )
+        if restored is not None:
+            policy.catch_up(state, step, best_step=int(state.best_val_epoch) * steps_per_epoch)
+    except BaseException:
+        # Stop the managers' threads: a failed setup ends with its error, not their noise.
+        (latest if policy is None else policy).close()
+        raise
     return Run(
         config=config,
         is_lead=is_lead,
@@ -194,6 +193,12 @@ def setup(
         evaluate=evaluate,
         record_validation=record,
     )
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+    """Whether `workdir` holds a finished checkpoint step (read without opening a manager)."""
+    latest = workdir / checkpoint.LATEST_DIR
+    return latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
 
 
 def _enter_phase(run: Run, state: TrainState, phase: optim.Phase) -> TrainState:
@@ -329,13 +334,21 @@ def train_and_evaluate(
     Returns the final validation and test metrics. Raises Preempted after a SIGTERM save, and
     workdir.WorkdirBusy, before writing anything, while another run trains in `workdir`.
     """
+    workdir = Path(workdir)
+    # Before the lock creates the workdir: a mistake writes nothing.
+    user_input.check_workdir(workdir)
+    user_input.validate(config, sharding.make_mesh())
     # Process 0 holds the workdir's lock for the whole run; the OS frees it if the run dies.
     with workdir_lib.locked(workdir, enabled=jax.process_index() == 0):
-        return train_loop(setup(config, Path(workdir), allow_config_changes))
+        return train_loop(setup(config, workdir, allow_config_changes))
 
 
 def main() -> None:
-    """Command line: --config=<file>[:mode] with --config.<field>=<value> overrides, --workdir."""
+    """Command line: --config=<file>[:mode] with --config.<field>=<value> overrides, --workdir.
+
+    A mistake (a flag, a config value, the workdir) ends with one `error:` paragraph and exit
+    status 1; CNN_LAB_VERBOSE=1 shows its traceback instead.
+    """
     from absl import app, flags, logging
     from ml_collections import config_flags
 
@@ -361,8 +374,8 @@ def main() -> None:
         train_config = config.value.train
         micro_batch = train_config.batch_size // max(train_config.grad_accumulation_steps, 1)
         multi_process = (num_processes.value or 1) > 1 or distributed.detected_cluster() is not None
-        host.prepare(config.value, micro_batch, multi_process)
         try:
+            host.prepare(config.value, micro_batch, multi_process)
             distributed.initialize(coordinator.value, num_processes.value, process_id.value)
             train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))
         except Preempted as preempted:
@@ -370,13 +383,13 @@ def main() -> None:
             sys.exit(PREEMPTED_EXIT_CODE)
         except (
             ValueError,
-            FileNotFoundError,
+            OSError,  # FileNotFoundError and the workdir's disk (permissions, space).
             FloatingPointError,
             checkpoint.CheckpointError,
         ) as error:
-            sys.exit(f"error: {error}")  # The message says what to change; no traceback.
+            user_input.report(error)  # The message says what to change; no traceback.
 
-    app.run(run)
+    app.run(run, flags_parser=user_input.parse_flags)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import hashlib
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -13,7 +12,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnn_lab import checkpoint, saved_run, steps
+from cnn_lab import checkpoint, saved_run, steps, user_input
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, pipeline
 from cnn_lab.data.inputs import split_string
@@ -301,10 +300,10 @@ def main() -> None:
                 if jax.process_index() == 0:
                     path.write_text(json.dumps({"workdirs": runs, "rows": rows}, indent=2) + "\n")
         except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
-            sys.exit(f"error: {error}")  # The message says what to change; no traceback.
+            user_input.report(error)  # The message says what to change; no traceback.
         print(format_table(rows))
 
-    app.run(run)
+    app.run(run, flags_parser=user_input.parse_flags)
 
 
 if __name__ == "__main__":

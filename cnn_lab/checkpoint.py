@@ -64,6 +64,12 @@ def make_manager(
     )
 
 
+def has_steps(directory: Path) -> bool:
+    """Whether `directory` holds a finished step (read without opening a manager, which
+    would log warnings or create the directory)."""
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def save(manager: ocp.CheckpointManager, state, step: int) -> None:
     """Start saving `state` as `step`, with its digest; the host copy is taken before this
     returns (async write)."""

@@ -76,7 +76,10 @@ def setup(
     is_lead = jax.process_index() == 0
     mesh = sharding.make_mesh()
     model = get_model(config.model)
-    if _has_checkpoints(workdir) and (workdir / workdir_lib.CONFIG_FILE).exists():
+    if (
+        checkpoint.has_steps(workdir / checkpoint.LATEST_DIR)
+        and (workdir / workdir_lib.CONFIG_FILE).exists()
+    ):
         workdir_lib.check_resumable(workdir, config, allow_config_changes)
     data = inputs.make_inputs(
         config.data,
@@ -193,12 +196,6 @@ def setup(
         evaluate=evaluate,
         record_validation=record,
     )
-
-
-def _has_checkpoints(workdir: Path) -> bool:
-    """Whether `workdir` holds a finished checkpoint step (read without opening a manager)."""
-    latest = workdir / checkpoint.LATEST_DIR
-    return latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
 
 
 def _enter_phase(run: Run, state: TrainState, phase: optim.Phase) -> TrainState:

@@ -137,7 +137,18 @@ def final_metrics(workdir: str | Path) -> dict[str, float] | None:
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):  # Cut short by a kill mid-write: the run did not finish.
+                break
+            raise ValueError(
+                f"{path} is damaged: line {number} is not a metrics record. Repair or delete "
+                "that line, or rerun the point in a new workdir."
+            ) from None
     test = [r for r in records if r["split"] == "test"]
     if not test:
         return None

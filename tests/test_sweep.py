@@ -175,3 +175,18 @@ def test_a_label_names_the_point_and_is_not_a_config_field():
         "--config.phases=({'epochs': 3, 'freeze': ('Conv_.*',)},)",
         "--config.seed=1",
     ]
+
+
+def test_final_metrics_reads_a_torn_last_line_as_an_unfinished_run(tmp_path):
+    records = [
+        {"step": 9, "epoch": 1.0, "split": "val", "accuracy": 0.9},
+        {"step": 9, "epoch": 1.0, "split": "test", "accuracy": 0.8},
+    ]
+    lines = [json.dumps(r) for r in records]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert sweep.final_metrics(tmp_path)["test_accuracy"] == 0.8
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:20] + "\n")
+    assert sweep.final_metrics(tmp_path) is None  # A kill mid-write: the test record is lost.
+    (tmp_path / "metrics.jsonl").write_text(lines[0][:20] + "\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl is damaged: line 1"):
+        sweep.final_metrics(tmp_path)

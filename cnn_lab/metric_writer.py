@@ -4,7 +4,6 @@ train metrics of each logging window."""
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import jax
@@ -14,7 +13,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from cnn_lab.models import metric_warnings
-from cnn_lab.workdir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
+from cnn_lab.workdir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, read_metrics
 
 
 class MetricWriter:
@@ -59,44 +58,6 @@ class MetricWriter:
         if not self.enabled:
             return None
         return plot_curves(self.workdir)
-
-
-def _record(line: str) -> dict | None:
-    """The record on one line of metrics.jsonl; None if the line is not one."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and {"step", "split"} <= record.keys() else None
-
-
-def read_metrics(workdir: Path) -> list[dict]:
-    """Every record of the run's metrics.jsonl, in order.
-
-    A last line cut short (a write interrupted by a kill, a full disk or a network file
-    system) is dropped with a warning; a resumed run then rewrites the file without it. Any
-    other unreadable line raises ValueError naming the file and the line.
-    """
-    path = Path(workdir) / METRICS_FILE
-    if not path.exists():
-        return []
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    records = [_record(line) for _, line in lines]
-    if records and records[-1] is None:
-        warnings.warn(
-            f"The last line of {path} (line {lines[-1][0]}) is cut short: {lines[-1][1][:80]!r}. "
-            "Dropping it (a write was interrupted); a resumed run rewrites the file without it.",
-            stacklevel=2,
-        )
-        lines, records = lines[:-1], records[:-1]
-    unreadable = [n for (n, _), record in zip(lines, records, strict=True) if record is None]
-    if unreadable:
-        raise ValueError(
-            f"{path} is damaged: line {unreadable[0]} is not a metrics record "
-            f"({len(unreadable)} such line(s) before the last). Delete or repair those lines (the "
-            "metrics they held are then missing from the record), or use a new --workdir."
-        )
-    return records
 
 
 def plot_curves(workdir: Path) -> Path:

@@ -21,13 +21,14 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from cnn_lab.workdir import METRICS_FILE, read_metrics, tuples
+
 Overrides = dict[str, object]  # {"model.depth": 20, "seed": 0}: config field -> value.
 # A point may carry {"label": "finetune"}: not a config field, it names the point (its workdir
 # and its row in the report) in place of overrides too long to read (tuples, dicts).
 LABEL = "label"
 
 INDEX_FILE = "runs.csv"
-METRICS_FILE = "metrics.jsonl"  # Written by cnn_lab.metric_writer; its last test record ends a run.
 # Index columns before the final metrics; `status`: pending | queued | running | done |
 # preempted | failed | interrupted.
 INDEX_COLUMNS = ("workdir", "overrides", "status", "exit_code")
@@ -89,15 +90,6 @@ def parse_axis(spec: str) -> list[Overrides]:
     return axis(field.strip(), parsed)
 
 
-def tuples(value):
-    """`value` read back from JSON, with its lists as tuples (as config files write them)."""
-    if isinstance(value, dict):
-        return {k: tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(tuples(v) for v in value)
-    return value
-
-
 def named_fields(overrides: Overrides) -> list[str]:
     """The fields that name a point: all, or with a label, the label and the scalar ones."""
     if LABEL not in overrides:
@@ -134,21 +126,7 @@ def final_metrics(workdir: str | Path) -> dict[str, float] | None:
     A run is finished when its metrics.jsonl holds a test record: training writes it last,
     and drops it when a run resumes.
     """
-    path = Path(workdir) / METRICS_FILE
-    if not path.exists():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number == len(lines):  # Cut short by a kill mid-write: the run did not finish.
-                break
-            raise ValueError(
-                f"{path} is damaged: line {number} is not a metrics record. Repair or delete "
-                "that line, or rerun the point in a new workdir."
-            ) from None
+    records = read_metrics(workdir)
     test = [r for r in records if r["split"] == "test"]
     if not test:
         return None

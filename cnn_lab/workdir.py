@@ -1,5 +1,6 @@
 """A run's workdir: its lock (one run at a time), its config.json (the resolved config with
-provenance, and what may change on resume), and the names of what runs write there."""
+provenance, and what may change on resume), the names of what runs write there, and the
+reading of their metrics.jsonl."""
 
 import contextlib
 import errno
@@ -12,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
-
-from cnn_lab.sweep import tuples  # JSON lists back to tuples, as config files write them.
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -217,3 +216,50 @@ def check_config_present(workdir: Path, steps: list[int]) -> None:
             "config they were trained with. Restore config.json from a backup or copy of the run, "
             "or use a new --workdir for this config."
         )
+
+
+def tuples(value):
+    """`value` read back from JSON, with its lists as tuples (as config files write them)."""
+    if isinstance(value, dict):
+        return {k: tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(tuples(v) for v in value)
+    return value
+
+
+def _record(line: str) -> dict | None:
+    """The record on one line of metrics.jsonl; None if the line is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and {"step", "split"} <= record.keys() else None
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    """Every record of the run's metrics.jsonl, in order.
+
+    A last line cut short (a write interrupted by a kill, a full disk or a network file
+    system) is dropped with a warning; a resumed run then rewrites the file without it. Any
+    other unreadable line raises ValueError naming the file and the line.
+    """
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = [_record(line) for _, line in lines]
+    if records and records[-1] is None:
+        warnings.warn(
+            f"The last line of {path} (line {lines[-1][0]}) is cut short: {lines[-1][1][:80]!r}. "
+            "Dropping it (a write was interrupted); a resumed run rewrites the file without it.",
+            stacklevel=2,
+        )
+        lines, records = lines[:-1], records[:-1]
+    unreadable = [n for (n, _), record in zip(lines, records, strict=True) if record is None]
+    if unreadable:
+        raise ValueError(
+            f"{path} is damaged: line {unreadable[0]} is not a metrics record "
+            f"({len(unreadable)} such line(s) before the last). Delete or repair those lines (the "
+            "metrics they held are then missing from the record), or use a new --workdir."
+        )
+    return records

@@ -83,6 +83,29 @@ def _jit_train_step(config, model, tx, schedule, mesh, preprocess=None):
     )
 
 
+def _checkpoint_costs(state, windows: int) -> dict[str, float]:
+    """Median ms of saving `state` (until the call returns, and until written) and of
+    restoring it as a resume does (digests and finiteness checked)."""
+    with tempfile.TemporaryDirectory() as directory:
+        manager = checkpoint.make_manager(Path(directory), keep=2)
+        blocking, total, restore = [], [], []
+        for step in range(1, windows + 2):
+            start = time.perf_counter()
+            checkpoint.save(manager, state, step)
+            blocking.append(time.perf_counter() - start)
+            manager.wait_until_finished()
+            total.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            jax.block_until_ready(checkpoint.restore_newest_valid(manager, state))
+            restore.append(time.perf_counter() - start)
+        manager.close()
+    # The first save also creates directories and compiles; report the steady state.
+    return {
+        f"checkpoint_{name}_ms": 1000 * statistics.median(times[1:])
+        for name, times in (("blocking", blocking), ("total", total), ("restore", restore))
+    }
+
+
 def benchmark(
     config: ml_collections.ConfigDict,
     *,
@@ -143,20 +166,7 @@ def benchmark(
     eval_window()
     eval_times = _timed_windows(eval_window, windows)
 
-    with tempfile.TemporaryDirectory() as directory:
-        manager = checkpoint.make_manager(Path(directory), keep=2)
-        blocking, total, restore = [], [], []
-        target = holder["state"]  # Its shapes, dtypes and shardings.
-        for step in range(1, windows + 2):
-            start = time.perf_counter()
-            checkpoint.save(manager, holder["state"], step)
-            blocking.append(time.perf_counter() - start)
-            manager.wait_until_finished()
-            total.append(time.perf_counter() - start)
-            start = time.perf_counter()  # As a resume reads it: digests and finiteness checked.
-            jax.block_until_ready(checkpoint.restore_newest_valid(manager, target))
-            restore.append(time.perf_counter() - start)
-        manager.close()
+    checkpoint_ms = _checkpoint_costs(holder["state"], windows)
 
     train_rate = _rate(train_times, batch_size * steps_per_window)
     eval_rate = _rate(eval_times, eval_batch_size * steps_per_window)
@@ -191,10 +201,7 @@ def benchmark(
         "eval_flops_per_image": eval_flops / eval_batch_size,
         "eval": gflops(eval_flops / eval_batch_size, eval_rate),
         "peak_host_memory_mb": peak_host_memory_mb(),
-        # The first save also creates directories and compiles; report the steady state.
-        "checkpoint_blocking_ms": 1000 * statistics.median(blocking[1:]),
-        "checkpoint_total_ms": 1000 * statistics.median(total[1:]),
-        "checkpoint_restore_ms": 1000 * statistics.median(restore[1:]),
+        **checkpoint_ms,
     }
 
 

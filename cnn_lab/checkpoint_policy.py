@@ -43,10 +43,23 @@ RUN_OUTPUTS = (
 
 
 class Preempted(Exception):
-    """SIGTERM (or a multi-host preemption notice) arrived; the state was saved at `step`."""
+    """SIGTERM (or a multi-host preemption notice) arrived; the run stopped with `step` saved.
 
-    def __init__(self, step: int):
-        super().__init__(f"Preempted: saved a checkpoint at step {step}; rerun to resume.")
+    `moment` names what the signal interrupted when the run stopped without a save of its own
+    (set-up, the final test evaluation); empty when it saved `step` on the way out.
+    """
+
+    def __init__(self, step: int, moment: str = ""):
+        if not moment:
+            message = f"Preempted: saved a checkpoint at step {step}; rerun to resume."
+        elif step == 0:
+            message = f"Preempted during {moment}, before any training step; rerun to start."
+        else:
+            message = (
+                f"Preempted during {moment}; the checkpoint of step {step} holds the run, "
+                "rerun to continue from it."
+            )
+        super().__init__(message)
         self.step = step
 
 

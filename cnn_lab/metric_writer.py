@@ -12,6 +12,7 @@ import numpy as np
 # tensorboardX writes TensorBoard's event format without needing TensorBoard installed.
 from tensorboardX import SummaryWriter
 
+from cnn_lab.checkpoint import BROKEN_DIR, LATEST_DIR
 from cnn_lab.models import metric_warnings
 from cnn_lab.workdir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, read_metrics
 
@@ -85,16 +86,27 @@ def plot_curves(workdir: Path) -> Path:
     return path
 
 
-def _mean_metrics(pending: list[dict], first_step: int) -> dict[str, float]:
-    """Average a window of step metrics; halt on the first non-finite loss or gradient."""
+def _mean_metrics(pending: list[dict], first_step: int, resumed_at: int) -> dict[str, float]:
+    """Average a window of step metrics; halt on the first non-finite loss or gradient.
+
+    `resumed_at`: the step this process resumed from (0: it started afresh).
+    """
     stacked = jax.device_get(pending)
     for offset, metrics in enumerate(stacked):
         if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+            step = first_step + offset + 1
+            # The first step after a resume computes on the checkpoint alone: blame it first.
+            fix = (
+                f"This is the first step after resuming from step {resumed_at}: its checkpoint "
+                f"is suspect. Move {LATEST_DIR}/{resumed_at} into the workdir's "
+                f"{BROKEN_DIR}/ and rerun to resume from the step before."
+                if resumed_at and step == resumed_at + 1
+                else "Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+            )
             raise FloatingPointError(
-                f"Non-finite loss or gradient at step {first_step + offset + 1} "
-                f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}). Training stopped; "
-                "checkpoints saved before this step are kept. Lower "
-                "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+                f"Non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
+                f"grad_norm={metrics['grad_norm']}). Training stopped; checkpoints saved before "
+                f"this step are kept. {fix}"
             )
     return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
@@ -111,6 +123,7 @@ class TrainWindow:
         self.steps_per_epoch = steps_per_epoch
         self.pending: list[dict] = []  # pending[i]: the metrics of step first_step + i + 1.
         self.first_step, self.start = step, time.perf_counter()
+        self.resumed_at = step
         self.last: dict[str, float] = {}  # The means of the last window written.
 
     def add(self, metrics: dict) -> None:
@@ -126,7 +139,7 @@ class TrainWindow:
         """Write the window's means at `step` (halting on non-finite ones); the last ones written."""
         if not self.pending:
             return self.last
-        metrics = _mean_metrics(self.pending, self.first_step)
+        metrics = _mean_metrics(self.pending, self.first_step, self.resumed_at)
         elapsed = time.perf_counter() - self.start
         metrics["images_per_second"] = len(self.pending) * self.batch_size / elapsed
         self.writer.write(

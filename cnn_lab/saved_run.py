@@ -115,8 +115,9 @@ class SavedRun:
             )
         if restored is None:
             raise CheckpointError(
-                f"{directory} holds no valid checkpoint (steps found: {available}). The run has "
-                "not saved one yet, or they are damaged."
+                f"{directory} holds no valid checkpoint (steps found: {available}): the run has "
+                "not saved one yet, or they are damaged (see the warnings). Another of its "
+                "checkpoints may serve: --checkpoint=latest, or a step number."
             )
         step = int(restored.pop("step"))
         if average != "raw":

@@ -101,6 +101,11 @@ def record_validation(
     )
 
 
+def out_of_patience(state: TrainState, epoch: int, patience: int | None) -> bool:
+    """Whether `epoch` epochs in, validation has not improved for `patience` epochs."""
+    return patience is not None and epoch - int(state.best_val_epoch) >= patience
+
+
 def init_state(
     model: nn.Module,
     tx: optax.GradientTransformation,

@@ -5,9 +5,19 @@ and validates (damaged ones are moved aside); with none, training starts from th
 of config.init_from (transfer learning), or else from scratch.
 """
 
+# ruff: noqa: E402 (the SIGTERM handler below comes before the imports it covers)
+import os
+import signal
+import sys
+
+PREEMPTED_EXIT_CODE = 75  # Of a run stopped by SIGTERM: "temporary failure, run me again".
+if __name__ == "__main__":  # A SIGTERM during the imports (seconds) stops a run not yet begun.
+    # os._exit, as an exception raised here can land in a callback that swallows it.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(PREEMPTED_EXIT_CODE))
+
 import dataclasses
 import functools
-import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +39,7 @@ from cnn_lab import (
     transfer,
     user_input,
 )
+from cnn_lab import state as train_state
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.averaging import Averaging
 from cnn_lab.checkpoint_policy import Preempted
@@ -37,9 +48,6 @@ from cnn_lab.metric_writer import MetricWriter, TrainWindow
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import distributed, host, provenance, sharding
 from cnn_lab.state import TrainState, init_state, record_validation, restart_optimizer, start_from
-
-# Exit code of a run stopped by SIGTERM after saving: "temporary failure, run me again".
-PREEMPTED_EXIT_CODE = 75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,17 +170,12 @@ def setup(
             images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
             print(model.tabulate(key, images, train=False, console_kwargs={"width": 120}))
             n_params = sum(x.size for x in jax.tree.leaves(state.params))
+            start = f"starting from {config.init_from.workdir or 'scratch'}"
+            start = start if restored is None else f"resuming at step {step}"
             print(
                 f"{config.model.name}: {n_params:,} parameters; "
                 + ", ".join(f"{data.num_examples(s)} {s}" for s in ("train", "val", "test"))
-                + f" examples ({data.mode} input); {mesh.size} device(s); "
-                + (
-                    f"resuming at step {step}"
-                    if restored is not None
-                    else f"starting from {config.init_from.workdir}"
-                    if config.init_from.workdir
-                    else "from scratch"
-                )
+                + f" examples ({data.mode} input); {mesh.size} device(s); {start}"
             )
         if restored is not None:
             policy.catch_up(state, step, best_step=int(state.best_val_epoch) * steps_per_epoch)
@@ -211,16 +214,12 @@ def _enter_phase(run: Run, state: TrainState, phase: optim.Phase) -> TrainState:
     return restart(state)
 
 
-def _out_of_patience(state: TrainState, epoch: int, patience: int | None) -> bool:
-    """Whether `epoch` epochs in, validation has not improved for `patience` epochs."""
-    return patience is not None and epoch - int(state.best_val_epoch) >= patience
-
-
-def train_loop(run: Run) -> dict:
+def train_loop(run: Run, sigterm: threading.Event) -> dict:
     """Train `run.state` through the remaining epochs, then evaluate it on test.
 
     Returns {"val": the last validation metrics (if an epoch ran), "test": the test metrics}.
-    Raises Preempted after a SIGTERM (or multi-host preemption) save.
+    Raises Preempted once `sigterm` is set (or a multi-host preemption is agreed): at the next
+    step, after saving it; at once if set during set-up; after the test evaluation, unwritten.
     """
     config, spe, policy = run.config, run.steps_per_epoch, run.checkpoints
     state, step = run.state, int(run.state.step)
@@ -229,85 +228,90 @@ def train_loop(run: Run) -> dict:
     window = TrainWindow(run.writer, config.train.batch_size, spe, step, run.is_lead)
     results = {}
     patience = config.train.early_stopping_patience
-    stopped_early = _out_of_patience(state, step // spe, patience)  # Rerun: straight to test.
+    stopped_early = train_state.out_of_patience(
+        state, step // spe, patience
+    )  # Rerun: straight to test.
     last_epoch = step // spe if stopped_early else config.train.num_epochs
     try:
-        with checkpoint_policy.sigterm_flag() as sigterm:
-            for epoch in range(step // spe, last_epoch):
-                epoch_start = time.perf_counter()
-                batches = run.data.train_batches(epoch, first_step=step % spe)
-                bar = tqdm(
-                    total=spe,
-                    initial=step % spe,
-                    leave=False,
-                    desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
-                    disable=not (config.train.progress_bar and run.is_lead),
-                )
-                for batch in batches:
-                    state, metrics = train_step(state, batch)
-                    window.add(metrics)  # Waits for the step before: at most two in flight.
-                    step += 1
-                    bar.update()
-                    if optim.phase_at(run.phases, step) is not phase:  # Before anything is saved.
-                        phase = optim.phase_at(run.phases, step)
-                        state = _enter_phase(run, state, phase)
-                        train_step = run.train_steps[phase.index]
-                    # Every save follows a window write: its non-finite check comes first.
-                    if step in policy.snapshot_steps:
-                        window.write(step)
-                        policy.save_snapshot(state, step)
-                    if step % config.train.log_every_steps == 0:
-                        bar.set_postfix(loss=f"{window.write(step)['loss']:.4f}")
-                    if step % spe == 0:
-                        break  # The epoch's end: validation, then its save (and preemption).
-                    if policy.preempted(step, sigterm):
-                        window.write(step)
-                        policy.save_latest(state, step)
-                        raise Preempted(step)
-                    every = config.checkpoint.every_steps
-                    if every and step % every == 0:
-                        window.write(step)
-                        policy.save_latest(state, step)
-                bar.close()
-                train = window.write(step)
+        if policy.preempted(step, sigterm):
+            raise Preempted(step, moment="set-up")
+        for epoch in range(step // spe, last_epoch):
+            epoch_start = time.perf_counter()
+            batches = run.data.train_batches(epoch, first_step=step % spe)
+            bar = tqdm(
+                total=spe,
+                initial=step % spe,
+                leave=False,
+                desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
+                disable=not (config.train.progress_bar and run.is_lead),
+            )
+            for batch in batches:
+                state, metrics = train_step(state, batch)
+                window.add(metrics)  # Waits for the step before: at most two in flight.
+                step += 1
+                bar.update()
+                if optim.phase_at(run.phases, step) is not phase:  # Before anything is saved.
+                    phase = optim.phase_at(run.phases, step)
+                    state = _enter_phase(run, state, phase)
+                    train_step = run.train_steps[phase.index]
+                # Every save follows a window write: its non-finite check comes first.
+                if step in policy.snapshot_steps:
+                    window.write(step)
+                    policy.save_snapshot(state, step)
+                if step % config.train.log_every_steps == 0:
+                    bar.set_postfix(loss=f"{window.write(step)['loss']:.4f}")
+                if step % spe == 0:
+                    break  # The epoch's end: validation, then its save (and preemption).
+                if policy.preempted(step, sigterm):
+                    window.write(step)
+                    policy.save_latest(state, step)
+                    raise Preempted(step)
+                every = config.checkpoint.every_steps
+                if every and step % every == 0:
+                    window.write(step)
+                    policy.save_latest(state, step)
+            bar.close()
+            train = window.write(step)
 
-                val = run.evaluate(state, step, "val")
-                val.pop("per_class_accuracy")
-                run.writer.write(step=step, epoch=step / spe, split="val", metrics=val)
-                selected = config.averaging.select
-                state = run.record_validation(
-                    state,
-                    jnp.float32(val["accuracy"]),
-                    jnp.float32(val["accuracy" if selected == "raw" else f"{selected}_accuracy"]),
-                    jnp.int32(epoch + 1),
+            val = run.evaluate(state, step, "val")
+            val.pop("per_class_accuracy")
+            run.writer.write(step=step, epoch=step / spe, split="val", metrics=val)
+            selected = config.averaging.select
+            state = run.record_validation(
+                state,
+                jnp.float32(val["accuracy"]),
+                jnp.float32(val["accuracy" if selected == "raw" else f"{selected}_accuracy"]),
+                jnp.int32(epoch + 1),
+            )
+            policy.save_epoch(state, step, best=int(state.best_val_epoch) == epoch + 1)
+            if run.is_lead:
+                print(
+                    f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
+                    f"{train['loss']:.4f} acc {train['accuracy']:.4f} | "
+                    f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
+                    f"{run.evaluate.accuracies(val)}| lr "
+                    f"{train['learning_rate']:.3g} | "
+                    f"{train['images_per_second']:.0f} img/s | "
+                    f"{time.perf_counter() - epoch_start:.1f}s"
                 )
-                policy.save_epoch(state, step, best=int(state.best_val_epoch) == epoch + 1)
+                run.writer.plot()
+            results["val"] = val
+            if train_state.out_of_patience(state, epoch + 1, patience):
                 if run.is_lead:
                     print(
-                        f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
-                        f"{train['loss']:.4f} acc {train['accuracy']:.4f} | "
-                        f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
-                        f"{run.evaluate.accuracies(val)}| lr "
-                        f"{train['learning_rate']:.3g} | "
-                        f"{train['images_per_second']:.0f} img/s | "
-                        f"{time.perf_counter() - epoch_start:.1f}s"
+                        f"Early stopping: no validation gain for {patience} epochs (best "
+                        f"{float(state.best_val_accuracy):.4f} at epoch "
+                        f"{int(state.best_val_epoch)})."
                     )
-                    run.writer.plot()
-                results["val"] = val
-                if _out_of_patience(state, epoch + 1, patience):
-                    if run.is_lead:
-                        print(
-                            f"Early stopping: no validation gain for {patience} epochs (best "
-                            f"{float(state.best_val_accuracy):.4f} at epoch "
-                            f"{int(state.best_val_epoch)})."
-                        )
-                    break
-                if policy.preempted(step, sigterm):
-                    raise Preempted(step)
+                break
+            if policy.preempted(step, sigterm):
+                raise Preempted(step)
     finally:
         policy.close()  # Whatever stopped the loop, saves already started complete.
 
     results["test"] = run.evaluate(state, step, "test")
+    if sigterm.is_set():  # The rerun evaluates again: no test record twice.
+        raise Preempted(step, moment="the test evaluation")
     run.writer.write(step=step, epoch=step / spe, split="test", metrics=results["test"])
     if run.is_lead:
         run.writer.plot()
@@ -332,12 +336,14 @@ def train_and_evaluate(
     workdir.WorkdirBusy, before writing anything, while another run trains in `workdir`.
     """
     workdir = Path(workdir)
-    # Before the lock creates the workdir: a mistake writes nothing.
-    user_input.check_workdir(workdir)
-    user_input.validate(config, sharding.make_mesh())
-    # Process 0 holds the workdir's lock for the whole run; the OS frees it if the run dies.
-    with workdir_lib.locked(workdir, enabled=jax.process_index() == 0):
-        return train_loop(setup(config, workdir, allow_config_changes))
+    with checkpoint_policy.sigterm_flag() as sigterm:
+        # Before the lock creates the workdir: a mistake writes nothing.
+        user_input.check_workdir(workdir)
+        user_input.validate(config, sharding.make_mesh())
+        # Process 0 holds the workdir's lock for the whole run; the OS frees it if it dies.
+        lock = workdir_lib.locked(workdir, enabled=jax.process_index() == 0)
+        with distributed.entered_everywhere(lock):
+            return train_loop(setup(config, workdir, allow_config_changes), sigterm)
 
 
 def main() -> None:
@@ -367,7 +373,8 @@ def main() -> None:
 
     def run(argv: list[str]) -> None:
         del argv
-        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file they touch.
+        if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every file they touch.
+            logging.set_verbosity(logging.ERROR)
         train_config = config.value.train
         micro_batch = train_config.batch_size // max(train_config.grad_accumulation_steps, 1)
         multi_process = (num_processes.value or 1) > 1 or distributed.detected_cluster() is not None

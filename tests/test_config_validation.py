@@ -149,6 +149,7 @@ def test_unprepared_data_set_leaves_no_thread_noise(launch, tmp_path):
         f"--workdir={workdir}",
     )
     _assert_clean_error(result, "'cifar10' is not prepared")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # No TFDS log lines.
     assert not workdir.exists()
 
 

@@ -13,6 +13,7 @@ import chex
 import pytest
 
 from cnn_lab import load_run
+from cnn_lab import workdir as workdir_lib
 from cnn_lab.metric_writer import read_metrics
 from cnn_lab.runtime import distributed
 from cnn_lab.train import train_and_evaluate
@@ -115,6 +116,29 @@ def test_launcher_stops_every_process_when_one_fails():
     start = time.monotonic()
     assert local.run([sleeper, failing], dict(os.environ)) == 3
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_a_locked_workdir_stops_every_process_at_once(tmp_path):
+    """Process 0 is refused the lock: process 1 stops too, quoting it, rather than waiting for
+    process 0 at its first collective (started without the launcher, which would kill it)."""
+    commands = local.commands(
+        2,
+        local.free_port(),
+        ["--config=configs/mlp_digits.py:smoke", f"--workdir={tmp_path / 'run'}"],
+    )
+    env = local.process_env(dict(os.environ), cpu_devices=4)
+    with workdir_lib.locked(tmp_path / "run"):
+        processes = [
+            subprocess.Popen(c, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+            for c in commands
+        ]
+        errors = [p.communicate(timeout=TIMEOUT_SECONDS)[1] for p in processes]
+    for process, stderr in zip(processes, errors, strict=True):
+        assert process.returncode == 1, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        assert "is in use by another training run" in stderr, stderr[-3000:]
+    assert "Process 0 of this run could not start" in errors[1]
 
 
 def test_launcher_dry_run_prints_one_command_per_process(capsys):

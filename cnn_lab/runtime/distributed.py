@@ -6,11 +6,18 @@ hand-started hosts). Without them, JAX reads them from the environment of a mult
 SLURM step (`srun`) or a Cloud TPU VM; anywhere else the run stays single-process.
 """
 
+import contextlib
 import glob
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+# Bytes of an error message that processes exchange when one of them cannot start.
+_MESSAGE_BYTES = 2048
 
 
 def detected_cluster() -> str | None:
@@ -64,3 +71,31 @@ def _use_cpu_collectives() -> None:
     # CPU devices of different processes talk through gloo (XLA's CPU client has no other
     # cross-process collectives); GPU and TPU clients ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+@contextlib.contextmanager
+def entered_everywhere(context: contextlib.AbstractContextManager) -> Iterator:
+    """Enter `context` on every process of the run, or on none.
+
+    A process whose entry raises re-raises its error; the others raise ValueError quoting it,
+    at once, instead of waiting for it at their next collective until the timeout.
+    """
+    if jax.process_count() == 1:
+        with context as value:
+            yield value
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            value, error, message = stack.enter_context(context), None, b""
+        except Exception as caught:  # Shared with the others, then raised here.
+            value, error, message = None, caught, str(caught).encode()[:_MESSAGE_BYTES]
+        mine = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
+        mine[0], mine[1 : len(message) + 1] = error is not None, np.frombuffer(message, np.uint8)
+        everyone = multihost_utils.process_allgather(mine)
+        if error is not None:
+            raise error
+        for process, row in enumerate(everyone):
+            if row[0]:
+                text = row[1:].tobytes().rstrip(b"\0").decode(errors="replace")
+                raise ValueError(f"Process {process} of this run could not start: {text}")
+        yield value

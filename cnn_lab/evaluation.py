@@ -38,7 +38,8 @@ def evaluate(
     `batches` (this process's rows; `total` batches, for the progress bar)."""
     totals = None
     show = progress and jax.process_index() == 0
-    for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=not show):
+    # disable=None (here and in training): a bar on a terminal only, none in redirected logs.
+    for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=None if show else True):
         if totals is not None:
             # At most two batches in flight, as in training: a long queue of steps with
             # cross-device collectives was seen to deadlock 8 CPU devices on 2 cores.

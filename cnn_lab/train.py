@@ -1,8 +1,10 @@
-"""Train and evaluate a config: `python -m cnn_lab.train --config=configs/<name>.py --workdir=<dir>`.
+"""Train and evaluate a config; rerunning on a workdir resumes it.
 
-Resume order: re-running on a workdir continues from its newest checkpoint that restores
-and validates (damaged ones are moved aside); with none, training starts from the weights
-of config.init_from (transfer learning), or else from scratch.
+usage: python -m cnn_lab.train --config=configs/<name>.py[:smoke] --workdir=<dir> [--config.<field>=<value> ...]
+example: python -m cnn_lab.train --config=configs/lenet_digits.py --workdir=runs/lenet --config.train.num_epochs=5
+
+Resume order: the newest checkpoint that restores and validates (damaged ones are moved aside);
+with none, the weights of config.init_from (transfer learning), or else from scratch.
 """
 
 # ruff: noqa: E402 (the SIGTERM handler below comes before the imports it covers)
@@ -168,7 +170,8 @@ def setup(
             implementation = conv_implementation(model)
             workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
             images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
-            print(model.tabulate(key, images, train=False, console_kwargs={"width": 120}))
+            console = {"width": 120, "force_terminal": sys.stdout.isatty()}  # No ANSI in files.
+            print(model.tabulate(key, images, train=False, console_kwargs=console))
             n_params = sum(x.size for x in jax.tree.leaves(state.params))
             start = f"starting from {config.init_from.workdir or 'scratch'}"
             start = start if restored is None else f"resuming at step {step}"
@@ -226,8 +229,7 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
     phase = optim.phase_at(run.phases, step)
     train_step = run.train_steps[phase.index]
     window = TrainWindow(run.writer, config.train.batch_size, spe, step, run.is_lead)
-    results = {}
-    patience = config.train.early_stopping_patience
+    results, patience = {}, config.train.early_stopping_patience
     stopped_early = train_state.out_of_patience(
         state, step // spe, patience
     )  # Rerun: straight to test.
@@ -243,7 +245,7 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
                 initial=step % spe,
                 leave=False,
                 desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
-                disable=not (config.train.progress_bar and run.is_lead),
+                disable=None if config.train.progress_bar and run.is_lead else True,
             )
             for batch in batches:
                 state, metrics = train_step(state, batch)
@@ -352,7 +354,7 @@ def main() -> None:
     A mistake (a flag, a config value, the workdir) ends with one `error:` paragraph and exit
     status 1; CNN_LAB_VERBOSE=1 shows its traceback instead.
     """
-    from absl import app, flags, logging
+    from absl import app, flags
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file(
@@ -373,8 +375,6 @@ def main() -> None:
 
     def run(argv: list[str]) -> None:
         del argv
-        if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every file they touch.
-            logging.set_verbosity(logging.ERROR)
         train_config = config.value.train
         micro_batch = train_config.batch_size // max(train_config.grad_accumulation_steps, 1)
         multi_process = (num_processes.value or 1) > 1 or distributed.detected_cluster() is not None

@@ -16,9 +16,11 @@ from jax.sharding import Mesh
 from cnn_lab import averaging, optim
 from cnn_lab.data import augment, loading
 from cnn_lab.models import get_model
-from cnn_lab.runtime import sharding
+from cnn_lab.runtime import host, sharding
 
 VERBOSE_ENV = "CNN_LAB_VERBOSE"  # Set (to anything but "" or "0"): tracebacks, not error lines.
+# Flags that print a command's help and exit 0 (absl's own exit 1 and list no configs).
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 # (field, smallest valid value, a valid example, what it is): the integer fields.
 _MINIMUMS = (
@@ -38,7 +40,7 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Raise ValueError naming the first config value a run on `mesh` cannot use, and a valid one.
 
     Reads nothing but the data set's description (its classes): run it before the workdir
-    is touched.
+    is touched. Prints a `warning:` line for each accelerator this run leaves idle.
     """
     for field, minimum, example, meaning in _MINIMUMS:
         section, name = field.split(".")
@@ -55,6 +57,8 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     augment.check_flip(config.augment, config.data)
     _check_channels(config.data)
     loading.check_classes(config.data, config.model.num_classes)
+    for warning in host.accelerator_warnings(config.model.compute_dtype):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _check_names(config: ml_collections.ConfigDict) -> None:
@@ -127,11 +131,15 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), mistakes as `report`s.
 
     A misspelled `--config.<field>` override, an unknown flag, a bad value or a config file
-    that does not load each become one `error:` paragraph naming the flag and the fix.
+    that does not load each become one `error:` paragraph naming the flag and the fix. The
+    libraries' absl log lines are hidden unless --verbosity is given (e.g. --verbosity=0).
     """
-    from absl import flags
+    from absl import flags, logging
     from ml_collections import config_flags
 
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(_help(argv))
+        sys.exit(0)
     try:
         rest = flags.FLAGS(list(argv))
     except KeyError as error:  # ml_collections: an override of a field the config lacks.
@@ -152,7 +160,45 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
                         f"({reason}). Pass a config file, e.g. --{name}=configs/lenet_digits.py."
                     )
                 )
+    if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every file they touch.
+        logging.set_verbosity(logging.FATAL)
     return rest
+
+
+def _help(argv: Sequence[str]) -> str:
+    """The main module's docstring and flags; for a command taking --config, the shipped
+    configs, or the fields of the config that --config names (with its overrides)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from cnn_lab import config_help
+
+    # The command's own flags (entry points such as cnn_lab/evaluate.py define them elsewhere).
+    own = [
+        m
+        for m in flags.FLAGS.flags_by_module_dict()
+        if m in (argv[0], "__main__") or m.startswith("cnn_lab.")
+    ]
+    flags_help = (
+        flags.FLAGS.get_help()
+        if "--helpfull" in argv
+        else "\n".join(flags.FLAGS.module_help(m) for m in own)
+    )
+    doc = (sys.modules.get(own[0] if own else "") or sys.modules["__main__"]).__doc__ or ""
+    if "config" not in flags.FLAGS:
+        return f"{doc.strip()}\n\nflags:\n{flags_help}"
+    config_args = [a for a in argv[1:] if a.startswith("--config=") or a.startswith("--config.")]
+    if not any(a.startswith("--config=") for a in config_args):
+        return config_help.usage(doc, flags_help, None)
+    only_config = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=only_config)
+    try:
+        only_config([argv[0], *config_args])
+        config = only_config.config
+    except (KeyError, flags.Error, OSError, ValueError) as error:
+        report(ValueError(f"{_without_traceback(str(error))} (while showing --help)"))
+    path = config_flags.get_config_filename(only_config["config"]).partition(":")[0]
+    return config_help.usage(doc, flags_help, config, path)
 
 
 def _unknown_field_message(error: KeyError, argv: Sequence[str]) -> str:

@@ -141,7 +141,7 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.train.early_stopping_patience = config_dict.placeholder(
         int
     )  # Stop after this many epochs without validation gain; None: off.
-    config.train.progress_bar = True  # tqdm bars for training and evaluation.
+    config.train.progress_bar = True  # tqdm bars for training and evaluation, on a terminal only.
     config.train.cpu_devices = 0  # CPU devices to split into; 0: 1 for oneDNN, else 1 per core.
     config.train.keep_freed_memory = True  # Host malloc keeps freed pages: no faults each step.
     config.train.frozen_bn_inference = True  # Frozen BatchNorm layers use their statistics.

@@ -53,3 +53,21 @@ def test_cpu_devices_give_oneDNN_one_device_unless_asked_otherwise():
     assert host.cpu_devices(3, model(conv_implementation="onednn")) == 3
     assert host.cpu_devices(0, model("mlp")) == 0  # No convolutions: one device per core.
     assert host.cpu_devices(0, model(), multi_process=True) == 0
+
+
+@pytest.mark.parametrize(
+    ("devices", "extra"), [("/dev/nvidia0", "'.[cuda12]'"), ("/dev/accel0", "'.[tpu]'")]
+)
+def test_an_accelerator_left_idle_is_one_warning_naming_the_extra(monkeypatch, devices, extra):
+    monkeypatch.setattr(
+        host.glob, "glob", lambda pattern: [devices] if pattern[:8] == devices[:8] else []
+    )
+    (warning,) = host.accelerator_warnings("float32")
+    assert devices in warning and extra in warning and "CPU build" in warning
+
+
+def test_accelerator_precision_on_the_cpu_is_a_warning(monkeypatch):
+    monkeypatch.setattr(host.glob, "glob", lambda pattern: [])
+    assert host.accelerator_warnings("float32") == []
+    (warning,) = host.accelerator_warnings("bfloat16")
+    assert "compute_dtype='bfloat16'" in warning and "slower than float32" in warning

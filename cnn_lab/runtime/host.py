@@ -12,6 +12,7 @@ the system until it exits (its peak stays resident).
 """
 
 import ctypes
+import glob
 
 import jax
 import ml_collections
@@ -79,3 +80,26 @@ def prepare(
     sharding.use_cpu_devices(devices, batch_size)
     if config.train.keep_freed_memory:
         keep_freed_memory()
+
+
+def accelerator_warnings(compute_dtype: str) -> list[str]:
+    """One line for each way a run on this machine would leave an accelerator idle, or ask the
+    CPU for an accelerator's feature (`compute_dtype`: config.model.compute_dtype)."""
+    if jax.default_backend() != "cpu":
+        return []
+    found = []
+    for devices, extra, kind in (
+        ("/dev/nvidia[0-9]*", "cuda12", "GPU"),
+        ("/dev/accel*", "tpu", "TPU"),
+    ):
+        if visible := sorted(glob.glob(devices)):
+            found.append(
+                f"A {kind} is visible ({visible[0]}) but JAX runs on the CPU: this is JAX's CPU "
+                f"build. Install the {kind} build with `pip install -e '.[{extra}]'`."
+            )
+    if compute_dtype != "float32":
+        found.append(
+            f"config.model.compute_dtype={compute_dtype!r} saves memory on GPUs and TPUs; on the "
+            "CPU it runs slower than float32 (and without cnn_lab's CPU convolutions)."
+        )
+    return found

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from cnn_lab import checkpoint, optim, steps
+from cnn_lab import checkpoint, optim, steps, user_input
 from cnn_lab.data import augment, inputs
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import host, sharding
@@ -340,7 +340,7 @@ def format_result(r: dict, baseline: dict | None = None) -> str:
 
 def main() -> None:
     """Command line: --config, --batch_size, --eval_batch_size, --json, --compare, --pipeline."""
-    from absl import app, flags, logging
+    from absl import app, flags
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -358,7 +358,6 @@ def main() -> None:
 
     def run(argv: list[str]) -> None:
         del argv
-        logging.set_verbosity(logging.WARNING)
         host.prepare(config.value, batch_size.value)
         if input_pipeline.value:
             result = pipeline_benchmark(
@@ -374,7 +373,7 @@ def main() -> None:
         if output.value:
             Path(output.value).write_text(json.dumps(result, indent=2) + "\n")
 
-    app.run(run)
+    app.run(run, flags_parser=user_input.parse_flags)
 
 
 if __name__ == "__main__":

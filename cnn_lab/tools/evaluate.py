@@ -247,7 +247,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main() -> None:
     """Command line: workdirs (--workdir, repeatable, or positional), --checkpoint, --split."""
-    from absl import app, flags, logging
+    from absl import app, flags
 
     workdirs = flags.DEFINE_multi_string("workdir", [], "Run directory; repeat for several.")
     which = flags.DEFINE_string(
@@ -270,7 +270,6 @@ def main() -> None:
     )
 
     def run(argv: list[str]) -> None:
-        logging.set_verbosity(logging.ERROR)  # Orbax warns about every read-only directory.
         runs = [*workdirs.value, *argv[1:]]
         try:
             if not runs:

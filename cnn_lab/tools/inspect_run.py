@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cnn_lab import checkpoint, metric_writer, saved_run
+from cnn_lab import checkpoint, metric_writer, saved_run, user_input
 from cnn_lab.data import augment, inputs
 from cnn_lab.data.inputs import split_string
 from cnn_lab.models import layers
@@ -338,7 +338,7 @@ def inspect_run(
 
 def main() -> None:
     """Command line: --workdir, --checkpoint, --split, --layers, --maps, --max_examples."""
-    from absl import app, flags, logging
+    from absl import app, flags
 
     workdir = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
     which = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number.")
@@ -349,7 +349,6 @@ def main() -> None:
 
     def run(argv: list[str]) -> None:
         del argv
-        logging.set_verbosity(logging.ERROR)  # Orbax warns about every read-only directory.
         try:
             written = inspect_run(
                 workdir.value,
@@ -364,7 +363,7 @@ def main() -> None:
         for path in written.values():
             print(path)
 
-    app.run(run)
+    app.run(run, flags_parser=user_input.parse_flags)
 
 
 if __name__ == "__main__":

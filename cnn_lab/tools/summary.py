@@ -11,6 +11,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from cnn_lab import user_input
 from cnn_lab.models import RNG_STREAMS, get_model
 from cnn_lab.models.layers import METRICS
 
@@ -63,7 +64,7 @@ def main() -> None:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         print(summarize(config.value, depth.value))
 
-    app.run(run)
+    app.run(run, flags_parser=user_input.parse_flags)
 
 
 if __name__ == "__main__":

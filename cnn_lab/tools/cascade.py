@@ -287,7 +287,13 @@ def plot(result: dict, path: Path) -> None:
         ax.annotate("ensemble", (m["flops"], m["accuracy"][split]), fontsize=7)
     chosen = result["results"][split]
     ax.plot(chosen["flops"], chosen["accuracy"], "*", markersize=14, color="tab:red")
-    ax.annotate(f"selected on {result['select_on']}", (chosen["flops"], chosen["accuracy"]))
+    ax.annotate(
+        f"selected on {result['select_on']}",
+        (chosen["flops"], chosen["accuracy"]),
+        xytext=(-10, -14),
+        textcoords="offset points",
+        ha="right",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("average FLOPs per image")
     ax.set_ylabel(f"{split} accuracy")

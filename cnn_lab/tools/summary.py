@@ -34,23 +34,27 @@ def _size(tree: dict) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
+def _with_xla_convolutions(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """The model of `model_config` on XLA's convolution: counting needs none of the CPU kernels
+    (custom calls, whose FLOPs XLA's cost analysis cannot see)."""
+    return get_model(ml_collections.ConfigDict({**model_config, "conv_implementation": "xla"}))
+
+
 def parameter_count(config: ml_collections.ConfigDict) -> int:
     """Trainable parameters of `config.model` on `config.data`'s images (shapes only)."""
     data = config.data
-    model = get_model(config.model)
-    return _size(
-        _abstract_variables(model, (data.image_size, data.image_size, data.channels))["params"]
-    )
+    model = _with_xla_convolutions(config.model)
+    image_shape = (data.image_size, data.image_size, data.channels)
+    return _size(_abstract_variables(model, image_shape)["params"])
 
 
 def flops_per_image(model_config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> float:
     """Forward FLOPs (evaluation mode) for one image (H, W, C), from XLA's cost analysis.
 
     A multiply-add counts as two FLOPs, over the real (unpadded) inputs of each convolution.
-    The model is built with XLA's convolution whatever `conv_implementation` says: cnn_lab's
-    CPU kernels are custom calls, whose FLOPs the analysis cannot see.
+    The model runs XLA's convolution whatever `conv_implementation` says.
     """
-    model = get_model(ml_collections.ConfigDict({**model_config, "conv_implementation": "xla"}))
+    model = _with_xla_convolutions(model_config)
     x = jnp.zeros((1, *image_shape), jnp.float32)
     variables = _abstract_variables(model, image_shape)
     lowered = jax.jit(lambda v: model.apply(v, x, train=False)).lower(variables)

@@ -75,21 +75,26 @@ def run_flops(workdir: Path) -> float:
     return summary.flops_per_image(config.model, image_shape)
 
 
-def member_log_probs(
-    workdirs: Sequence[Path], split: str, checkpoint: str
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """(log-probabilities (N, K) of the member, labels (N,), each run's (N, K)) on `split`."""
-    outputs = [evaluate.evaluate_run(w, checkpoint, split, ("raw",))[1:] for w in workdirs]
-    labels = outputs[0][1]
-    for workdir, (_, other) in zip(workdirs, outputs, strict=True):
+def scores(
+    workdirs: Sequence[Sequence[Path]], split: str, checkpoint: str
+) -> tuple[np.ndarray, np.ndarray, dict[Path, float]]:
+    """(correct (M, N), confidence (M, N)) of each member (its runs' softmax average) on
+    `split`, and each run's own accuracy; every run must have seen the same examples."""
+    runs = list(dict.fromkeys(w for member in workdirs for w in member))
+    outputs = {w: evaluate.evaluate_run(w, checkpoint, split, ("raw",))[1:] for w in runs}
+    labels = outputs[runs[0]][1]
+    for workdir, (_, other) in outputs.items():
         if other.shape != labels.shape or not np.array_equal(other, labels):
             raise ValueError(
-                f"{workdir} was evaluated on other {split} examples than {workdirs[0]} "
+                f"{workdir} was evaluated on other {split} examples than {runs[0]} "
                 f"({len(other)} vs {len(labels)} labels, or in another order). Cascade runs of "
-                "the same data set, classes and split."
+                "the same data set, classes and splits."
             )
-    runs = [log_probs for log_probs, _ in outputs]
-    return predict.ensemble(runs), labels, runs
+    log_probs = np.stack(
+        [predict.ensemble([outputs[w][0] for w in member]) for member in workdirs]
+    )  # (M, N, K)
+    run_accuracy = {w: float(np.mean(p.argmax(-1) == labels)) for w, (p, _) in outputs.items()}
+    return log_probs.argmax(-1) == labels, np.exp(log_probs.max(-1)), run_accuracy
 
 
 def exits(confidences: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
@@ -185,31 +190,23 @@ def cascade(
     flops = [sum(flops_of[w] for w in runs) for runs in workdirs]
     if isinstance(thresholds, str):
         thresholds = parse_thresholds(thresholds, len(members))
-    scores, run_accuracy = {}, {}
+    by_split, run_accuracy = {}, {}
     for s in splits:
-        outputs = [member_log_probs(runs, s, checkpoint) for runs in workdirs]
-        labels = outputs[0][1]
-        if any(o[1].shape != labels.shape or not np.array_equal(o[1], labels) for o in outputs):
-            raise ValueError(
-                f"The members' runs were evaluated on different {s} examples (other sizes or "
-                "orders): cascade runs of the same data set, classes and splits."
-            )
-        log_probs = np.stack([o[0] for o in outputs])  # (M, N, K)
-        scores[s] = (log_probs.argmax(-1) == labels, np.exp(log_probs.max(-1)))
-        for runs, (_, _, per_run) in zip(workdirs, outputs, strict=True):
-            for w, p in zip(runs, per_run, strict=True):
-                run_accuracy.setdefault(w, {})[s] = float(np.mean(p.argmax(-1) == labels))
-    accuracy = {s: scores[s][0].mean(axis=1) for s in splits}
+        correct, confidences, accuracies = scores(workdirs, s, checkpoint)
+        by_split[s] = (correct, confidences)
+        for w, value in accuracies.items():
+            run_accuracy.setdefault(w, {})[s] = value
+    accuracy = {s: by_split[s][0].mean(axis=1) for s in splits}
     reference = int(np.argmax(accuracy[select_on]))  # First of the most accurate on select_on.
     if thresholds is None:
-        correct, confidences = scores[select_on]
+        correct, confidences = by_split[select_on]
         thresholds = select_thresholds(correct, confidences, flops, accuracy[select_on][reference])
     results = {}
     for s in splits:
-        results[s] = outcome(*scores[s], flops, thresholds)
+        results[s] = outcome(*by_split[s], flops, thresholds)
         results[s]["speedup"] = flops[reference] / results[s]["flops"]
     curve = [
-        {"threshold": float(t), **outcome(*scores[split], flops, [t] * (len(members) - 1))}
+        {"threshold": float(t), **outcome(*by_split[split], flops, [t] * (len(members) - 1))}
         for t in np.linspace(0.0, 1.0, CURVE_POINTS)
     ]
     return {

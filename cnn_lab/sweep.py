@@ -14,12 +14,14 @@ import ast
 import contextlib
 import csv
 import fcntl
+import importlib.util
 import itertools
 import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 from cnn_lab.workdir import METRICS_FILE, read_metrics, tuples
 
@@ -29,9 +31,21 @@ Overrides = dict[str, object]  # {"model.depth": 20, "seed": 0}: config field ->
 LABEL = "label"
 
 INDEX_FILE = "runs.csv"
+# {"config": file[:mode], "base": overrides of every point, "points": [...]}, by launch.sweep.
+SPEC_FILE = "sweep.json"
 # Index columns before the final metrics; `status`: pending | queued | running | done |
 # preempted | failed | interrupted.
 INDEX_COLUMNS = ("workdir", "overrides", "status", "exit_code")
+
+
+def config_module(config_file: str) -> ModuleType:
+    """The config file `config_file` (path[:mode]) loaded as a module: its get_config(), and
+    get_sweep() and get_report() where it defines them."""
+    path = config_file.split(":", 1)[0]
+    spec = importlib.util.spec_from_file_location("sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def axis(field: str, values: Iterable) -> list[Overrides]:

@@ -120,6 +120,7 @@ ALWAYS_CHANGEABLE = (
 ADDED_FIELDS = {
     "model.compute_dtype": "float32",
     "model.conv_implementation": "auto",
+    "model.remove": (),
     "train.grad_accumulation_steps": 1,
     "train.cpu_devices": 0,
     "train.keep_freed_memory": True,

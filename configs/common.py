@@ -93,6 +93,7 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.model.compute_dtype = "float32"  # float32 | bfloat16: activations; params stay float32.
     # auto | xla | onednn | batch_minor: auto is cnn_lab's CPU kernels on 1 CPU device.
     config.model.conv_implementation = "auto"
+    config.model.remove = ()  # Layers left out, e.g. ("fc7",) (AlexNet, VGG, MLP, ConvNet).
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"  # sgd | adam | adamw.

@@ -14,7 +14,6 @@ summarises it.
 """
 
 import concurrent.futures
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -29,18 +28,13 @@ from cnn_lab import sweep
 from cnn_lab import workdir as workdir_lib  # Standard library and ml_collections only.
 from launch import command, slurm
 
-SPEC_FILE = (
-    "sweep.json"  # {"config": file[:mode], "base": overrides of every point, "points": [...]}
-)
+SPEC_FILE = sweep.SPEC_FILE
 LOG_FILE = "train.log"  # In each point's workdir: the train command's output, appended.
 
 
 def config_sweep(config_file: str) -> list[sweep.Overrides]:
     """The points of the config file's get_sweep(), or [{}] (one point) if it has none."""
-    path = config_file.split(":", 1)[0]
-    spec = importlib.util.spec_from_file_location("sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = sweep.config_module(config_file)
     return module.get_sweep() if hasattr(module, "get_sweep") else [{}]
 
 

@@ -11,6 +11,7 @@ from jax import lax
 
 from cnn_lab.models.alexnet import AlexNet
 from cnn_lab.models.convnet import ConvNet
+from cnn_lab.models.layers import check_removal
 from cnn_lab.models.lenet import LeNet5
 from cnn_lab.models.mlp import MLP
 from cnn_lab.models.ode import METRIC_WARNINGS as ODE_METRIC_WARNINGS
@@ -45,13 +46,15 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     `compute_dtype` ("float32" or "bfloat16") becomes the module's `dtype`: activations are
     computed in it, parameters are created and kept in float32. `conv_implementation`
     ("auto", "xla", "onednn" or "batch_minor", see `cnn_lab.kernels`) picks the convolution
-    the module runs.
+    the module runs. `remove` names layers to leave out, for the models that have
+    `removable_layers()`; an unknown name raises here, before any run starts.
     """
     kwargs = dict(model_config)
     name = kwargs.pop("name")
-    # Optional in a model config written by hand; the zoo's configs set both.
+    # Optional in a model config written by hand; the zoo's configs set all three.
     compute_dtype = kwargs.pop("compute_dtype", "float32")
     conv_implementation = kwargs.pop("conv_implementation", "auto")
+    remove = tuple(kwargs.pop("remove", ()))
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
             f"config.model.compute_dtype={compute_dtype!r} is not one of "
@@ -72,10 +75,21 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
             f"Its fields are: {', '.join(sorted(fields))}."
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if "remove" in fields:
+        kwargs["remove"] = remove
+    elif remove:
+        removing = sorted(n for n, c in MODELS.items() if hasattr(c, "removable_layers"))
+        raise ValueError(
+            f"config.model.remove={remove!r}, but model {name!r} has no removable layers. "
+            f"Layer removal is for {', '.join(removing)}; set --config.model.remove='()'."
+        )
     convolution = _convolution(conv_implementation, compute_dtype, cls)
     if _has_convolutions(cls):
         kwargs["convolution"] = convolution
-    return cls(**kwargs, dtype=COMPUTE_DTYPES[compute_dtype])
+    model = cls(**kwargs, dtype=COMPUTE_DTYPES[compute_dtype])
+    if remove:  # Checked here too (not only when traced): a bad name fails config validation.
+        check_removal(remove, model.removable_layers(), name)
+    return model
 
 
 def conv_implementation(model: nn.Module) -> str:

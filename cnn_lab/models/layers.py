@@ -114,6 +114,25 @@ def get_pooling(name: str) -> Callable[..., jax.Array]:
     return _lookup(POOLINGS, name, "pooling")
 
 
+def dense_names(first: int, count: int) -> tuple[str, ...]:
+    """Names of `count` hidden dense layers numbered on from `first`: "fc6", "fc7" for (6, 2)."""
+    return tuple(f"fc{first + j}" for j in range(count))
+
+
+def check_removal(remove: Sequence[str], removable: Sequence[str], model: str) -> None:
+    """Raise ValueError unless `remove` names each of some `removable` layers at most once."""
+    unknown = [name for name in remove if name not in removable]
+    if not unknown and len(set(remove)) == len(remove):
+        return
+    problem = f"names no layer of {model}: {unknown}" if unknown else "repeats a name"
+    example = f"--config.model.remove='(\"{removable[-1]}\",)', or " if removable else ""
+    raise ValueError(
+        f"config.model.remove={tuple(remove)!r} {problem}. The removable layers are "
+        f"{', '.join(removable) or 'none'} (the output layer always stays). Remove some of "
+        f"them, e.g. {example}none: --config.model.remove='()'."
+    )
+
+
 class Conv(nn.Module):
     """A 2-D convolution with bias on NHWC input: `nn.Conv`'s parameters (kernel HWIO, bias),
     names, initialisers and result, with the bias handed to a convolution that takes it (the

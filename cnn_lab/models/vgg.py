@@ -9,7 +9,9 @@ from jax import lax
 
 from cnn_lab.models.layers import (
     Conv,
+    check_removal,
     conv_kernel_init,
+    dense_names,
     get_activation,
     max_pool,
     standard_promotion,
@@ -40,6 +42,11 @@ class VGG(nn.Module):
     (VGG-16-BN: 14,728,266 parameters for 10 classes); `hidden_sizes=(512, 512)` has the sizes
     of chengyangfu/pytorch-vgg-cifar10's head. Any input of at least 32x32 works; the first dense
     layer's size follows the final map's.
+
+    `remove` drops named layers: convs "conv<stage>_<k>" ("conv3_2": stage 3's second conv,
+    with its BatchNorm and activation), hidden dense layers "fc6", "fc7" (with their dropout);
+    the output layer and the max pools stay, and the next kept layer takes what the previous
+    one gives. The kept layers keep their full-net parameter names (Conv_7 stays Conv_7).
     """
 
     num_classes: int
@@ -50,39 +57,60 @@ class VGG(nn.Module):
     activation: str = "relu"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    remove: Sequence[str] = ()  # Names of layers left out (see removable_layers).
     dtype: Any = None  # Activations' dtype (None: the inputs'); parameters stay float32.
     convolution: Callable = lax.conv_general_dilated  # Set from conv_implementation.
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """Logits (B, num_classes) for images x (B, H, W, C)."""
+    def stages(self) -> tuple[int, ...]:
+        """3x3 convs in each stage; ValueError naming the known depths for another depth."""
         if self.depth not in DEPTHS:
             raise ValueError(
                 f"VGG depth {self.depth} is not one of {', '.join(map(str, DEPTHS))}; "
                 "change config.model.depth."
             )
+        return DEPTHS[self.depth]
+
+    def removable_layers(self) -> tuple[str, ...]:
+        """ "conv1_1".."conv5_<n>" stage by stage, then the hidden dense layers ("fc6", "fc7")."""
+        convs = tuple(
+            f"conv{stage + 1}_{k + 1}" for stage, n in enumerate(self.stages()) for k in range(n)
+        )
+        return convs + dense_names(len(STAGE_WIDTHS) + 1, len(self.hidden_sizes))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Logits (B, num_classes) for images x (B, H, W, C)."""
+        removable = self.removable_layers()
+        check_removal(self.remove, removable, f"VGG-{self.depth}")
         act = get_activation(self.activation)
-        for num_convs, width in zip(DEPTHS[self.depth], STAGE_WIDTHS, strict=True):
+        index = 0  # Of the conv in the full net: names its parameters.
+        for num_convs, width in zip(self.stages(), STAGE_WIDTHS, strict=True):
             for _ in range(num_convs):
-                x = Conv(
-                    width,
-                    (3, 3),
-                    padding=1,
-                    kernel_init=conv_kernel_init,
-                    dtype=self.dtype,
-                    convolution=self.convolution,
-                )(x)
-                if self.batch_norm:
-                    x = standard_promotion(nn.BatchNorm)(
-                        use_running_average=not train,
-                        momentum=self.bn_momentum,
-                        epsilon=self.bn_epsilon,
+                if removable[index] not in self.remove:
+                    x = Conv(
+                        width,
+                        (3, 3),
+                        padding=1,
+                        kernel_init=conv_kernel_init,
                         dtype=self.dtype,
+                        convolution=self.convolution,
+                        name=f"Conv_{index}",
                     )(x)
-                x = act(x)
+                    if self.batch_norm:
+                        x = standard_promotion(nn.BatchNorm)(
+                            use_running_average=not train,
+                            momentum=self.bn_momentum,
+                            epsilon=self.bn_epsilon,
+                            dtype=self.dtype,
+                            name=f"BatchNorm_{index}",
+                        )(x)
+                    x = act(x)
+                index += 1
             x = max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))  # (B, 7*7*512) for 224x224 input
-        for hidden in self.hidden_sizes:
-            x = act(nn.Dense(hidden, dtype=self.dtype)(x))
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+        for j, hidden in enumerate(self.hidden_sizes):
+            if removable[index + j] not in self.remove:
+                x = act(nn.Dense(hidden, dtype=self.dtype, name=f"Dense_{j}")(x))
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        output = f"Dense_{len(self.hidden_sizes)}"
+        return nn.Dense(self.num_classes, dtype=self.dtype, name=output)(x)

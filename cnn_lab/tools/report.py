@@ -4,9 +4,17 @@ Reads the sweep's runs.csv and each run's metrics.jsonl (never the code that tra
 and writes, into the sweep directory, report_<metric>.md and .csv (mean +- sample standard
 deviation over seeds, per point and per value of each axis) and report_<metric>.png (the
 metric against each axis: every run as a dot, the mean with +- std bars).
+
+Each point also gets its parameter count, from the model its runs' config.json describe.
+When the sweep's config file defines `get_report()` -> {"baseline": a point's label,
+"reference": {"title": column title, label: text, ...}} (see
+configs/alexnet_depth_ablation.py), or with --baseline=<label>, each point adds the
+parameters it drops and its change in the metric against the baseline point, and the
+reference column beside them.
 """
 
 import csv
+import functools
 import json
 import math
 import statistics
@@ -14,7 +22,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import ml_collections
+
 from cnn_lab import sweep
+from cnn_lab import workdir as workdir_lib
 
 SEED = "seed"  # The axis averaged over.
 
@@ -33,13 +44,49 @@ def load_runs(sweep_dir: Path, metric: str) -> list[dict]:
         available |= set(metrics or ())
         value = (metrics or {}).get(metric, math.nan)
         runs.append(
-            {"overrides": row["overrides"], "finished": metrics is not None, "value": value}
+            {
+                "overrides": row["overrides"],
+                "finished": metrics is not None,
+                "value": value,
+                "parameters": _parameters(sweep_dir / row["workdir"]),
+            }
         )
     if available and metric not in available:
         raise ValueError(
             f"No run recorded --metric={metric}. Choose one of: {', '.join(sorted(available))}."
         )
     return runs
+
+
+def _parameters(workdir: Path) -> int | None:
+    """Parameters of the model in the run's config.json; None before the run wrote it."""
+    if not (workdir / workdir_lib.CONFIG_FILE).exists():
+        return None
+    return _count(json.dumps(workdir_lib.read_config(workdir).to_dict(), default=list))
+
+
+@functools.cache
+def _count(config_json: str) -> int:
+    """summary.parameter_count, once per distinct config (the seeds of a point share one)."""
+    from cnn_lab.tools import summary  # JAX loads only for runs that have a model to count.
+
+    config = ml_collections.ConfigDict(workdir_lib.tuples(json.loads(config_json)))
+    return summary.parameter_count(config)
+
+
+def report_spec(sweep_dir: Path, baseline: str | None = None) -> dict:
+    """{"baseline": label or None, "reference": {"title": ..., label: text}} for the report:
+    the sweep config's get_report() (if it defines one), its baseline replaced by `baseline`."""
+    spec: dict = {"baseline": None, "reference": {}}
+    path = sweep_dir / sweep.SPEC_FILE
+    if path.exists():
+        config_file = json.loads(path.read_text())["config"]
+        if Path(config_file.split(":", 1)[0]).exists():  # Else run from elsewhere: no extras.
+            module = sweep.config_module(config_file)
+            spec |= module.get_report() if hasattr(module, "get_report") else {}
+    if baseline is not None:
+        spec["baseline"] = baseline
+    return spec
 
 
 def axes_of(runs: list[dict]) -> list[str]:
@@ -85,20 +132,47 @@ def fields_of(runs: list[dict]) -> list[str]:
     return [f for f in dict.fromkeys(named) if f != SEED]
 
 
-def tables(runs: list[dict]) -> list[dict]:
-    """Rows of the report: one per point (over seeds), then one per value of each axis."""
+def tables(runs: list[dict], baseline: str | None = None) -> list[dict]:
+    """Rows of the report: one per point (over seeds), then one per value of each axis.
+
+    Points carry their "parameters" (None where unknown) and, given the `baseline` point's
+    label, "parameters_dropped" and "change" (of the mean) against it.
+    """
     axes = axes_of(runs)
     point_fields = fields_of(runs)
+    parameters = group([{**r, "value": r.get("parameters")} for r in runs], point_fields)
     rows = [
-        {"scope": "point", **dict(zip(point_fields, key, strict=True)), **summarise(values)}
+        {
+            "scope": "point",
+            **dict(zip(point_fields, key, strict=True)),
+            **summarise(values),
+            "parameters": parameters[key][0],
+        }
         for key, values in group(runs, point_fields).items()
     ]
+    if baseline is not None:
+        _compare(rows, baseline)
     for field in axes:
         rows += [
             {"scope": f"axis {field}", field: key[0], **summarise(values)}
             for key, values in group(runs, [field]).items()
         ]
     return rows
+
+
+def _compare(points: list[dict], baseline: str) -> None:
+    """Add to each point its parameters dropped and its change against the `baseline` point."""
+    base = next((p for p in points if p.get(sweep.LABEL) == baseline), None)
+    if base is None:
+        labels = [p[sweep.LABEL] for p in points if p.get(sweep.LABEL) is not None]
+        raise ValueError(
+            f"--baseline={baseline}: no point of the sweep has that label. Its labels: "
+            f"{', '.join(map(str, labels)) or 'none (get_sweep() gives no labels)'}."
+        )
+    for point in points:
+        known = point["parameters"] is not None and base["parameters"] is not None
+        point["parameters_dropped"] = base["parameters"] - point["parameters"] if known else None
+        point["change"] = point["mean"] - base["mean"]
 
 
 def _text(value: object) -> str:
@@ -112,8 +186,36 @@ def _mean_std(row: dict) -> str:
     return f"{row['mean']:.4f}" + (f" +- {row['std']:.4f}" if not math.isnan(row["std"]) else "")
 
 
-def markdown(sweep_dir: Path, metric: str, rows: list[dict], fields: list[str]) -> str:
+def _point_columns(rows: list[dict], metric: str, spec: dict) -> dict[str, object]:
+    """The point table's columns after the fields: {title: row -> cell text}."""
+    points = [r for r in rows if r["scope"] == "point"]
+    columns = {
+        "finished/runs": lambda r: f"{r['finished']}/{r['runs']}",
+        metric: _mean_std,
+    }
+    if any(r["parameters"] is not None for r in points):
+        columns["parameters"] = lambda r: _count_text(r["parameters"])
+    if spec["baseline"] is not None:
+        columns[f"dropped vs {spec['baseline']}"] = lambda r: _count_text(r["parameters_dropped"])
+        columns[f"change vs {spec['baseline']}"] = lambda r: (
+            "-" if math.isnan(r["change"]) else f"{r['change']:+.4f}"
+        )
+    reference = dict(spec["reference"])
+    if reference:
+        title = reference.pop("title", "reference")
+        columns[title] = lambda r: str(reference.get(r.get(sweep.LABEL), ""))
+    return columns
+
+
+def _count_text(count: int | None) -> str:
+    return "-" if count is None else f"{count:,}"
+
+
+def markdown(
+    sweep_dir: Path, metric: str, rows: list[dict], fields: list[str], spec: dict | None = None
+) -> str:
     """The report as Markdown: a table of points, then one table per axis."""
+    columns = _point_columns(rows, metric, spec or {"baseline": None, "reference": {}})
     lines = [
         f"# {sweep_dir.name}: {metric}",
         "",
@@ -122,14 +224,12 @@ def markdown(sweep_dir: Path, metric: str, rows: list[dict], fields: list[str]) 
         "",
         "## Points",
         "",
-        "| " + " | ".join([*fields, "finished/runs", metric]) + " |",
-        "|" + "---|" * (len(fields) + 2),
+        "| " + " | ".join([*fields, *columns]) + " |",
+        "|" + "---|" * (len(fields) + len(columns)),
     ]
     for row in (r for r in rows if r["scope"] == "point"):
-        cells = [_text(row.get(f)) for f in fields]
-        lines.append(
-            "| " + " | ".join([*cells, f"{row['finished']}/{row['runs']}", _mean_std(row)]) + " |"
-        )
+        cells = [_text(row.get(f)) for f in fields] + [cell(row) for cell in columns.values()]
+        lines.append("| " + " | ".join(cells) + " |")
     for scope in dict.fromkeys(r["scope"] for r in rows if r["scope"] != "point"):
         field = scope.removeprefix("axis ")
         lines += ["", f"## {field}", "", f"| {field} | finished/runs | {metric} |", "|---|---|---|"]
@@ -179,16 +279,24 @@ def plot(path: Path, metric: str, runs: list[dict], axes: list[str]) -> None:
     plt.close(fig)
 
 
-def write_report(sweep_dir: str | Path, metric: str = "test_accuracy") -> dict[str, Path]:
-    """Write report_<metric>.{md,csv,png} into the sweep directory; returns their paths."""
+def write_report(
+    sweep_dir: str | Path, metric: str = "test_accuracy", baseline: str | None = None
+) -> dict[str, Path]:
+    """Write report_<metric>.{md,csv,png} into the sweep directory; returns their paths.
+
+    `baseline`: the label of the point the others are compared with (default: the sweep
+    config's get_report(), or none).
+    """
     sweep_dir = Path(sweep_dir)
+    spec = report_spec(sweep_dir, baseline)
     runs = load_runs(sweep_dir, metric)
-    rows = tables(runs)
+    rows = tables(runs, spec["baseline"])
     fields = fields_of(runs)
     paths = {ext: sweep_dir / f"report_{metric}.{ext}" for ext in ("md", "csv", "png")}
-    paths["md"].write_text(markdown(sweep_dir, metric, rows, fields))
+    paths["md"].write_text(markdown(sweep_dir, metric, rows, fields, spec))
     with open(paths["csv"], "w", newline="") as f:
-        columns = ["scope", *fields, "runs", "finished", "mean", "std"]
+        extra = [c for c in ("parameters", "parameters_dropped", "change") if c in rows[0]]
+        columns = ["scope", *fields, "runs", "finished", "mean", "std", *extra]
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
@@ -204,9 +312,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="The --sweep_dir of `python -m launch.sweep`.")
     parser.add_argument("--metric", default="test_accuracy", help="A column of runs.csv.")
+    parser.add_argument(
+        "--baseline", default=None, help="Label of the point to compare with (get_sweep labels)."
+    )
     args = parser.parse_args(argv)
     try:
-        paths = write_report(args.sweep_dir, args.metric)
+        paths = write_report(args.sweep_dir, args.metric, args.baseline)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(paths["md"].read_text())

@@ -10,6 +10,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist
 
+# scikit-learn's digits (UCI, CC BY 4.0) as uint8 arrays: images (1797, 8, 8) of ink counts
+# 0..16, labels, and the orders of its train and test splits (see Digits._split_generators).
+DIGITS_FILE = Path(__file__).parent / "digits.npz"
+
 _DIGITS_CITATION = """\
 @misc{alpaydin1998optdigits,
   author       = {Alpaydin, E. and Kaynak, C.},
@@ -61,24 +65,16 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
-        del dl_manager  # The data ships with scikit-learn.
-        # Imported here: only preparation needs scikit-learn, and it slows every start-up.
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
-        # train_test_split returns shuffled indices; writing them in that order makes the tail
-        # that training carves off as validation (train[90%:]) a random, class-mixed subset.
-        train, test = train_test_split(
-            np.arange(len(digits.target)),
-            test_size=0.25,
-            stratify=digits.target,
-            random_state=0,
-        )
+        del dl_manager  # The data ships with cnn_lab (DIGITS_FILE).
+        with np.load(DIGITS_FILE) as digits:
+            images = np.round(digits["images"] * (255 / 16)).astype(np.uint8)[..., None]
+            labels = digits["labels"]
+            # Shuffled orders (scikit-learn's stratified 75/25 split, seed 0): stored in that
+            # order, the tail training carves off as validation (train[90%:]) is class-mixed.
+            train, test = digits["train_order"], digits["test_order"]
         return {
-            "train": self._generate_examples(images, digits.target, train),
-            "test": self._generate_examples(images, digits.target, test),
+            "train": self._generate_examples(images, labels, train),
+            "test": self._generate_examples(images, labels, test),
         }
 
     def _generate_examples(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray):

@@ -1,4 +1,5 @@
-"""`--help` of the commands that take a config: the shipped configs, and every field of one.
+"""The shipped configs by name (`--config=cnn_lab:lenet_digits`), and `--help` of the commands
+that take a config: the shipped configs, and every field of one.
 
 The field comments are read from the source of configs/common.py (each knob's one-line
 comment, on its line or the line above), so the help and the file never disagree.
@@ -11,22 +12,40 @@ from pathlib import Path
 
 import ml_collections
 
-import configs
-from configs import common
+from cnn_lab import configs
+from cnn_lab.configs import common
 
 CONFIG_DIR = Path(configs.__file__).parent
 # Modules of configs/ that hold shared code, not a config to train.
 NOT_CONFIGS = ("__init__", "common")
 
 
+PREFIX = "cnn_lab:"  # --config=cnn_lab:<name>[:mode]: a shipped config, from any directory.
+
+
 def shipped_configs() -> dict[str, str]:
-    """{path of each shipped config: the first line of its docstring}, sorted by name."""
+    """{name of each shipped config ("cnn_lab:lenet_digits"): its docstring's first line}."""
     found = {}
     for path in sorted(CONFIG_DIR.glob("*.py")):
         if path.stem not in NOT_CONFIGS:
             docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
-            found[f"configs/{path.name}"] = (docstring.splitlines() or [""])[0]
+            found[PREFIX + path.stem] = (docstring.splitlines() or [""])[0]
     return found
+
+
+def config_file(value: str) -> str:
+    """The file a --config value names: "cnn_lab:<name>[:mode]" becomes the shipped file's path
+    (mode kept); any other value is a path already."""
+    if not value.startswith(PREFIX):
+        return value
+    name, colon, mode = value[len(PREFIX) :].partition(":")
+    path = CONFIG_DIR / f"{name}.py"
+    if name in NOT_CONFIGS or not path.is_file():
+        raise ValueError(
+            f"--config={value}: cnn_lab ships no config {name!r}. Shipped: "
+            f"{', '.join(shipped_configs())}; or pass the path of a config file."
+        )
+    return f"{path}{colon}{mode}"
 
 
 def field_comments(source: str) -> dict[str, str]:
@@ -86,8 +105,11 @@ def usage(
     """A command's help: its docstring `doc`, then the shipped configs (or, given a config
     and its file, its fields), then the flags."""
     if config is None:
-        listing = ["configs (--config=<path>; with --help, a config's fields):"]
-        listing += [f"  {path:34} {line}" for path, line in shipped_configs().items()]
+        listing = [
+            "configs (--config=<name> from anywhere, or its file configs/<name>.py in a "
+            "checkout; with --help, a config's fields):"
+        ]
+        listing += [f"  {name:36} {line}" for name, line in shipped_configs().items()]
     else:
         listing = ["fields of this config (override any with --config.<field>=<value>):"]
         listing.append(describe_fields(config, config_file))

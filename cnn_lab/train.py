@@ -17,191 +17,24 @@ if __name__ == "__main__":  # A SIGTERM during the imports (seconds) stops a run
     # os._exit, as an exception raised here can land in a callback that swallows it.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(PREEMPTED_EXIT_CODE))
 
-import dataclasses
+import datetime
 import functools
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh
 from tqdm import tqdm
 
-from cnn_lab import (
-    averaging,
-    checkpoint,
-    checkpoint_policy,
-    evaluation,
-    optim,
-    steps,
-    transfer,
-    user_input,
-)
-from cnn_lab import state as train_state
+from cnn_lab import checkpoint, checkpoint_policy, command_line, optim, user_input
 from cnn_lab import workdir as workdir_lib
-from cnn_lab.averaging import Averaging
 from cnn_lab.checkpoint_policy import Preempted
-from cnn_lab.data import augment, inputs
-from cnn_lab.metric_writer import MetricWriter, TrainWindow
-from cnn_lab.models import conv_implementation, get_model
-from cnn_lab.runtime import distributed, host, provenance, sharding
-from cnn_lab.state import TrainState, init_state, record_validation, restart_optimizer, start_from
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """A run as `setup` prepares it: what the loop trains, on what, and where it writes."""
-
-    config: ml_collections.ConfigDict
-    is_lead: bool  # Process 0: prints, writes metrics and the config.
-    model: nn.Module
-    mesh: Mesh
-    data: inputs.Inputs
-    steps_per_epoch: int
-    phases: list[optim.Phase]  # Each with its optimizer and learning-rate schedule.
-    train_steps: list[Callable]  # The jitted train step of each phase (compiled when reached).
-    averaging: Averaging
-    state: TrainState  # To start from (the loop donates it): resumed, transferred or fresh.
-    checkpoints: checkpoint_policy.CheckpointPolicy
-    writer: MetricWriter
-    evaluate: evaluation.SideBySide
-    record_validation: Callable  # state.record_validation, jitted.
-
-
-def setup(
-    config: ml_collections.ConfigDict,
-    workdir: Path,
-    allow_config_changes: tuple[str, ...] = (),
-) -> Run:
-    """Open `config`'s data and checkpoints, and restore (or create) the state.
-
-    `config` and `workdir` come checked (`user_input.validate`, `check_workdir`); what else a
-    user can get wrong (a changed config, the data set) is checked here before the workdir is
-    written to: a mistake leaves it as it was.
-    """
-    is_lead = jax.process_index() == 0
-    mesh = sharding.make_mesh()
-    model = get_model(config.model)
-    if (
-        checkpoint.has_steps(workdir / checkpoint.LATEST_DIR)
-        and (workdir / workdir_lib.CONFIG_FILE).exists()
-    ):
-        workdir_lib.check_resumable(workdir, config, allow_config_changes)
-    data = inputs.make_inputs(
-        config.data,
-        config.train.batch_size,
-        mesh,
-        seed=config.seed,
-        resized_crop=augment.crop_ranges(config.augment),
-    )
-    steps_per_epoch = data.steps_per_epoch
-    total_steps = config.train.num_epochs * steps_per_epoch
-    phases = optim.make_phases(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    averages = averaging.from_config(config.averaging, steps_per_epoch=steps_per_epoch)
-    snapshot_steps = optim.cycle_ends(
-        config.schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps
-    )
-    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    replicated = sharding.replicated(mesh)
-    # A fresh state for a phase's optimizer (its state's layout changes with phases).
-    fresh = functools.partial(
-        init_state,
-        model,
-        plateau=optim.make_plateau(config.schedule),
-        rng=jax.random.PRNGKey(config.seed),
-        image_shape=image_shape,
-        mesh=mesh,
-        averaging=averages,
-    )
-    normalize = augment.normalizer(tuple(config.data.mean), tuple(config.data.std))
-    train_steps = [
-        steps.jit_train_step(
-            model,
-            phase.tx,
-            phase.schedule,
-            mesh,
-            label_smoothing=config.train.label_smoothing,
-            preprocess=augment.train_preprocess(config, crops_on_host=data.crops_on_host),
-            averaging=averages,
-            frozen_norms=phase.frozen if config.train.frozen_bn_inference else (),
-            micro_batches=config.train.grad_accumulation_steps,
-        )
-        for phase in phases
-    ]
-    evaluate = evaluation.SideBySide.for_run(
-        model, data, averages, normalize, config.eval, config.averaging, config.train.progress_bar
-    )
-    record = jax.jit(
-        functools.partial(record_validation, feed_plateau=optim.plateau_feedback(config.schedule)),
-        out_shardings=replicated,
-        donate_argnums=0,
-    )
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    latest = checkpoint.make_manager(workdir / checkpoint.LATEST_DIR, config.checkpoint.keep)
-    policy = None
-    try:
-        # A checkpoint at step s holds the optimizer state of the phase that trains step s + 1.
-        restored = checkpoint.restore_newest_valid(
-            latest, lambda s: fresh(optim.phase_at(phases, s).tx, abstract=True)
-        )
-        # Resuming without config.json is refused here, after the restore: a checkpoint of
-        # another model is then reported as such (check_resumable above needs the file).
-        if restored is not None:
-            workdir_lib.check_config_present(workdir, latest.all_steps())
-        state = restored if restored is not None else fresh(phases[0].tx)
-        if restored is None and config.init_from.workdir:
-            variables = transfer.initial_variables(config.init_from, state.variables)
-            state = jax.jit(
-                functools.partial(start_from, tx=phases[0].tx, averaging=averages),
-                out_shardings=replicated,
-            )(state, variables)
-        if restored is None:  # A fresh start: an earlier attempt's outputs must not mix in.
-            checkpoint_policy.move_previous_attempt(workdir, latest)
-        step = int(state.step)
-        policy = checkpoint_policy.CheckpointPolicy(latest, workdir, snapshot_steps)
-
-        writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
-        if is_lead:
-            implementation = conv_implementation(model)
-            workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
-            images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
-            console = {"width": 120, "force_terminal": sys.stdout.isatty()}  # No ANSI in files.
-            print(model.tabulate(key, images, train=False, console_kwargs=console))
-            n_params = sum(x.size for x in jax.tree.leaves(state.params))
-            start = f"starting from {config.init_from.workdir or 'scratch'}"
-            start = start if restored is None else f"resuming at step {step}"
-            print(
-                f"{config.model.name}: {n_params:,} parameters; "
-                + ", ".join(f"{data.num_examples(s)} {s}" for s in ("train", "val", "test"))
-                + f" examples ({data.mode} input); {mesh.size} device(s); {start}"
-            )
-        if restored is not None:
-            policy.catch_up(state, step, best_step=int(state.best_val_epoch) * steps_per_epoch)
-    except BaseException:
-        # Stop the managers' threads: a failed setup ends with its error, not their noise.
-        (latest if policy is None else policy).close()
-        raise
-    return Run(
-        config=config,
-        is_lead=is_lead,
-        model=model,
-        mesh=mesh,
-        data=data,
-        steps_per_epoch=steps_per_epoch,
-        phases=phases,
-        train_steps=train_steps,
-        averaging=averages,
-        state=state,
-        checkpoints=policy,
-        writer=writer,
-        evaluate=evaluate,
-        record_validation=record,
-    )
+from cnn_lab.metric_writer import TrainWindow
+from cnn_lab.run_setup import Run, setup
+from cnn_lab.runtime import distributed, host, sharding
+from cnn_lab.state import TrainState, out_of_patience, restart_optimizer
 
 
 def _enter_phase(run: Run, state: TrainState, phase: optim.Phase) -> TrainState:
@@ -230,9 +63,7 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
     train_step = run.train_steps[phase.index]
     window = TrainWindow(run.writer, config.train.batch_size, spe, step, run.is_lead)
     results, patience = {}, config.train.early_stopping_patience
-    stopped_early = train_state.out_of_patience(
-        state, step // spe, patience
-    )  # Rerun: straight to test.
+    stopped_early = out_of_patience(state, step // spe, patience)  # Rerun: straight to test.
     last_epoch = step // spe if stopped_early else config.train.num_epochs
     try:
         if policy.preempted(step, sigterm):
@@ -287,18 +118,19 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
             )
             policy.save_epoch(state, step, best=int(state.best_val_epoch) == epoch + 1)
             if run.is_lead:
+                seconds = time.perf_counter() - epoch_start
+                left = datetime.timedelta(seconds=round(seconds * (last_epoch - epoch - 1)))
                 print(
                     f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
                     f"{train['loss']:.4f} acc {train['accuracy']:.4f} | "
                     f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
                     f"{run.evaluate.accuracies(val)}| lr "
                     f"{train['learning_rate']:.3g} | "
-                    f"{train['images_per_second']:.0f} img/s | "
-                    f"{time.perf_counter() - epoch_start:.1f}s"
+                    f"{train['images_per_second']:.0f} img/s | {seconds:.1f}s, ETA {left}"
                 )
                 run.writer.plot()
             results["val"] = val
-            if train_state.out_of_patience(state, epoch + 1, patience):
+            if out_of_patience(state, epoch + 1, patience):
                 if run.is_lead:
                     print(
                         f"Early stopping: no validation gain for {patience} epochs (best "
@@ -391,9 +223,9 @@ def main() -> None:
             FloatingPointError,
             checkpoint.CheckpointError,
         ) as error:
-            user_input.report(error)  # The message says what to change; no traceback.
+            command_line.report(error)  # The message says what to change; no traceback.
 
-    app.run(run, flags_parser=user_input.parse_flags)
+    app.run(run, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ gives ~0.81 test accuracy with weight decay and random crops (~0.76 with neither
 multiply-adds per image forward.
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 _EPOCHS = 100
 

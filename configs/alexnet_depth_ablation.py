@@ -26,7 +26,7 @@ column: removing fc7 drops 16M parameters and costs 1.1% top-1, fc6 and fc7 abou
 """
 
 from cnn_lab import sweep
-from configs import alexnet_digits
+from cnn_lab.configs import alexnet_digits
 
 # The lectures' variants: label -> the layers removed.
 VARIANTS = {

@@ -11,7 +11,7 @@ Expected: test accuracy 1.0000 (450/450; validation 0.956, 135 images) for seed 
 minutes on 2 CPU cores shared with other jobs, no accelerator. `:smoke` trains for a few steps.
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

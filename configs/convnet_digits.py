@@ -5,7 +5,7 @@
 Expected: not measured yet (configs/lenet_digits.py, measured, reaches 0.99-1.00 on this data).
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

@@ -9,7 +9,7 @@ Expected: test accuracy 0.9267 (seed 0) in about 35 minutes on 2 CPU cores share
 jobs, no accelerator (measured before augmentation moved onto the devices).
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

@@ -8,7 +8,7 @@ Expected: not measured here (no MNIST on the development machine). `cnn_lab.benc
 measures its train step at 2,062 images/s on 2 CPU cores (README, "Performance").
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

@@ -8,7 +8,7 @@ Expected: not measured here (no CIFAR-10 on the development machine). `cnn_lab.b
 measures its train step at 29,001-32,027 images/s on 2 CPU cores (README, "Performance").
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

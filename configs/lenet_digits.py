@@ -7,7 +7,7 @@ Expected: test accuracy 1.0000 / 0.9933 / 0.9889 for --config.seed=0 / 1 / 2, in
 `--config=configs/lenet_digits.py:smoke` trains for a few steps (tests, debugging).
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

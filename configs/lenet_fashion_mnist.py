@@ -8,7 +8,7 @@ cnn_lab prepares into TFDS format on first use (or set config.data.source_dir).
 Expected: not measured yet (configs/convnet_fashion_mnist.py reached 0.9267 on this data).
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

@@ -9,7 +9,7 @@ Expected: not measured here (no MNIST on the development machine). LeCun et al. 
 LeNet-5 (tanh, average pooling; this config uses relu and max pooling).
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

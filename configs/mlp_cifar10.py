@@ -7,7 +7,7 @@ Needs CIFAR-10 prepared in TFDS format (`tfds build cifar10` on a machine with i
 Expected: not measured here (no CIFAR-10 on the development machine).
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

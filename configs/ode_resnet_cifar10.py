@@ -20,7 +20,7 @@ so ~30 min an epoch. On a GPU use `--config.model.im2col=False`.
 
 from ml_collections import config_dict
 
-from configs import common
+from cnn_lab.configs import common
 
 _TRAIN_EXAMPLES = 45_000  # He et al.'s split: 45k train, 5k validation.
 

@@ -19,7 +19,7 @@ Train metrics include the ODE solve's `ode_nfe`, `ode_steps`, `ode_accepted_step
 
 from ml_collections import config_dict
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

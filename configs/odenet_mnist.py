@@ -17,7 +17,7 @@ on 2 busy CPU cores (~13 min an epoch, ~2 hours in all); on a GPU use
 `--config.model.im2col=False`.
 """
 
-from configs import common, odenet_digits
+from cnn_lab.configs import common, odenet_digits
 
 
 def get_config(mode: str | None = None):

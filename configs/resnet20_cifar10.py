@@ -23,7 +23,7 @@ test error, trained on all 50k images) report ResNet-20 8.75%, 32 7.51%, 44 7.17
 `--config.model.stochastic_depth_rate=0.5` with depth 110 is Huang et al. (2016)'s CIFAR run.
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 _TRAIN_EXAMPLES = 45_000  # He et al.'s split: 45k train, 5k validation.
 _BATCH_SIZE = 128

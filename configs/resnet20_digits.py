@@ -21,7 +21,7 @@ Stochastic depth ablation (rates 0, 0.2, 0.5 x seeds 0-2: nine runs, two at a ti
 """
 
 from cnn_lab import sweep
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

@@ -19,7 +19,7 @@ nor the ImageNet run). The digits pair transfer_digits_pretrain.py / transfer_di
 demonstrates the same recipe end to end, with measured results.
 """
 
-from configs import common, resnet50_imagenet
+from cnn_lab.configs import common, resnet50_imagenet
 
 
 def get_config(mode: str | None = None):

@@ -26,7 +26,7 @@ whole decoded image, resized to 224; the devices apply the flips inside the trai
 Evaluation resizes the shorter side to 256 (224 / 0.875) and takes the centre 224x224 crop.
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

@@ -16,7 +16,7 @@ fine-tuned (scratch 0.8750 +- 0.0702, head only 0.7396 +- 0.0304), each run abou
 2 CPU cores shared with other jobs, no accelerator.
 """
 
-from configs import common, lenet_digits
+from cnn_lab.configs import common, lenet_digits
 
 PRETRAINED = "runs/transfer_digits_pretrain"  # Workdir of configs/transfer_digits_pretrain.py.
 BACKBONE = ("Conv_.*", "Dense_0", "Dense_1")  # LeNet-5 below its classifier, Dense_2.

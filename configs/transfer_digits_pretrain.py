@@ -9,7 +9,7 @@ Expected: test accuracy 1.0000 in under a minute on 2 CPU cores shared with othe
 accelerator.
 """
 
-from configs import common, lenet_digits
+from cnn_lab.configs import common, lenet_digits
 
 
 def get_config(mode: str | None = None):

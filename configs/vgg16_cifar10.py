@@ -17,7 +17,7 @@ test accuracy for VGG-16 trained on all 50k images. About 0.31G multiply-adds pe
 forward.
 """
 
-from configs import common
+from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):

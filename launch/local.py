@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from launch import command
+from cnn_lab.launch import command
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # Seconds the other processes get to exit after SIGTERM before they are killed.

@@ -20,7 +20,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch import command
+from cnn_lab import command_line
+from cnn_lab.launch import command
 
 # cnn_lab.train's exit code after saving on SIGTERM. Spelled out, not imported: importing
 # cnn_lab.train would load JAX and every model into a launcher.
@@ -185,7 +186,7 @@ def main() -> None:
         print(f"job {job}: {path}; log {rundir / f'slurm-{job}.out'}" if job else result.stderr)
         sys.exit(result.returncode)
 
-    app.run(run)
+    app.run(run, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

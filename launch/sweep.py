@@ -24,9 +24,9 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from cnn_lab import sweep
+from cnn_lab import command_line, sweep
 from cnn_lab import workdir as workdir_lib  # Standard library and ml_collections only.
-from launch import command, slurm
+from cnn_lab.launch import command, slurm
 
 SPEC_FILE = sweep.SPEC_FILE
 LOG_FILE = "train.log"  # In each point's workdir: the train command's output, appended.
@@ -255,7 +255,7 @@ def main() -> None:
             sys.exit(f"error: {failed} point(s) did not finish; see train.log in their workdirs.")
 
     flags.mark_flags_as_required(["sweep_dir"])
-    app.run(run)
+    app.run(run, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch import command
+from cnn_lab import command_line
+from cnn_lab.launch import command
 
 
 def ssh_command(
@@ -83,7 +84,7 @@ def main() -> None:
         except FileNotFoundError:
             sys.exit("error: gcloud not found; install the Google Cloud CLI or use --dry_run.")
 
-    app.run(run)
+    app.run(run, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ def _launch(module: str, *args: str, timeout: float = 300) -> subprocess.Complet
 
 def _prepare_digits(data_dir: Path) -> None:
     """Prepare digits in `data_dir` and decode TINY_RUN's splits once, not in every run."""
+    from cnn_lab.configs import mlp_digits
     from cnn_lab.data import pipeline
-    from configs import mlp_digits
 
     data = mlp_digits.get_config("smoke").data
     data.update({k.removeprefix("data."): v for k, v in TINY_RUN.items() if k.startswith("data.")})

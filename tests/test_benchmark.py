@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from cnn_lab.configs import mlp_digits
 from cnn_lab.tools.benchmark import benchmark, format_pipeline, format_result, pipeline_benchmark
-from configs import mlp_digits
 
 
 def test_benchmark_reports_rates_compile_time_and_checkpoint_cost():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnn_lab.configs import mlp_digits
 from cnn_lab.tools import cascade, evaluate, predict, summary
 from cnn_lab.train import train_and_evaluate
-from configs import mlp_digits
 
 
 @pytest.fixture(scope="module")

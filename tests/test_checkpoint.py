@@ -18,9 +18,9 @@ import pytest
 
 import cnn_lab
 from cnn_lab import checkpoint
+from cnn_lab.configs import lenet_digits
 from cnn_lab.data import loading
 from cnn_lab.train import PREEMPTED_EXIT_CODE, train_and_evaluate
-from configs import lenet_digits
 
 ROOT = Path(lenet_digits.__file__).parents[1]
 

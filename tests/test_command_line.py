@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from cnn_lab import config_help
-from configs import common
+from cnn_lab.configs import common
 
 CONFIGS = Path(common.__file__).parent
 
@@ -20,7 +20,7 @@ def test_help_lists_every_shipped_config_with_its_first_docstring_line(launch):
     assert shipped
     for path in shipped:
         first_line = ast.get_docstring(ast.parse(path.read_text())).splitlines()[0]
-        assert re.search(rf"configs/{path.name} +{re.escape(first_line)}", result.stdout), path
+        assert re.search(rf"cnn_lab:{path.stem} +{re.escape(first_line)}", result.stdout), path
     assert "--workdir" in result.stdout  # The flags follow.
 
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from cnn_lab import user_input
+from cnn_lab import command_line, user_input
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.configs import lenet_digits
 from cnn_lab.train import train_and_evaluate
-from configs import lenet_digits
 
 SMOKE = ["--config=configs/lenet_digits.py:smoke"]
 
@@ -169,7 +169,7 @@ def test_workdir_that_is_a_file_is_one_error_line(launch, tmp_path):
 
 @pytest.mark.slow
 def test_verbose_shows_the_traceback(launch, tmp_path, monkeypatch):
-    monkeypatch.setenv(user_input.VERBOSE_ENV, "1")
+    monkeypatch.setenv(command_line.VERBOSE_ENV, "1")
     result = launch(
         "cnn_lab.train", *SMOKE, "--config.checkpoint.keep=0", f"--workdir={tmp_path / 'run'}"
     )

@@ -7,8 +7,8 @@ import pytest
 
 from cnn_lab import sweep
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.configs import alexnet_depth_ablation
 from cnn_lab.tools import report, summary
-from configs import alexnet_depth_ablation
 
 CONFIG_FILE = alexnet_depth_ablation.__file__
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from cnn_lab import checkpoint, optim, saved_run
+from cnn_lab.configs import convnet_digits, lenet_digits
 from cnn_lab.metric_writer import read_metrics
 from cnn_lab.tools import evaluate
 from cnn_lab.train import train_and_evaluate
-from configs import convnet_digits, lenet_digits
 
 ROOT = Path(lenet_digits.__file__).parents[1]
 

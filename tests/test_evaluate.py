@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import cnn_lab
+from cnn_lab.configs import lenet_digits
 from cnn_lab.data import streaming
 from cnn_lab.tools.evaluate import evaluate_run
 from cnn_lab.train import train_and_evaluate
-from configs import lenet_digits
 
 ROOT = Path(lenet_digits.__file__).parents[1]
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from cnn_lab.configs import lenet_fashion_mnist
 from cnn_lab.data import loading
 from cnn_lab.train import train_and_evaluate
-from configs import lenet_fashion_mnist
 
 SOURCE = Path(loading.FASHION_MNIST_SOURCE_DIRS[0])
 

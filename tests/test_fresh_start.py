@@ -13,11 +13,11 @@ import pytest
 import cnn_lab
 from cnn_lab import checkpoint, checkpoint_policy, saved_run
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.configs import lenet_digits
 from cnn_lab.data import loading
 from cnn_lab.metric_writer import read_metrics
 from cnn_lab.tools import evaluate, inspect_run
 from cnn_lab.train import train_and_evaluate
-from configs import lenet_digits
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
+from cnn_lab.configs import lenet_digits
 from cnn_lab.data import inputs
 from cnn_lab.metric_writer import read_metrics
 from cnn_lab.runtime import sharding
 from cnn_lab.train import train_and_evaluate
-from configs import lenet_digits
 
 
 @pytest.fixture(scope="module")

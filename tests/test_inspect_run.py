@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from cnn_lab import metric_writer, saved_run
+from cnn_lab.configs import lenet_digits
 from cnn_lab.tools import inspect_run
 from cnn_lab.train import train_and_evaluate
-from configs import lenet_digits
 
 MAPS = 4
 

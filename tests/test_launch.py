@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cnn_lab import sweep
-from launch import slurm, tpu
+from cnn_lab.launch import slurm, tpu
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cnn_lab import user_input
+from cnn_lab.configs import alexnet_digits
 from cnn_lab.models import get_model
 from cnn_lab.runtime import sharding
-from configs import alexnet_digits
 
 
 def _shapes(model_fields: dict, image_size: int, channels: int = 3) -> dict:

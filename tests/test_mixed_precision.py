@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.configs import lenet_digits
 from cnn_lab.models import RNG_STREAMS, get_model
 from cnn_lab.runtime import sharding
 from cnn_lab.train import train_and_evaluate
-from configs import lenet_digits
 
 # Every model of the registry, small; (model config, image side, channels).
 MODELS = {

@@ -14,11 +14,11 @@ import pytest
 
 from cnn_lab import load_run
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.configs import mlp_digits
+from cnn_lab.launch import local
 from cnn_lab.metric_writer import read_metrics
 from cnn_lab.runtime import distributed
 from cnn_lab.train import train_and_evaluate
-from configs import mlp_digits
-from launch import local
 
 ROOT = Path(__file__).parents[1]
 # Both processes must finish well within this; a hung one (its peer died) is killed.

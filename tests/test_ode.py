@@ -14,12 +14,12 @@ import pytest
 import scipy.linalg
 
 from cnn_lab import evaluation, models, steps
+from cnn_lab.configs import common
 from cnn_lab.models import METRIC_WARNINGS, get_model, metric_warnings
 from cnn_lab.models.ode import Conv3x3, ODEBlock, ODEFunc, ODENet, ODEResNet
 from cnn_lab.models.ode_solve import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS, SolverConfig, solve
 from cnn_lab.models.resnet import ResNet
 from cnn_lab.runtime import sharding
-from configs import common
 
 ALL_SOLVERS = (*FIXED_STEP_SOLVERS, *ADAPTIVE_SOLVERS)
 

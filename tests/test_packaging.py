@@ -1,4 +1,5 @@
-"""Installability: the dependencies resolve, as wheels, on each supported platform.
+"""Installability: the dependencies resolve, as wheels, on each supported platform; the package
+claims no generic top-level names, and a wheel installed elsewhere runs shipped configs by name.
 
 uv resolves for a target platform (its markers and wheel tags), where pip applies this
 machine's markers whatever `--platform` says. It reads package metadata from the index:
@@ -7,6 +8,8 @@ a machine without one skips, saying so.
 
 import shutil
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,56 @@ def test_dependencies_resolve_to_wheels_on(platform, tmp_path):
     present, absent = PLATFORMS[platform]
     assert set(present) <= resolved, set(present) - resolved
     assert not set(absent) & resolved, set(absent) & resolved
+
+
+def test_the_package_list_holds_every_package_folder():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "cnn_lab").rglob("__init__.py")
+    }
+    mapped = {name for name in setuptools["package-dir"]}
+    assert set(setuptools["packages"]) == folders | mapped
+    assert all(name.startswith("cnn_lab.") for name in mapped)  # No generic top-level names.
+
+
+@pytest.mark.slow  # Builds a wheel, installs it into a new environment and trains there.
+def test_a_wheel_installed_elsewhere_trains_a_shipped_config_by_name(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "wheel"), str(ROOT)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    venv = tmp_path / "venv"
+    # The dependencies come from this environment; cnn_lab itself only from the wheel.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    (wheel,) = (tmp_path / "wheel").glob("cnn_lab-*.whl")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    elsewhere = tmp_path / "project"  # A user's project with a `configs` package of its own.
+    (elsewhere / "configs").mkdir(parents=True)
+    (elsewhere / "configs" / "__init__.py").write_text("OWNER = 'the user'\n")
+    (elsewhere / "my_config.py").write_text(
+        "from cnn_lab.configs import mlp_digits\n"
+        "from configs import OWNER\n\n\n"
+        "def get_config(mode=None):\n"
+        "    config = mlp_digits.get_config(mode)\n"
+        "    config.seed = 7 if OWNER == 'the user' else 0\n"
+        "    return config\n"
+    )
+
+    def run(*args):
+        return subprocess.run(
+            [python, *args], cwd=elsewhere, capture_output=True, text=True, timeout=600
+        )
+
+    where = run("-c", "import cnn_lab, configs; print(cnn_lab.__file__, configs.OWNER)")
+    assert str(venv) in where.stdout and "the user" in where.stdout, where.stderr
+    trained = run(
+        "-m", "cnn_lab.train", "--config=cnn_lab:mlp_digits:smoke", "--workdir=run",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "test: loss" in trained.stdout
+    own = run("-m", "cnn_lab.train", "--config=my_config.py", "--help")
+    assert own.returncode == 0, own.stderr[-3000:]
+    assert "seed = 7  (int)" in own.stdout  # The user's config, built on cnn_lab's.

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnn_lab.configs import convnet_digits, lenet_digits, mlp_digits
 from cnn_lab.metric_writer import read_metrics
 from cnn_lab.train import train_and_evaluate
-from configs import convnet_digits, lenet_digits, mlp_digits
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,11 @@ import optax
 import pytest
 
 from cnn_lab import checkpoint, optim, param_groups, saved_run, steps, transfer
+from cnn_lab.configs import transfer_digits, transfer_digits_pretrain
 from cnn_lab.data import loading, pipeline
 from cnn_lab.models import get_model
 from cnn_lab.state import create_train_state
 from cnn_lab.train import train_and_evaluate
-from configs import transfer_digits, transfer_digits_pretrain
 
 LENET = dict(name="lenet5", num_classes=10)
 BACKBONE = ("Conv_.*", "Dense_0", "Dense_1")

@@ -23,9 +23,9 @@ import cnn_lab
 from cnn_lab import checkpoint, checkpoint_policy, evaluation, metric_writer
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.checkpoint_policy import Preempted
+from cnn_lab.configs import lenet_digits
 from cnn_lab.data import inputs, loading
 from cnn_lab.train import PREEMPTED_EXIT_CODE, train_and_evaluate
-from configs import lenet_digits
 
 
 @pytest.fixture(scope="module")

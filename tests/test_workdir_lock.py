@@ -15,10 +15,10 @@ import pytest
 import cnn_lab
 from cnn_lab import sweep
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.configs import mlp_digits
+from cnn_lab.launch import sweep as launch_sweep
 from cnn_lab.tools.evaluate import evaluate_run
 from cnn_lab.train import train_and_evaluate
-from configs import mlp_digits
-from launch import sweep as launch_sweep
 
 HERE = f"PID {os.getpid()} on host {socket.gethostname()}"
 

@@ -9,9 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cnn_lab.configs import resnet20_digits
 from cnn_lab.models import RNG_STREAMS, get_model
 from cnn_lab.train import train_and_evaluate
-from configs import resnet20_digits
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ZOO = ("alexnet", "vgg", "resnet")

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from cnn_lab import checkpoint, optim, steps, user_input
+from cnn_lab import checkpoint, command_line, optim, steps
 from cnn_lab.data import augment, inputs
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import host, sharding
@@ -373,7 +373,7 @@ def main() -> None:
         if output.value:
             Path(output.value).write_text(json.dumps(result, indent=2) + "\n")
 
-    app.run(run, flags_parser=user_input.parse_flags)
+    app.run(run, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

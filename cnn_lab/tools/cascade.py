@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from cnn_lab import checkpoint as checkpoint_lib
-from cnn_lab import user_input
+from cnn_lab import command_line
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data.inputs import split_string
 from cnn_lab.runtime import host
@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host.prepare(workdir_lib.read_config(first))  # CPU devices, before JAX starts.
         result = cascade(args.members, args.split, args.thresholds, args.select_on, args.checkpoint)
     except (FileNotFoundError, ValueError, checkpoint_lib.CheckpointError) as error:
-        user_input.report(error)  # The message says what to change; no traceback.
+        command_line.report(error)  # The message says what to change; no traceback.
     print(format_table(result))
     paths = write(result, Path(args.output_dir) if args.output_dir else first)
     print("Wrote " + ", ".join(str(p) for p in paths.values()))

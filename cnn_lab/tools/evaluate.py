@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnn_lab import checkpoint, saved_run, steps, user_input
+from cnn_lab import checkpoint, command_line, saved_run, steps
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, pipeline
 from cnn_lab.data.inputs import split_string
@@ -299,10 +299,10 @@ def main() -> None:
                 if jax.process_index() == 0:
                     path.write_text(json.dumps({"workdirs": runs, "rows": rows}, indent=2) + "\n")
         except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as error:
-            user_input.report(error)  # The message says what to change; no traceback.
+            command_line.report(error)  # The message says what to change; no traceback.
         print(format_table(rows))
 
-    app.run(run, flags_parser=user_input.parse_flags)
+    app.run(run, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

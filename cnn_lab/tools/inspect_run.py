@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cnn_lab import checkpoint, metric_writer, saved_run, user_input
+from cnn_lab import checkpoint, command_line, metric_writer, saved_run
 from cnn_lab.data import augment, inputs
 from cnn_lab.data.inputs import split_string
 from cnn_lab.models import layers
@@ -363,7 +363,7 @@ def main() -> None:
         for path in written.values():
             print(path)
 
-    app.run(run, flags_parser=user_input.parse_flags)
+    app.run(run, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from cnn_lab import sweep, user_input
+from cnn_lab import command_line, sweep
 from cnn_lab.models import RNG_STREAMS, get_model
 from cnn_lab.models.layers import METRICS
 
@@ -150,7 +150,7 @@ def main() -> None:
             raise app.UsageError("--sweep: the config file defines no get_sweep().")
         print(summarize_sweep(config.value, module.get_sweep()))
 
-    app.run(run, flags_parser=user_input.parse_flags)
+    app.run(run, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from cnn_lab import (
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.averaging import Averaging
 from cnn_lab.checkpoint_policy import Preempted
-from cnn_lab.data import augment, inputs
+from cnn_lab.data import augment, inputs, sources
 from cnn_lab.metric_writer import MetricWriter, TrainWindow
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import distributed, host, provenance, sharding
@@ -159,6 +159,7 @@ def setup(
         if is_lead:
             implementation = conv_implementation(model)
             workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
+            sources.write_class_names(workdir, config.data)
             images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
             print(model.tabulate(key, images, train=False, console_kwargs={"width": 120}))
             n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -334,6 +335,9 @@ def train_and_evaluate(
     workdir = Path(workdir)
     # Before the lock creates the workdir: a mistake writes nothing.
     user_input.check_workdir(workdir)
+    # Own data is decoded (beside it, or in the workdir if its folder is read-only) and unset
+    # fields taken from it; its mistakes are raised before anything is written.
+    config = sources.resolve(config, fallback_dir=workdir / "data_cache")
     user_input.validate(config, sharding.make_mesh())
     # Process 0 holds the workdir's lock for the whole run; the OS frees it if the run dies.
     with workdir_lib.locked(workdir, enabled=jax.process_index() == 0):

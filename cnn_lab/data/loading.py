@@ -4,6 +4,7 @@ import contextlib
 import difflib
 import functools
 import os
+import re
 import urllib.parse
 import zipfile
 from pathlib import Path
@@ -61,6 +62,7 @@ def load_split(
     and size read them from there: restarts skip decoding, resizing and importing TF.
     """
     builder = _prepared_builder(name, data_dir, source_dir)
+    split = fit_split(builder, split)
     decoded = None
     if keep_decoded and not _tfds_is_mocked():
         size = image_size or "native"
@@ -114,13 +116,30 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarr
     return images, labels.astype(np.int32)
 
 
+def fit_split(builder: tfds.core.DatasetBuilder, split: str) -> str:
+    """`split` with its example-count slice bounds capped at the split's size.
+
+    "train[:512]" of a 416-example train split is "train[:416]", so small data sets take the
+    same slices as large ones (e.g. in `:smoke` mode); other split strings pass unchanged.
+    """
+    match = re.fullmatch(r"(\w+)\[(-?\d*):(-?\d*)\]", split)
+    if match is None:
+        return split
+    try:
+        size = builder.info.splits[match[1]].num_examples
+    except (KeyError, ValueError):  # Unknown split, or mocked data without split metadata.
+        return split
+    start, stop = (str(max(-size, min(size, int(b)))) if b else "" for b in match.groups()[1:])
+    return f"{match[1]}[{start}:{stop}]"
+
+
 def num_examples(
     name: str, split: str, *, data_dir: str | None = None, source_dir: str | None = None
 ) -> int | None:
     """Examples in `split` (slicing allowed) from the data set's metadata; None if it has none."""
     builder = _prepared_builder(name, data_dir, source_dir)
     try:
-        return builder.info.splits[split].num_examples
+        return builder.info.splits[fit_split(builder, split)].num_examples
     except (KeyError, ValueError):  # tfds.testing.mock_data serves data without split metadata.
         return None
 

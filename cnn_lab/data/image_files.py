@@ -1,0 +1,263 @@
+"""A user's own images, as a folder of class folders or a NumPy .npz file: found, checked, split.
+
+Nothing here writes: `open_source` lists and inspects the files (headers only) and raises
+ValueError naming what is wrong and how to fix it; `read_image` decodes one file (Pillow).
+"""
+
+import dataclasses
+import hashlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+SPLITS = ("train", "val", "test")
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF")  # MPO: multi-picture JPEG from cameras.
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+_MAX_LISTED = 5  # Bad files named in an error.
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Examples of a folder or .npz file, with their labels and what their headers say.
+
+    `files[split]`: paths (folder) or row indices into `arrays[split]` (npz); `labels[split]`
+    (n,) int. A split absent from the source (e.g. no DIR/val) is an empty list here and is
+    carved from train by the caller. `sizes`: the distinct (width, height) found; `colour`:
+    whether any image has colour (else all are grey).
+    """
+
+    path: Path
+    class_names: tuple[str, ...]
+    files: dict[str, list]
+    labels: dict[str, np.ndarray]
+    sizes: frozenset[tuple[int, int]]
+    colour: bool
+    fingerprint: str  # Changes when a file is added, removed, renamed, resized or touched.
+    arrays: dict[str, np.ndarray] | None = None  # npz only: the images of each split.
+
+
+def open_source(path: str | Path, *, skip_bad_files: bool = False) -> Source:
+    """The images at `path`: DIR/<class>/*, DIR/{train,val,test}/<class>/*, or FILE.npz."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"config.data.source_dir={str(path)!r} does not exist. Pass a folder of class "
+            "folders (DIR/<class>/*.png), a folder with train/ (and val/, test/) holding class "
+            "folders, or a .npz file with x_train and y_train."
+        )
+    if path.is_file():
+        return _open_npz(path)
+    return _open_folder(path, skip_bad_files)
+
+
+def _visible(folder: Path) -> list[Path]:
+    """Entries of `folder` in sorted order, without hidden ones (.DS_Store, our .cnn_lab cache)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _open_folder(root: Path, skip_bad_files: bool) -> Source:
+    folders = [p for p in _visible(root) if p.is_dir()]
+    if not folders:
+        raise ValueError(
+            f"config.data.source_dir={str(root)!r} holds no class folders. Put each class's "
+            f"images in a folder named after it: {root}/<class>/<image>.png."
+        )
+    split_layout = "train" in {p.name for p in folders} and {p.name for p in folders} <= set(SPLITS)
+    split_roots = {s: root / s for s in SPLITS if (root / s).is_dir()} if split_layout else {}
+    class_root = split_roots.get("train", root)
+    class_names = tuple(p.name for p in _visible(class_root) if p.is_dir())
+    if len(class_names) < 2:
+        raise ValueError(
+            f"{class_root} holds {len(class_names)} class folder(s) {list(class_names)}; "
+            "classification needs at least 2. Put each class's images in its own folder: "
+            f"{class_root}/<class>/<image>.png."
+        )
+    files, labels, bad, stats = {}, {}, [], []
+    sizes, colour = set(), False
+    for split in SPLITS:
+        files[split], split_labels = [], []
+        base = split_roots.get(split) if split_layout else (root if split == "train" else None)
+        if base is None:
+            labels[split] = np.zeros(0, np.int64)
+            continue
+        for folder in (p for p in _visible(base) if p.is_dir()):
+            if folder.name not in class_names:
+                raise ValueError(
+                    f"{folder} is a class that {class_root} does not have (its classes: "
+                    f"{list(class_names)}). Rename it, or add {class_root / folder.name}."
+                )
+            found = sorted(p for p in folder.rglob("*") if p.is_file() and _shown(p, folder))
+            good = 0
+            for file in found:
+                header = _header(file)
+                if header is None:
+                    bad.append(file)
+                    continue
+                mode, size, grey_palette = header
+                sizes.add(size)
+                colour |= mode not in _GREY_MODES and not grey_palette
+                files[split].append(file)
+                split_labels.append(class_names.index(folder.name))
+                stat = file.stat()
+                stats.append(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}")
+                good += 1
+            if not good and split == "train":
+                raise ValueError(
+                    f"Class folder {folder} holds no images ({len(found)} other file(s)). Add "
+                    "JPEG, PNG, BMP or GIF images to it, or remove the folder."
+                )
+        labels[split] = np.asarray(split_labels, np.int64)
+    if bad and not skip_bad_files:
+        listed = ", ".join(str(p) for p in bad[:_MAX_LISTED])
+        more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise ValueError(
+            f"{len(bad)} file(s) in {root} are not JPEG, PNG, BMP or GIF images: {listed}{more}. "
+            "Remove them, or pass --config.data.skip_bad_files=True to train without them."
+        )
+    fingerprint = hashlib.sha256("\n".join(stats).encode()).hexdigest()
+    return Source(root, class_names, files, labels, frozenset(sizes), colour, fingerprint)
+
+
+def _shown(file: Path, folder: Path) -> bool:
+    return not any(part.startswith(".") for part in file.relative_to(folder).parts)
+
+
+def _header(file: Path) -> tuple[str, tuple[int, int], bool] | None:
+    """(mode, (width, height), whether a palette is all grey) from the file's header; None: no image."""
+    try:
+        with Image.open(file) as image:
+            if image.format not in IMAGE_FORMATS:
+                return None
+            palette = image.getpalette() if image.mode in ("P", "PA") else None
+            grey_palette = palette is not None and all(
+                palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette), 3)
+            )
+            return image.mode, image.size, grey_palette
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+
+
+def read_image(file: Path, channels: int) -> np.ndarray:
+    """The first frame of an image file as uint8 (H, W, channels): alpha dropped, colour or grey converted."""
+    with Image.open(file) as image:
+        image.seek(0)
+        if image.mode.startswith("I;16"):  # 16-bit grey: keep the high byte.
+            pixels = (np.asarray(image, np.uint16) >> 8).astype(np.uint8)
+        else:
+            pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    return to_channels(pixels, channels)
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (..., H, W) or (..., H, W, C) -> (..., H, W, channels): alpha dropped, grey <-> RGB."""
+    if images.ndim in (2, 3) and (images.ndim == 2 or images.shape[-1] not in (1, 2, 3, 4)):
+        images = images[..., None]  # (H, W) or (N, H, W): grey without a channel axis.
+    if images.shape[-1] in (2, 4):  # Grey + alpha, RGB + alpha.
+        images = images[..., :-1]
+    if images.shape[-1] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    # ITU-R 601-2 luma, as Pillow's convert("L") computes it.
+    weights = np.asarray([299, 587, 114], np.uint32)
+    return ((images.astype(np.uint32) @ weights + 500) // 1000).astype(np.uint8)[..., None]
+
+
+def _open_npz(path: Path) -> Source:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            contents = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"config.data.source_dir={str(path)!r} is neither a folder nor a readable .npz file "
+            f"({error}). Save arrays with np.savez(path, x_train=..., y_train=...)."
+        ) from None
+    if "x_train" not in contents or "y_train" not in contents:
+        raise ValueError(
+            f"{path} holds {sorted(contents)}, but needs x_train (N, H, W[, C]) uint8 images and "
+            "y_train (N,) integer labels (optionally x_val, y_val, x_test, y_test, class_names)."
+        )
+    names = contents.get("class_names")
+    arrays, labels, files = {}, {}, {}
+    for split in SPLITS:
+        x, y = contents.get(f"x_{split}"), contents.get(f"y_{split}")
+        if (x is None) != (y is None):
+            raise ValueError(
+                f"{path} holds only one of x_{split} and y_{split}: give both or neither."
+            )
+        if x is None:
+            arrays[split], labels[split], files[split] = None, np.zeros(0, np.int64), []
+            continue
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] > 4):
+            raise ValueError(
+                f"{path}: x_{split} is {x.dtype} {x.shape}; expected uint8 images (N, H, W) or "
+                "(N, H, W, C) with C 1-4. Convert with (x * 255).round().astype(np.uint8) if "
+                "they are floats in [0, 1]."
+            )
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(
+                f"{path}: y_{split} is {y.dtype} {y.shape} for x_{split} of {len(x)} images; "
+                f"expected {len(x)} integer labels, shape ({len(x)},)."
+            )
+        arrays[split], labels[split], files[split] = x, y.astype(np.int64), list(range(len(x)))
+    num_classes = len(names) if names is not None else int(labels["train"].max(initial=0)) + 1
+    for split in SPLITS:
+        outside = labels[split][(labels[split] < 0) | (labels[split] >= num_classes)]
+        if len(outside):
+            raise ValueError(
+                f"{path}: y_{split} holds labels {sorted(set(outside.tolist()))[:5]} outside "
+                f"0..{num_classes - 1} ({num_classes} classes"
+                f"{', from class_names' if names is not None else ''}). Labels must be 0..K-1."
+            )
+    if num_classes < 2 or len(np.unique(labels["train"])) < 2:
+        raise ValueError(f"{path}: y_train holds a single class; classification needs at least 2.")
+    class_names = (
+        tuple(str(n) for n in names)
+        if names is not None
+        else tuple(str(i) for i in range(num_classes))
+    )
+    channel_counts = {1 if x.ndim == 3 else x.shape[-1] for x in arrays.values() if x is not None}
+    sizes = {(x.shape[2], x.shape[1]) for x in arrays.values() if x is not None}
+    stat = path.stat()
+    fingerprint = hashlib.sha256(
+        f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    ).hexdigest()
+    return Source(
+        path,
+        class_names,
+        files,
+        labels,
+        frozenset(sizes),
+        bool(channel_counts & {3, 4}),
+        fingerprint,
+        arrays,
+    )
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: tuple[float, float], seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test) of `labels` (n,): each class split by `fractions` (val, test), seeded.
+
+    Every class with 3 or more examples gives at least one to each split asked for (fraction
+    > 0); the split depends only on (labels, fractions, seed).
+    """
+    parts = ([], [], [])
+    for label in np.unique(labels):
+        members = np.random.default_rng([seed, int(label)]).permutation(
+            np.flatnonzero(labels == label)
+        )
+        counts = [round(f * len(members)) for f in fractions]
+        counts = [
+            max(c, 1) if f > 0 and len(members) >= 3 else c for c, f in zip(counts, fractions)
+        ]
+        val, test = counts
+        parts[1].append(members[:val])
+        parts[2].append(members[val : val + test])
+        parts[0].append(members[val + test :])
+    return tuple(np.sort(np.concatenate(p)).astype(np.int64) for p in parts)

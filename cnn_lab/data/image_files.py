@@ -252,11 +252,9 @@ def stratified_split(
         members = np.random.default_rng([seed, int(label)]).permutation(
             np.flatnonzero(labels == label)
         )
-        counts = [round(f * len(members)) for f in fractions]
-        counts = [
-            max(c, 1) if f > 0 and len(members) >= 3 else c for c, f in zip(counts, fractions)
-        ]
-        val, test = counts
+        # A class of 3 or more gives each split asked for at least one example.
+        small = len(members) < 3
+        val, test = (round(f * len(members)) or int(f > 0 and not small) for f in fractions)
         parts[1].append(members[:val])
         parts[2].append(members[val : val + test])
         parts[0].append(members[val + test :])

@@ -270,17 +270,22 @@ def test_an_npz_run_streams_and_resumes_bitwise_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_resnet20_trains_on_a_folder(tmp_path):
+def test_resnet20_trains_on_a_folder_and_the_tools_name_its_classes(tmp_path):
+    from cnn_lab.tools import evaluate, inspect_run
+
     config = own_data_config.get_config("resnet20,smoke")
     config.data.source_dir = str(make_folder(tmp_path / "data", per_class=10))
     config.train.batch_size, config.eval.batch_size, config.train.progress_bar = 8, 8, False
     config.model.depth = 8
     results = train_and_evaluate(config, tmp_path / "w")
     assert results["test"]["count"] == 3
-    assert (
-        json.loads((tmp_path / "w" / "config.json").read_text())["config"]["model"]["num_classes"]
-        == 3
-    )
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())["config"]
+    assert saved["model"]["num_classes"] == 3
+    rows, _, _ = evaluate.evaluate_run(tmp_path / "w", "latest", variants=("raw",))
+    assert rows[0]["class_names"] == ["cat", "dog", "eel"]
+    assert "cat: " in evaluate.format_table(rows)
+    written = inspect_run.inspect_run(tmp_path / "w", "latest", maps=2, max_examples=8)
+    assert json.loads(written["confusion_json"].read_text())["classes"] == ["cat", "dog", "eel"]
 
 
 def test_built_in_data_sets_carry_their_class_names(tmp_path):

@@ -14,6 +14,7 @@ from PIL import Image
 import cnn_lab
 from cnn_lab.data import image_files, inputs, loading, own_data, sources
 from cnn_lab.train import train_and_evaluate
+from cnn_lab.workdir import read_metrics
 from configs import own_data as own_data_config
 
 ROOT = Path(own_data_config.__file__).parents[1]
@@ -296,3 +297,45 @@ def test_built_in_data_sets_carry_their_class_names(tmp_path):
     assert sources.class_names(config.data) == tuple("0123456789")
     config.data.classes = (3, 5)
     assert sources.class_names(config.data) == ("3", "5")
+
+
+@pytest.mark.slow
+def test_notebook_arrays_train_and_a_second_call_resumes(tmp_path):
+    from cnn_lab.tools.arrays import train_on_arrays
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(80) % 2
+    images = (rng.random((80, 8, 8)) * 90 + labels[:, None, None] * 120).astype(np.uint8)
+    config = config_for("unused", "smoke")
+    config.train.num_epochs = 1
+    kwargs = dict(class_names=["dark", "light"], cache_dir=tmp_path / "cache")
+    results = train_on_arrays(config, tmp_path / "w", images, labels, **kwargs)
+    assert results["test"]["count"] == 8
+    saved = list((tmp_path / "cache").glob("*.npz"))
+    assert len(saved) == 1
+    config.train.num_epochs = 2
+    changed = ("train.num_epochs",)
+    train_on_arrays(config, tmp_path / "w", images, labels, **kwargs, allow_config_changes=changed)
+    assert list((tmp_path / "cache").glob("*.npz")) == saved  # The same file: a resume.
+    assert json.loads((tmp_path / "w" / "classes.json").read_text()) == ["dark", "light"]
+    steps = [r["step"] for r in read_metrics(tmp_path / "w") if r["split"] == "val"]
+    assert steps == [8, 16]
+
+
+def test_download_asks_tfds_to_prepare_only_when_set(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    from configs import convnet_mnist
+
+    prepared = []
+    monkeypatch.setattr(
+        tfds.core.DatasetBuilder,
+        "download_and_prepare",
+        lambda self, **kw: prepared.append(self.name),
+    )
+    config = convnet_mnist.get_config()
+    config.data.data_dir = str(tmp_path)
+    assert sources.resolve(config) is config and prepared == []
+    config.data.download = True
+    sources.resolve(config)
+    assert prepared == ["mnist"]

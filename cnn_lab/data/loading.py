@@ -217,7 +217,8 @@ def _not_prepared_message(builder: tfds.core.DatasetBuilder) -> str:
     name, root = builder.name, builder.data_dir_root
     message = (
         f"TFDS data set {name!r} is not prepared in data_dir {root} (looked for {builder.data_dir}) "
-        "and this code never downloads. Prepare it on a machine with internet access with "
+        "and downloads are off. With internet access, pass --config.data.download=True to have "
+        "TFDS download and prepare it; or prepare it on a machine with internet access with "
         f"`tfds build {name} --data_dir=<dir>` and copy <dir>/{name} into {root}, or set "
         "config.data.data_dir to a data dir that already holds it."
     )

@@ -1,7 +1,9 @@
 """Own data: folders of images and .npz files, decoded once into a TFDS copy, statistics and class
 names taken from them, bad inputs refused before anything is written, exact resume."""
 
+import gzip
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -339,3 +341,28 @@ def test_download_asks_tfds_to_prepare_only_when_set(tmp_path, monkeypatch):
     config.data.download = True
     sources.resolve(config)
     assert prepared == ["mnist"]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(f">{1 + array.ndim}I", 0x800 + array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_the_fashion_mnist_folder_script_keeps_the_label_order(tmp_path):
+    from launch import fashion_mnist_folder
+
+    rng = np.random.default_rng(0)
+    for split, (images_file, labels_file) in fashion_mnist_folder.FASHION_MNIST_FILES.items():
+        n = 40 if split == "train" else 20
+        _write_idx(tmp_path / images_file, rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / labels_file, np.arange(n) % 10)
+    counts = fashion_mnist_folder.write_folder(tmp_path, tmp_path / "png")
+    assert counts == {"train": 40, "test": 20}
+    assert (tmp_path / "png" / "train" / "0-T-shirt_top" / "00000.png").is_file()
+    config = sources.resolve(config_for(tmp_path / "png"))
+    assert config.data.channels == 1 and config.data.image_size == 28
+    names = sources.class_names(config.data)
+    assert names[0] == "0-T-shirt_top" and names[9] == "9-Ankle_boot"
+    _, labels = loading.load_split("own_data", "test", data_dir=config.data.data_dir)
+    assert sorted(labels.tolist()) == sorted((np.arange(20) % 10).tolist())

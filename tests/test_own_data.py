@@ -116,7 +116,7 @@ def test_an_npz_in_keras_layout_is_read(tmp_path, channels_axis):
     assert (tmp_path / ".mnist.npz.cnn_lab").is_dir()
 
 
-def test_an_unchanged_source_is_not_decoded_again_and_an_edited_one_is(tmp_path, monkeypatch):
+def test_an_unchanged_source_is_not_read_again_and_an_edited_one_is(tmp_path, monkeypatch):
     make_folder(tmp_path / "data")
     first = sources.resolve(config_for(tmp_path / "data"))
 
@@ -124,6 +124,7 @@ def test_an_unchanged_source_is_not_decoded_again_and_an_edited_one_is(tmp_path,
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(image_files, "read_image", no_decoding)
+    monkeypatch.setattr(image_files, "_header", no_decoding)  # The headers' scan is kept too.
     assert sources.resolve(config_for(tmp_path / "data")).data.data_dir == first.data.data_dir
     monkeypatch.undo()
     Image.new("L", (12, 12), 7).save(tmp_path / "data" / "cat" / "new.png")
@@ -366,3 +367,13 @@ def test_the_fashion_mnist_folder_script_keeps_the_label_order(tmp_path):
     assert names[0] == "0-T-shirt_top" and names[9] == "9-Ankle_boot"
     _, labels = loading.load_split("own_data", "test", data_dir=config.data.data_dir)
     assert sorted(labels.tolist()) == sorted((np.arange(20) % 10).tolist())
+
+
+def test_a_config_of_an_unlisted_data_set_leaves_its_statistics_unset():
+    from configs import common
+
+    config = common.get_base_config("my_data", image_size=32)
+    assert (config.data.channels, config.model.num_classes, config.data.mean) == (None, None, None)
+    config.lock()
+    config.data.mean = (0.5,)  # Typed placeholders: settable from the command line.
+    config.data.channels = 1

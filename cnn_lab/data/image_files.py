@@ -4,8 +4,11 @@ Nothing here writes: `open_source` lists and inspects the files (headers only) a
 ValueError naming what is wrong and how to fix it; `read_image` decodes one file (Pillow).
 """
 
+import contextlib
 import dataclasses
 import hashlib
+import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -36,10 +39,17 @@ class Source:
     colour: bool
     fingerprint: str  # Changes when a file is added, removed, renamed, resized or touched.
     arrays: dict[str, np.ndarray] | None = None  # npz only: the images of each split.
+    scan: dict | None = None  # Folder only: what the headers said (see _scan).
 
 
-def open_source(path: str | Path, *, skip_bad_files: bool = False) -> Source:
-    """The images at `path`: DIR/<class>/*, DIR/{train,val,test}/<class>/*, or FILE.npz."""
+def open_source(
+    path: str | Path, *, skip_bad_files: bool = False, scan_dir: Path | None = None
+) -> Source:
+    """The images at `path`: DIR/<class>/*, DIR/{train,val,test}/<class>/*, or FILE.npz.
+
+    A folder's files are listed and their headers read, unless `scan_dir` keeps a scan
+    (`keep_scan`) of files with the same names, sizes and modification times.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(
@@ -49,7 +59,7 @@ def open_source(path: str | Path, *, skip_bad_files: bool = False) -> Source:
         )
     if path.is_file():
         return _open_npz(path)
-    return _open_folder(path, skip_bad_files)
+    return _open_folder(path, skip_bad_files, scan_dir)
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -57,7 +67,7 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def _open_folder(root: Path, skip_bad_files: bool) -> Source:
+def _open_folder(root: Path, skip_bad_files: bool, scan_dir: Path | None) -> Source:
     folders = [p for p in _visible(root) if p.is_dir()]
     if not folders:
         raise ValueError(
@@ -74,50 +84,83 @@ def _open_folder(root: Path, skip_bad_files: bool) -> Source:
             "classification needs at least 2. Put each class's images in its own folder: "
             f"{class_root}/<class>/<image>.png."
         )
-    files, labels, bad, stats = {}, {}, [], []
-    sizes, colour = set(), False
+    listed = []  # (split, class folder, file) of every visible file, in a fixed order.
     for split in SPLITS:
-        files[split], split_labels = [], []
         base = split_roots.get(split) if split_layout else (root if split == "train" else None)
-        if base is None:
-            labels[split] = np.zeros(0, np.int64)
-            continue
-        for folder in (p for p in _visible(base) if p.is_dir()):
+        for folder in (p for p in _visible(base) if p.is_dir()) if base else ():
             if folder.name not in class_names:
                 raise ValueError(
                     f"{folder} is a class that {class_root} does not have (its classes: "
                     f"{list(class_names)}). Rename it, or add {class_root / folder.name}."
                 )
             found = sorted(p for p in folder.rglob("*") if p.is_file() and _shown(p, folder))
-            good = 0
-            for file in found:
-                header = _header(file)
-                if header is None:
-                    bad.append(file)
-                    continue
-                mode, size, grey_palette = header
-                sizes.add(size)
-                colour |= mode not in _GREY_MODES and not grey_palette
-                files[split].append(file)
-                split_labels.append(class_names.index(folder.name))
-                stat = file.stat()
-                stats.append(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}")
-                good += 1
-            if not good and split == "train":
-                raise ValueError(
-                    f"Class folder {folder} holds no images ({len(found)} other file(s)). Add "
-                    "JPEG, PNG, BMP or GIF images to it, or remove the folder."
-                )
-        labels[split] = np.asarray(split_labels, np.int64)
+            listed += [(split, folder, file) for file in found]
+            if not found and split == "train":
+                raise ValueError(f"Class folder {folder} is empty. Add images, or remove it.")
+    stats = ((f.relative_to(root), f.stat()) for *_, f in listed)
+    stats = (f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}" for name, stat in stats)
+    fingerprint = hashlib.sha256("\n".join([str(root.resolve()), *stats]).encode()).hexdigest()
+    scan = _read_scan(scan_dir, fingerprint) or _scan([f for *_, f in listed], root)
+    bad = {root / b for b in scan["bad"]}
+    files = {split: [] for split in SPLITS}
+    labels = {split: [] for split in SPLITS}
+    for split, folder, file in listed:
+        if file not in bad:
+            files[split].append(file)
+            labels[split].append(class_names.index(folder.name))
+    present = set(labels["train"])
+    for label in (c for c in range(len(class_names)) if c not in present):
+        raise ValueError(
+            f"Class folder {class_root / class_names[label]} holds no images, only other "
+            "files. Add JPEG, PNG, BMP or GIF images to it, or remove the folder."
+        )
     if bad and not skip_bad_files:
-        listed = ", ".join(str(p) for p in bad[:_MAX_LISTED])
+        shown = ", ".join(str(root / b) for b in scan["bad"][:_MAX_LISTED])
         more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
         raise ValueError(
-            f"{len(bad)} file(s) in {root} are not JPEG, PNG, BMP or GIF images: {listed}{more}. "
+            f"{len(bad)} file(s) in {root} are not JPEG, PNG, BMP or GIF images: {shown}{more}. "
             "Remove them, or pass --config.data.skip_bad_files=True to train without them."
         )
-    fingerprint = hashlib.sha256("\n".join(stats).encode()).hexdigest()
-    return Source(root, class_names, files, labels, frozenset(sizes), colour, fingerprint)
+    sizes = frozenset(tuple(size) for size in scan["sizes"])
+    labels = {split: np.asarray(values, np.int64) for split, values in labels.items()}
+    return Source(root, class_names, files, labels, sizes, scan["colour"], fingerprint, scan=scan)
+
+
+def _scan(files: list[Path], root: Path) -> dict:
+    """What the headers of `files` say: {"bad": relative paths, "sizes": [[w, h]], "colour": bool}."""
+    bad, sizes, colour = [], set(), False
+    for file in files:
+        header = _header(file)
+        if header is None:
+            bad.append(str(file.relative_to(root)))
+            continue
+        mode, size, grey_palette = header
+        sizes.add(size)
+        colour |= mode not in _GREY_MODES and not grey_palette
+    return {"bad": bad, "sizes": sorted(sizes), "colour": colour}
+
+
+def _scan_file(scan_dir: Path, fingerprint: str) -> Path:
+    return Path(scan_dir) / f"scan-{fingerprint[:16]}.json"
+
+
+def _read_scan(scan_dir: Path | None, fingerprint: str) -> dict | None:
+    """The header scan of files with this fingerprint, if one was kept; None if not."""
+    if scan_dir is None:
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(_scan_file(scan_dir, fingerprint).read_text())
+    return None
+
+
+def keep_scan(source: Source, scan_dir: Path) -> None:
+    """Keep `source`'s header scan in `scan_dir`, so that a restart reads no header again."""
+    if source.scan is not None:
+        path = _scan_file(scan_dir, source.fingerprint)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(OSError):  # Without it, the next start scans again.
+            partial.write_text(json.dumps(source.scan) + "\n")
+            partial.replace(path)
 
 
 def _shown(file: Path, folder: Path) -> bool:

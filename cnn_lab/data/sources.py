@@ -38,7 +38,10 @@ def resolve(
             "config.data.name='own_data' reads the images at config.data.source_dir, which is "
             "not set. Pass --config.data.source_dir=DIR (DIR/<class>/*.png) or =FILE.npz."
         )
-    source = image_files.open_source(data.source_dir, skip_bad_files=data.skip_bad_files)
+    path = Path(data.source_dir).expanduser()
+    root = Path(data.data_dir) if data.data_dir else None
+    root = root or (own_data.cache_root(path, fallback_dir) if path.exists() else None)
+    source = image_files.open_source(path, skip_bad_files=data.skip_bad_files, scan_dir=root)
     known = len(data.classes) or len(source.class_names)
     names = f"{len(source.class_names)} classes {list(source.class_names)[:10]}"
     if config.model.num_classes is not None and config.model.num_classes != known:
@@ -60,9 +63,8 @@ def resolve(
         split_seed=data.split_seed,
         skip_bad_files=data.skip_bad_files,
     )
-    root = Path(data.data_dir) if data.data_dir else None
-    root = root or own_data.cache_root(source.path, fallback_dir)
     prepared = own_data.prepare(source, settings, own_data.copy_dir(source, settings, root))
+    image_files.keep_scan(source, root)
     resolved = copy.deepcopy(config)
     resolved.data.channels = channels
     resolved.data.image_size = image_size

@@ -377,3 +377,15 @@ def test_a_config_of_an_unlisted_data_set_leaves_its_statistics_unset():
     config.lock()
     config.data.mean = (0.5,)  # Typed placeholders: settable from the command line.
     config.data.channels = 1
+
+
+def test_a_deleted_copy_is_named_and_made_again_at_the_same_place(tmp_path):
+    import shutil
+
+    config = sources.resolve(config_for(make_folder(tmp_path / "data", per_class=5)))
+    shutil.rmtree(tmp_path / "data" / own_data.CACHE_SUFFIX)
+    with pytest.raises(ValueError, match="No decoded copy of own data"):
+        loading.num_examples("own_data", "train", data_dir=config.data.data_dir)
+    again = sources.resolve(config_for(tmp_path / "data"))
+    assert again.data.data_dir == config.data.data_dir
+    assert loading.num_examples("own_data", "train", data_dir=again.data.data_dir) == 9

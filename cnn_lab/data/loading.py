@@ -191,6 +191,12 @@ def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
+        if name == "own_data":  # own_data.NAME: its copy is made by sources.resolve.
+            raise ValueError(
+                f"No decoded copy of own data in {data_dir}: it was deleted or moved. Train "
+                "again with the same config (python -m cnn_lab.train ...): it decodes "
+                "config.data.source_dir again and resumes the run."
+            ) from None
         close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False))
         raise ValueError(
             f"Unknown data set {name!r}: it is neither 'digits' nor a TFDS data set"

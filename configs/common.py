@@ -62,12 +62,12 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.seed = 0  # Seeds parameter init, dropout and the data order.
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = dataset  # 'digits' (embedded) or any TFDS name.
+    config.data.name = dataset  # 'digits' (embedded), 'own_data' (source_dir) or a TFDS name.
     config.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS's default.
     config.data.download = False  # Let TFDS download and prepare a public data set not prepared.
     config.data.source_dir = config_dict.placeholder(
         str
-    )  # Raw files to prepare from (fashion_mnist IDX); None: search known places.
+    )  # Raw files (fashion_mnist IDX; own_data: a folder or .npz); None: search known places.
     config.data.train_split = "train[:90%]"  # TFDS split string trained on.
     config.data.validation_split = (
         "train[90%:]"  # Carved from train: model selection never sees test.

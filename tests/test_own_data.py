@@ -126,6 +126,7 @@ def test_an_unchanged_source_is_not_read_again_and_an_edited_one_is(tmp_path, mo
     monkeypatch.setattr(image_files, "read_image", no_decoding)
     monkeypatch.setattr(image_files, "_header", no_decoding)  # The headers' scan is kept too.
     assert sources.resolve(config_for(tmp_path / "data")).data.data_dir == first.data.data_dir
+    assert sources.resolve(first).data.data_dir == first.data.data_dir  # Resolving is idempotent.
     monkeypatch.undo()
     Image.new("L", (12, 12), 7).save(tmp_path / "data" / "cat" / "new.png")
     edited = sources.resolve(config_for(tmp_path / "data"))
@@ -146,6 +147,9 @@ def test_a_configured_class_count_that_disagrees_names_both(tmp_path):
     config = config_for(make_folder(tmp_path / "data"))
     config.model.num_classes = 10
     with pytest.raises(ValueError, match=r"num_classes=10.*3 classes \['cat', 'dog', 'eel'\]"):
+        sources.resolve(config)
+    config.model.num_classes, config.data.channels = 3, 4
+    with pytest.raises(ValueError, match=r"channels=4: .* Set 1 or 3"):
         sources.resolve(config)
 
 

@@ -139,26 +139,23 @@ def split_indices(source: image_files.Source, settings: Settings) -> dict[str, l
     A split the source lacks is carved from its train split, stratified by class, with
     settings.val_fraction / test_fraction; raises ValueError when a split ends up empty.
     """
-    train = np.arange(len(source.labels["train"]))
-    carve = [settings.val_fraction * (not len(source.labels["val"]))]
-    carve.append(settings.test_fraction * (not len(source.labels["test"])))
-    keep, val, test = image_files.stratified_split(
-        source.labels["train"], tuple(carve), settings.split_seed
+    labels = source.labels
+    # Only a split the source lacks is carved from train.
+    fractions = tuple(
+        0.0 if len(labels[s]) else getattr(settings, f"{s}_fraction") for s in ("val", "test")
     )
-    carved = {"val": val, "test": test}
-    rng = np.random.default_rng(settings.split_seed)
-    indices = {"train": [("train", int(i)) for i in rng.permutation(train[keep])]}
-    for split in ("val", "test"):
-        own = len(source.labels[split])
-        indices[split] = [(split, i) for i in range(own)] or [
-            ("train", int(i)) for i in carved[split]
-        ]
+    keep, *carved = image_files.stratified_split(labels["train"], fractions, settings.split_seed)
+    order = np.random.default_rng(settings.split_seed).permutation(keep)
+    indices = {"train": [("train", int(i)) for i in order]}
+    for split, taken in zip(("val", "test"), carved, strict=True):
+        own = [(split, i) for i in range(len(labels[split]))]
+        indices[split] = own or [("train", int(i)) for i in taken]
         if not indices[split]:
             fraction = f"config.data.{split}_fraction"
             raise ValueError(
                 f"{source.path} gives no {split} examples: it has no {split} split and "
                 f"{fraction}={getattr(settings, f'{split}_fraction')} takes none of "
-                f"{len(train)} images. Raise {fraction} (e.g. 0.1) or add {split} images."
+                f"{len(labels['train'])} images. Raise {fraction} (e.g. 0.1) or add {split} images."
             )
     return indices
 

@@ -38,8 +38,15 @@ def resolve(
             "config.data.name='own_data' reads the images at config.data.source_dir, which is "
             "not set. Pass --config.data.source_dir=DIR (DIR/<class>/*.png) or =FILE.npz."
         )
+    if data.channels not in (None, 1, 3):
+        raise ValueError(
+            f"config.data.channels={data.channels}: own data is read as grey (1) or RGB (3) "
+            "images. Set 1 or 3, or leave it unset (None) to take it from the data."
+        )
     path = Path(data.source_dir).expanduser()
     root = Path(data.data_dir) if data.data_dir else None
+    if root is not None and own_data.read_prepared(root) is not None:
+        root = root.parent  # A resolved config again (e.g. a saved run's): the same copies.
     root = root or (own_data.cache_root(path, fallback_dir) if path.exists() else None)
     source = image_files.open_source(path, skip_bad_files=data.skip_bad_files, scan_dir=root)
     known = len(data.classes) or len(source.class_names)

@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
     words = [w for w in (arg or "").split(",") if w]
     models = [w for w in words if w in RECIPES] or ["convnet"]
     modes = [w for w in words if w not in RECIPES]
-    if len(models) > 1 or len(modes) > 1:
+    if len(models) > 1 or modes not in ([], ["smoke"]):
         raise ValueError(
             f"configs/own_data.py:{arg}: give at most one model ({', '.join(RECIPES)}) and "
             "'smoke', e.g. configs/own_data.py:resnet20,smoke."
@@ -62,8 +62,7 @@ def get_config(arg: str | None = None):
     config.data.test_fraction = 0.1  # Of each class, when the source has no test split.
     config.data.split_seed = 0  # Seeds those splits (not config.seed: the same for every run).
     config.data.skip_bad_files = False  # True: train without files that are not images.
-    if modes and modes[0] == "smoke":  # Capped slices: any data size works.
+    if modes:  # Smoke: slices capped at each split's size, so any data size works.
         config = common.apply_mode(config, "smoke")
         config.data.validation_split = "val[:256]"
-        return config
-    return common.apply_mode(config, modes[0] if modes else None)
+    return config

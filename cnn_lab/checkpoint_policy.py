@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from cnn_lab import checkpoint
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.data import sources
 from cnn_lab.state import TrainState
 
 # What a training attempt, and the tools run on it, write into the workdir (glob patterns).
@@ -31,6 +32,7 @@ RUN_OUTPUTS = (
     checkpoint.SNAPSHOT_DIR,
     workdir_lib.CONFIG_FILE,
     workdir_lib.CONFIG_FILE + ".tmp",
+    sources.CLASSES_FILE,
     workdir_lib.METRICS_FILE,
     workdir_lib.METRICS_FILE + ".tmp",
     workdir_lib.TENSORBOARD_DIR,

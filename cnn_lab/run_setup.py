@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from cnn_lab import averaging, checkpoint, checkpoint_policy, evaluation, optim, steps, transfer
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.averaging import Averaging
-from cnn_lab.data import augment, inputs
+from cnn_lab.data import augment, inputs, sources
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import provenance, sharding
@@ -143,6 +143,7 @@ def setup(
         if is_lead:
             implementation = conv_implementation(model)
             workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
+            sources.write_class_names(workdir, config.data)
             images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
             console = {"width": 120, "force_terminal": sys.stdout.isatty()}  # No ANSI in files.
             print(model.tabulate(key, images, train=False, console_kwargs=console))

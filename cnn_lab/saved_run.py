@@ -25,6 +25,7 @@ from cnn_lab.checkpoint import (
     make_manager,
     restore_newest_valid,
 )
+from cnn_lab.data import sources
 from cnn_lab.models import get_model
 
 Variables = dict  # {"params": ..., "batch_stats": ...}
@@ -131,6 +132,7 @@ def open_run(workdir: str | Path) -> SavedRun:
     if not workdir.is_dir():
         raise FileNotFoundError(f"Workdir {workdir} does not exist. Pass the --workdir of a run.")
     config = workdir_lib.read_config(workdir)
+    config.data.class_names = sources.read_class_names(workdir, config)  # Label order.
     # The run's convolution suited its machine; this one (maybe with a GPU) picks its own.
     model = get_model(ml_collections.ConfigDict({**config.model, "conv_implementation": "auto"}))
     return SavedRun(workdir, config, model)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from cnn_lab import checkpoint, checkpoint_policy, command_line, optim, user_input
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.checkpoint_policy import Preempted
+from cnn_lab.data import sources
 from cnn_lab.metric_writer import TrainWindow
 from cnn_lab.run_setup import Run, setup
 from cnn_lab.runtime import distributed, host, sharding
@@ -173,6 +174,9 @@ def train_and_evaluate(
     with checkpoint_policy.sigterm_flag() as sigterm:
         # Before the lock creates the workdir: a mistake writes nothing.
         user_input.check_workdir(workdir)
+        # Own data is decoded (beside it, or in the workdir if its folder is read-only) and
+        # unset fields taken from it; its mistakes are raised before anything is written.
+        config = sources.resolve(config, fallback_dir=workdir / "data_cache")
         user_input.validate(config, sharding.make_mesh())
         # Process 0 holds the workdir's lock for the whole run; the OS frees it if it dies.
         lock = workdir_lib.locked(workdir, enabled=jax.process_index() == 0)

@@ -118,6 +118,7 @@ ALWAYS_CHANGEABLE = (
 # Fields added to the config after runs were written, with the value that reproduces how
 # those runs trained: `upgrade` gives a saved config without the field that value.
 ADDED_FIELDS = {
+    "data.download": False,
     "model.compute_dtype": "float32",
     "model.conv_implementation": "auto",
     "model.remove": (),

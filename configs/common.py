@@ -46,17 +46,28 @@ DATASETS = {
 
 
 def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
-    """All knobs with their defaults, for `dataset` resized to `image_size` x `image_size`."""
-    stats = DATASETS[dataset]
+    """All knobs with their defaults, for `dataset` resized to `image_size` x `image_size`.
+
+    For a data set not in DATASETS, channels, num_classes, mean and std are left unset (None),
+    for the config to set (or, for own data, the run to take from the data).
+    """
+    stats = DATASETS.get(dataset) or dict(
+        channels=config_dict.placeholder(int),
+        num_classes=config_dict.placeholder(int),
+        mean=config_dict.placeholder(tuple),
+        std=config_dict.placeholder(tuple),
+        flip=False,
+    )
     config = ml_collections.ConfigDict()
     config.seed = 0  # Seeds parameter init, dropout and the data order.
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = dataset  # 'digits' (embedded) or any TFDS name.
+    config.data.name = dataset  # 'digits' (embedded), 'own_data' (source_dir) or a TFDS name.
     config.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS's default.
+    config.data.download = False  # Let TFDS download and prepare a public data set not prepared.
     config.data.source_dir = config_dict.placeholder(
         str
-    )  # Raw files to prepare from (fashion_mnist IDX); None: search known places.
+    )  # Raw files (fashion_mnist IDX; own_data: a folder or .npz); None: search known places.
     config.data.train_split = "train[:90%]"  # TFDS split string trained on.
     config.data.validation_split = (
         "train[90%:]"  # Carved from train: model selection never sees test.

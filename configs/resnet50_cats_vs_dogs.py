@@ -8,8 +8,10 @@ ResNet-50). Its 1000-way head is replaced by a new 2-way one; phase 1 trains tha
 (everything else frozen, BatchNorm in inference mode) for 2 epochs at learning rate 0.01,
 phase 2 fine-tunes every layer for 8 epochs at 0.001 (cosine). Cats vs Dogs (Microsoft's
 Asirra images, 23,262 JPEGs of varied sizes, one TFDS split "train") is carved into 80%
-train, 10% validation and 10% test. TFDS downloads it on first use (786 MB); without a
-network, prepare it elsewhere and point --config.data.data_dir at the TFDS directory.
+train, 10% validation and 10% test. cnn_lab never downloads unless asked: on a machine with
+internet access, add --config.data.download=True and TFDS downloads and prepares it (786 MB)
+on first use; without a network, prepare it elsewhere (`tfds build cats_vs_dogs`) and point
+--config.data.data_dir at that TFDS directory.
 
 Input: streaming (variable-sized JPEGs are decoded, resized and centre-cropped on the host),
 random-resized crops and flips on the devices, 224x224 as in ImageNet training.

@@ -63,9 +63,14 @@ def test_the_package_list_holds_every_package_folder():
 
 @pytest.mark.slow  # Builds a wheel, installs it into a new environment and trains there.
 def test_a_wheel_installed_elsewhere_trains_a_shipped_config_by_name(tmp_path):
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    source = shutil.copytree(
+        ROOT, tmp_path / "source",
+        ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__"),
+    )  # fmt: skip
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "wheel"), str(ROOT)],
+         "-w", str(tmp_path / "wheel"), str(source)],
         check=True, capture_output=True,
     )  # fmt: skip
     venv = tmp_path / "venv"

@@ -113,7 +113,7 @@ class FashionMnistLocal(mnist.FashionMNIST, skip_registration=True):
         }
 
     def _generate_examples(self, images_path: Path, labels_path: Path):
-        images, labels = _read_idx(images_path, ndim=3), _read_idx(labels_path, ndim=1)
+        images, labels = read_idx(images_path, ndim=3), read_idx(labels_path, ndim=1)
         if images.shape[1:] != (28, 28) or len(images) != len(labels):
             raise ValueError(
                 f"{images_path} holds images of shape {images.shape} and {labels_path} holds "
@@ -124,7 +124,7 @@ class FashionMnistLocal(mnist.FashionMNIST, skip_registration=True):
             yield index, {"image": image[..., None], "label": int(label)}
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
+def read_idx(path: Path, ndim: int) -> np.ndarray:
     """The uint8 array (shape from the header) in a gzipped IDX file, checked against its header."""
     try:
         with gzip.open(path, "rb") as f:

@@ -4,6 +4,7 @@ import contextlib
 import difflib
 import functools
 import os
+import re
 import urllib.parse
 import zipfile
 from pathlib import Path
@@ -61,6 +62,7 @@ def load_split(
     and size read them from there: restarts skip decoding, resizing and importing TF.
     """
     builder = _prepared_builder(name, data_dir, source_dir)
+    split = fit_split(builder, split)
     decoded = None
     if keep_decoded and not _tfds_is_mocked():
         size = image_size or "native"
@@ -114,13 +116,30 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarr
     return images, labels.astype(np.int32)
 
 
+def fit_split(builder: tfds.core.DatasetBuilder, split: str) -> str:
+    """`split` with its example-count slice bounds capped at the split's size.
+
+    "train[:512]" of a 416-example train split is "train[:416]", so small data sets take the
+    same slices as large ones (e.g. in `:smoke` mode); other split strings pass unchanged.
+    """
+    match = re.fullmatch(r"(\w+)\[(-?\d*):(-?\d*)\]", split)
+    if match is None:
+        return split
+    try:
+        size = builder.info.splits[match[1]].num_examples
+    except (KeyError, ValueError):  # Unknown split, or mocked data without split metadata.
+        return split
+    start, stop = (str(max(-size, min(size, int(b)))) if b else "" for b in match.groups()[1:])
+    return f"{match[1]}[{start}:{stop}]"
+
+
 def num_examples(
     name: str, split: str, *, data_dir: str | None = None, source_dir: str | None = None
 ) -> int | None:
     """Examples in `split` (slicing allowed) from the data set's metadata; None if it has none."""
     builder = _prepared_builder(name, data_dir, source_dir)
     try:
-        return builder.info.splits[split].num_examples
+        return builder.info.splits[fit_split(builder, split)].num_examples
     except (KeyError, ValueError):  # tfds.testing.mock_data serves data without split metadata.
         return None
 
@@ -172,6 +191,12 @@ def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
+        if name == "own_data":  # own_data.NAME: its copy is made by sources.resolve.
+            raise ValueError(
+                f"No decoded copy of own data in {data_dir}: it was deleted or moved. Train "
+                "again with the same config (python -m cnn_lab.train ...): it decodes "
+                "config.data.source_dir again and resumes the run."
+            ) from None
         close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False))
         raise ValueError(
             f"Unknown data set {name!r}: it is neither 'digits' nor a TFDS data set"
@@ -198,7 +223,8 @@ def _not_prepared_message(builder: tfds.core.DatasetBuilder) -> str:
     name, root = builder.name, builder.data_dir_root
     message = (
         f"TFDS data set {name!r} is not prepared in data_dir {root} (looked for {builder.data_dir}) "
-        "and this code never downloads. Prepare it on a machine with internet access with "
+        "and downloads are off. With internet access, pass --config.data.download=True to have "
+        "TFDS download and prepare it; or prepare it on a machine with internet access with "
         f"`tfds build {name} --data_dir=<dir>` and copy <dir>/{name} into {root}, or set "
         "config.data.data_dir to a data dir that already holds it."
     )

@@ -57,6 +57,7 @@ def train_batches(
     """
     per_process = _per_process(batch_size, process_index, process_count)
     builder = loading._prepared_builder(name, data_dir, None)
+    split = loading.fit_split(builder, split)
     part = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
     files_seed, examples_seed = np.random.default_rng([seed, epoch]).integers(2**31, size=2)
     tf = _tensorflow()
@@ -88,6 +89,7 @@ def num_train_steps(
     """Steps of one epoch of `train_batches` (any process), from the split's metadata; reads no data."""
     per_process = _per_process(batch_size, 0, process_count)
     builder = loading._prepared_builder(name, data_dir, None)
+    split = loading.fit_split(builder, split)
     part = tfds.even_splits(split, n=process_count, drop_remainder=True)[0]
     return builder.info.splits[part].num_examples // per_process
 
@@ -117,6 +119,7 @@ def eval_batches(
         raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
     per_process = _per_process(batch_size, process_index, process_count)
     builder = loading._prepared_builder(name, data_dir, None)
+    split = loading.fit_split(builder, split)
     tf = _tensorflow()
     ds = _encoded_examples(builder, split, files_seed=None)
     ds = ds.map(lambda image, label: (image, label, True))

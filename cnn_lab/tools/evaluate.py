@@ -170,12 +170,13 @@ def evaluate_run(
         float(np.mean(correct[labels == k])) if np.any(labels == k) else math.nan
         for k in range(raw_log_probs.shape[-1])
     ]
+    class_names = list(config.data.class_names)  # Label order (saved_run attaches them).
     for row in rows:
         if row["model"] == "raw":
-            row["per_class_accuracy"] = per_class
+            row |= {"per_class_accuracy": per_class, "class_names": class_names}
     result = {"workdir": str(workdir), "checkpoint": checkpoint_name, "step": step, "split": split}
     result |= predict.scores(raw_log_probs, labels)
-    result |= {"per_class_accuracy": per_class, "rows": rows}
+    result |= {"per_class_accuracy": per_class, "class_names": class_names, "rows": rows}
     name = f"eval_{checkpoint_name}_{split}.json".replace("/", "_").replace(":", "_")
     if jax.process_index() == 0:
         (workdir / name).write_text(json.dumps(result, indent=2) + "\n")
@@ -240,7 +241,10 @@ def format_table(rows: list[dict]) -> str:
         )
     for r in rows:
         if "per_class_accuracy" in r:
-            per_class = "  ".join(f"{k}: {a:.3f}" for k, a in enumerate(r["per_class_accuracy"]))
+            names = r.get("class_names") or range(len(r["per_class_accuracy"]))
+            per_class = "  ".join(
+                f"{name}: {a:.3f}" for name, a in zip(names, r["per_class_accuracy"], strict=True)
+            )
             lines.append(f"per-class accuracy, {r['workdir'][-40:]}: {per_class}")
     return "\n".join(lines)
 

@@ -314,7 +314,7 @@ def inspect_run(
     per_class = [
         float(confusion[i, i] / n) if (n := confusion[i].sum()) else math.nan for i in range(k)
     ]
-    names = [str(c) for c in (config.data.classes or range(k))]
+    names = list(config.data.class_names)  # Attached by saved_run: classes.json, or numbers.
     table = {
         "workdir": str(workdir),
         "checkpoint": checkpoint_name,

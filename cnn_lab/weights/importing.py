@@ -153,16 +153,28 @@ def import_weights(arch: str, source: str | Path, output: str | Path) -> Path:
     images = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
     variables = convert(tensors, shapes, architectures.get(arch), f"--source={str(source)!r}")
-    output.mkdir(parents=True, exist_ok=True)
-    state = jax.device_put({"step": np.int32(IMPORTED_STEP), **variables})
-    with checkpoint.make_manager(output / checkpoint.BEST_DIR) as manager:
-        checkpoint.save(manager, state, IMPORTED_STEP)
-        manager.wait_until_finished()
-    (output / CLASS_NAMES_FILE).write_text("".join(f"{n}\n" for n in imagenet_class_names()))
     record = provenance.collect(sharding.make_mesh(jax.devices()[:1]), "xla")
     record["imported_from"] = {"arch": arch, "file": str(source), "sha256": _sha256(source)}
-    workdir_lib.write_config(output, config, record)  # Last: it marks the directory complete.
+    write_run(output, config, variables, record, imagenet_class_names())
     return output
+
+
+def write_run(
+    directory: Path,
+    config: ml_collections.ConfigDict,
+    variables: Variables,
+    record: dict,
+    class_names: list[str],
+) -> None:
+    """A run directory for inference and fine-tuning: `variables` as checkpoint best/0/,
+    config.json (with `record` as its provenance) and the class names, one a line."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = jax.device_put({"step": np.int32(IMPORTED_STEP), **variables})
+    with checkpoint.make_manager(directory / checkpoint.BEST_DIR) as manager:
+        checkpoint.save(manager, state, IMPORTED_STEP)
+        manager.wait_until_finished()
+    (directory / CLASS_NAMES_FILE).write_text("".join(f"{n}\n" for n in class_names))
+    workdir_lib.write_config(directory, config, record)  # Last: it marks the directory complete.
 
 
 def main() -> None:

@@ -57,13 +57,26 @@ def _expected(run_dir, pixels: np.ndarray) -> np.ndarray:
     return np.asarray(model.apply(variables, images, train=False))
 
 
+def blocking(modules) -> str:
+    """Python source that makes importing any of `modules` (and their submodules) fail."""
+    return (
+        "import sys\n"
+        "class Blocked:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.partition('.')[0] in {sorted(modules)!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Blocked())\n"
+    )
+
+
 def _run_alone(script: str, framework: str, tmp_path, inputs: dict) -> dict[int, np.ndarray]:
     """Run `script` in a fresh Python where, of cnn_lab, flax, jax and tensorflow, only
     `framework` can be imported; it reads inputs.npz and writes outputs.npz (by batch size)."""
     np.savez(tmp_path / "inputs.npz", **{str(b): x for b, x in inputs.items()})
-    blocked = sorted({"cnn_lab", "flax", "jax", "tensorflow"} - {framework})
-    block = f"import sys\nsys.modules.update(dict.fromkeys({blocked!r}))\n"  # import -> error
-    subprocess.run([sys.executable, "-c", block + script], cwd=tmp_path, check=True, timeout=300)
+    blocked = {"cnn_lab", "flax", "jax", "tensorflow"} - {framework}
+    subprocess.run(
+        [sys.executable, "-c", blocking(blocked) + script], cwd=tmp_path, check=True, timeout=300
+    )
     with np.load(tmp_path / "outputs.npz") as outputs:
         return {int(b): outputs[b] for b in outputs.files}
 

@@ -27,23 +27,13 @@ import numpy as np
 from cnn_lab import checkpoint, saved_run
 from cnn_lab.data import augment
 from cnn_lab.models import get_model
-from cnn_lab.weights.importing import CLASS_NAMES_FILE
+from cnn_lab.weights.importing import CLASS_NAMES_FILE, read_class_names
 
 FORMATS = ("stablehlo", "savedmodel")
 STABLEHLO_FILE = "model.stablehlo"
 SIGNATURE_FILE = "signature.json"
 PLATFORMS = ("cpu", "cuda")  # Where the artifacts run.
 EXPORT_DIR = "export"  # In the workdir, one folder per format, unless --output says where.
-
-
-def class_names(workdir: Path, num_classes: int) -> list[str]:
-    """The run's class names (its class_names.txt), or the labels "0", "1", ... without one."""
-    path = Path(workdir) / CLASS_NAMES_FILE
-    if path.exists():
-        names = path.read_text().splitlines()
-        if len(names) == num_classes:
-            return names
-    return [str(k) for k in range(num_classes)]
 
 
 def inference_function(
@@ -130,7 +120,7 @@ def export_run(
         _export_stablehlo(fn, variables, jax.ShapeDtypeStruct(symbolic, dtype), output)
     else:
         _export_savedmodel(fn, variables, shape, dtype, output)
-    names = class_names(workdir, run.config.model.num_classes)
+    names = read_class_names(workdir, run.config.model.num_classes)
     (output / CLASS_NAMES_FILE).write_text("".join(f"{n}\n" for n in names))
     signature = {
         "input": {

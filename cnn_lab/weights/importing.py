@@ -49,6 +49,17 @@ def imagenet_class_names() -> list[str]:
     return text.splitlines()
 
 
+def read_class_names(workdir: str | Path, num_classes: int) -> list[str]:
+    """The class names of the run in `workdir` (its class_names.txt), or "0", "1", ... when
+    it has none, or none for `num_classes` classes."""
+    path = Path(workdir) / CLASS_NAMES_FILE
+    if path.exists():
+        names = path.read_text().splitlines()
+        if len(names) == num_classes:
+            return names
+    return [str(k) for k in range(num_classes)]
+
+
 def imagenet_config(arch: str) -> ml_collections.ConfigDict:
     """The config of an imported `arch`: its model, and ImageNet's data and preprocessing."""
     from configs import common  # The defaults of every knob, as a trained run records them.

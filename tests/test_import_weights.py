@@ -153,3 +153,26 @@ def test_import_carries_imagenet_preprocessing_and_class_names(tmp_path):
     assert (
         names[0] == "tench" and names[207] == "golden retriever" and names[999] == "toilet tissue"
     )
+
+
+@pytest.mark.parametrize(
+    ("arch", "count"),
+    [
+        ("alexnet", 61_100_840),
+        ("vgg16", 138_357_544),
+        ("vgg19_bn", 143_678_248),
+        ("resnet50", 25_557_032),
+    ],
+)
+def test_imported_architectures_have_torchvisions_parameter_counts(arch, count):
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from cnn_lab.models import get_model
+    from cnn_lab.weights import ARCHITECTURES
+
+    model = get_model(ml_collections.ConfigDict({**ARCHITECTURES[arch].model, "num_classes": 1000}))
+    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+    assert sum(np.prod(s.shape) for s in jax.tree.leaves(shapes["params"])) == count

@@ -60,7 +60,11 @@ def frozen_norm_interceptor(frozen: tuple[str, ...]) -> Callable:
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
+        # The path-less inference copy made below passes through too: "^(?!head).*" would
+        # match its bare "scale" and copy it again, without end.
         if not (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        if not module.path:
             return next_fun(*args, **kwargs)
         names = ["/".join((*module.path, leaf)) for leaf in ("scale", "bias")]
         if not any(param_groups.matches(frozen, n) for n in names):

@@ -57,6 +57,12 @@ def _flat(tree) -> dict[str, object]:
     return dict(zip(param_groups.paths(tree), jax.tree.leaves(tree), strict=True))
 
 
+def _rgb_kernel_for_grey(saved: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
+    """Whether `saved` is a convolution kernel (H, W, 3, O) of RGB input where (H, W, 1, O)
+    of grey input is wanted."""
+    return len(saved) == len(wanted) == 4 and saved[2] == 3 and wanted == (*saved[:2], 1, saved[3])
+
+
 def transplant(
     fresh: Variables,
     saved: Variables,
@@ -66,6 +72,8 @@ def transplant(
     source: str = "the checkpoint",
 ) -> Variables:
     """`fresh` with every leaf matching `load` and not `head` taken from `saved`.
+
+    A first convolution saved for RGB input is summed over its colours for a grey model.
 
     Raises ValueError naming each such leaf that `saved` lacks or holds with another shape
     (a head that was not declared), and each pattern that matches nothing.
@@ -87,6 +95,10 @@ def transplant(
                 problems.append(f"{collection}/{name} is not in {source}")
                 return value
             old = np.asarray(available[name])
+            if _rgb_kernel_for_grey(old.shape, value.shape):
+                # Grey pixels are R = G = B: the RGB kernel summed over its colours sees
+                # them as the RGB network would (timm's in_chans=1), e.g. ImageNet -> digits.
+                old = old.sum(axis=2, keepdims=True)
             if old.shape != value.shape:
                 problems.append(
                     f"{collection}/{name}: {source} has shape {old.shape}, this model {value.shape}"

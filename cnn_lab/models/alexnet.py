@@ -10,6 +10,7 @@ from jax import lax
 
 from cnn_lab.models.layers import (
     Conv,
+    adaptive_avg_pool,
     at_least_float32,
     check_removal,
     conv_kernel_init,
@@ -25,6 +26,7 @@ class Layout(NamedTuple):
     hidden_sizes: tuple[int, ...]
     lrn: tuple[int, float, float, float]  # (size, k, alpha, beta) after the first two convs
     lrn_before_pool: bool
+    adaptive_pool: tuple[int, int] | None = None  # Average the last map to this size.
 
 
 VARIANTS: dict[str, Layout] = {
@@ -36,6 +38,18 @@ VARIANTS: dict[str, Layout] = {
         hidden_sizes=(4096, 4096),
         lrn=(5, 2.0, 1e-4, 0.75),
         lrn_before_pool=True,
+    ),
+    # torchvision's alexnet: Krizhevsky (2014), "One weird trick for parallelizing
+    # convolutional neural networks", 64 first filters, no response normalisation, the last
+    # map averaged to 6x6 (any input size); 224x224 input.
+    "torchvision": Layout(
+        convs=((64, 11, 4, 2), (192, 5, 1, 2), (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1)),
+        pooled=(0, 1, 4),
+        pool_padding="VALID",
+        hidden_sizes=(4096, 4096),
+        lrn=(5, 2.0, 1e-4, 0.75),
+        lrn_before_pool=True,
+        adaptive_pool=(6, 6),
     ),
     # Appendix A of Zhang et al. (2017), from TensorFlow's CIFAR-10 tutorial; 28x28 or 32x32 input.
     "cifar": Layout(
@@ -86,6 +100,10 @@ class AlexNet(nn.Module):
     fc 4096, fc 4096, fc classes, with dropout after both hidden layers: 62,378,344 parameters
     for 1000 classes. The paper's two-GPU net splits conv2, conv4 and conv5 into two groups;
     torchvision's alexnet is Krizhevsky's 2014 "one weird trick" variant (64 channels first).
+
+    variant="torchvision": that variant, torchvision's layout and 61,100,840 parameters (for
+    importing its weights). torchvision applies dropout before the two hidden dense layers,
+    this module after them: the same network in evaluation, a slightly different one to train.
 
     variant="cifar": the small AlexNet of Zhang et al. (2017), "Understanding deep learning
     requires rethinking generalization": two (conv 64 5x5, max pool 3x3/2) modules, fc 384,
@@ -149,6 +167,8 @@ class AlexNet(nn.Module):
                 x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=layout.pool_padding)
             if normed and not layout.lrn_before_pool:
                 x = local_response_norm(x, *layout.lrn)
+        if layout.adaptive_pool is not None:
+            x = adaptive_avg_pool(x, layout.adaptive_pool)
         x = x.reshape((x.shape[0], -1))  # (B, 6*6*256) for 227x227 input
         hidden_names = removable[len(layout.convs) :]
         for j, (hidden, name) in enumerate(zip(layout.hidden_sizes, hidden_names, strict=True)):

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -171,6 +172,27 @@ class Conv(nn.Module):
             return self.convolution(x, kernel, strides, padding, dimension_numbers=NHWC, bias=bias)
         y = self.convolution(x, kernel, strides, padding, dimension_numbers=NHWC)
         return y + bias.reshape(1, 1, 1, -1)
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: Sequence[int]) -> jax.Array:
+    """PyTorch's AdaptiveAvgPool2d: x (B, H, W, C) -> (B, OH, OW, C), output bin i averaging
+    input rows floor(i * H / OH) to ceil((i + 1) * H / OH) - 1 (columns likewise).
+
+    torchvision's VGG and AlexNet pool their last map to 7x7 and 6x6 with it, so their first
+    dense layer fits any input size; at 224x224 the map already has that size and passes as is.
+    """
+    if tuple(x.shape[1:3]) == tuple(output_size):
+        return x
+
+    def bins(size: int, out: int) -> np.ndarray:  # (out, size): each row averages one bin.
+        weights = np.zeros((out, size), np.float32)
+        for i in range(out):
+            start, end = i * size // out, -(-(i + 1) * size // out)
+            weights[i, start:end] = 1.0 / (end - start)
+        return weights
+
+    rows, cols = bins(x.shape[1], output_size[0]), bins(x.shape[2], output_size[1])
+    return jnp.einsum("bhwc,ih,jw->bijc", x, rows.astype(x.dtype), cols.astype(x.dtype))
 
 
 def at_least_float32(x: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@ from jax import lax
 
 from cnn_lab.models.layers import (
     Conv,
+    adaptive_avg_pool,
     check_removal,
     conv_kernel_init,
     dense_names,
@@ -41,7 +42,8 @@ class VGG(nn.Module):
     kuangliu/pytorch-cifar, a single dense layer from the 512 features to the classes
     (VGG-16-BN: 14,728,266 parameters for 10 classes); `hidden_sizes=(512, 512)` has the sizes
     of chengyangfu/pytorch-vgg-cifar10's head. Any input of at least 32x32 works; the first dense
-    layer's size follows the final map's.
+    layer's size follows the final map's, unless `adaptive_pool` (torchvision's (7, 7)) averages
+    the map to that size first, as torchvision's VGG does.
 
     `remove` drops named layers: convs "conv<stage>_<k>" ("conv3_2": stage 3's second conv,
     with its BatchNorm and activation), hidden dense layers "fc6", "fc7" (with their dropout);
@@ -54,6 +56,7 @@ class VGG(nn.Module):
     batch_norm: bool = False
     hidden_sizes: Sequence[int] = (4096, 4096)
     dropout_rate: float = 0.5
+    adaptive_pool: Sequence[int] | None = None
     activation: str = "relu"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -107,6 +110,8 @@ class VGG(nn.Module):
                     x = act(x)
                 index += 1
             x = max_pool(x, (2, 2), strides=(2, 2))
+        if self.adaptive_pool is not None:
+            x = adaptive_avg_pool(x, self.adaptive_pool)
         x = x.reshape((x.shape[0], -1))  # (B, 7*7*512) for 224x224 input
         for j, hidden in enumerate(self.hidden_sizes):
             if removable[index + j] not in self.remove:

@@ -89,11 +89,15 @@ def plot_curves(workdir: Path) -> Path:
 def _mean_metrics(pending: list[dict], first_step: int, resumed_at: int) -> dict[str, float]:
     """Average a window of step metrics; halt on the first non-finite loss or gradient.
 
+    A float16 step whose gradients overflowed was skipped (its "skipped_steps" is 1): loss
+    scaling handles it, so only its loss must be finite. "skipped_steps" is summed over the
+    window, and "grad_norm" averaged over the steps taken (absent if none was).
     `resumed_at`: the step this process resumed from (0: it started afresh).
     """
     stacked = jax.device_get(pending)
     for offset, metrics in enumerate(stacked):
-        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+        skipped = metrics.get("skipped_steps", 0)
+        if not (np.isfinite(metrics["loss"]) and (skipped or np.isfinite(metrics["grad_norm"]))):
             step = first_step + offset + 1
             # The first step after a resume computes on the checkpoint alone: blame it first.
             fix = (
@@ -103,12 +107,21 @@ def _mean_metrics(pending: list[dict], first_step: int, resumed_at: int) -> dict
                 if resumed_at and step == resumed_at + 1
                 else "Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
             )
+            if "skipped_steps" in metrics:  # Loss scaling cannot rescue the forward pass.
+                fix += " float16 activations overflow past 65504: bfloat16 or float32 do not."
             raise FloatingPointError(
                 f"Non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
                 f"grad_norm={metrics['grad_norm']}). Training stopped; checkpoints saved before "
                 f"this step are kept. {fix}"
             )
-    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+    means = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+    if "skipped_steps" in means:
+        means["skipped_steps"] = float(sum(m["skipped_steps"] for m in stacked))
+        taken = [m["grad_norm"] for m in stacked if not m["skipped_steps"]]
+        means.pop("grad_norm")
+        if taken:
+            means["grad_norm"] = float(np.mean(taken))
+    return means
 
 
 class TrainWindow:

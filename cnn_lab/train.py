@@ -34,6 +34,7 @@ from cnn_lab import (
     checkpoint,
     checkpoint_policy,
     evaluation,
+    loss_scaling,
     optim,
     steps,
     transfer,
@@ -114,6 +115,7 @@ def setup(
         image_shape=image_shape,
         mesh=mesh,
         averaging=averages,
+        loss_scale=loss_scaling.from_config(config.model.compute_dtype, config.train),
     )
     normalize = augment.normalizer(tuple(config.data.mean), tuple(config.data.std))
     train_steps = [
@@ -228,9 +230,7 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
     window = TrainWindow(run.writer, config.train.batch_size, spe, step, run.is_lead)
     results = {}
     patience = config.train.early_stopping_patience
-    stopped_early = train_state.out_of_patience(
-        state, step // spe, patience
-    )  # Rerun: straight to test.
+    stopped_early = train_state.out_of_patience(state, step // spe, patience)  # Rerun: to test.
     last_epoch = step // spe if stopped_early else config.train.num_epochs
     try:
         if policy.preempted(step, sigterm):

@@ -123,6 +123,8 @@ ADDED_FIELDS = {
     "train.grad_accumulation_steps": 1,
     "train.cpu_devices": 0,
     "train.keep_freed_memory": True,
+    "train.loss_scale_init": 2.0**15,  # Used only by float16, added with it.
+    "train.loss_scale_growth_steps": 2000,
 }
 
 

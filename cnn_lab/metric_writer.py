@@ -1,5 +1,5 @@
-"""Where metrics go: metrics.jsonl, TensorBoard event files and the learning-curves plot; the
-train metrics of each logging window."""
+"""Where metrics go: metrics.jsonl, TensorBoard event files, the learning-curves plot and
+optionally Weights & Biases; the train metrics of each logging window."""
 
 import json
 import math
@@ -7,27 +7,45 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 
 # tensorboardX writes TensorBoard's event format without needing TensorBoard installed.
 from tensorboardX import SummaryWriter
 
+from cnn_lab import wandb_writer
 from cnn_lab.checkpoint import BROKEN_DIR, LATEST_DIR
 from cnn_lab.models import metric_warnings
 from cnn_lab.workdir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, read_metrics
 
 
 class MetricWriter:
-    """Appends one JSON object per event; mirrors scalars to TensorBoard under `split/name`.
+    """Appends one JSON object per event; mirrors scalars to TensorBoard (and W&B) under
+    `split/name`.
 
     Only one process of a multi-host run should write: pass `enabled=False` on the others.
     """
 
-    def __init__(self, workdir: Path, *, enabled: bool = True, resume_step: int = 0):
-        """`resume_step`: records after it (written before a crash) are dropped and rewritten."""
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        enabled: bool = True,
+        resume_step: int = 0,
+        config: ml_collections.ConfigDict | None = None,
+    ):
+        """`resume_step`: records after it (written before a crash) are dropped and rewritten.
+
+        `config`: the run's, logged to Weights & Biases with the metrics and curves when its
+        logging.wandb_project is set.
+        """
         self.workdir = Path(workdir)
         self.enabled = enabled
         self._tb = None
+        self._wandb = None
+        self._step = resume_step  # Of the last record written.
+        if enabled and config is not None and wandb_writer.project(config):
+            self._wandb = wandb_writer.WandbRun(self.workdir, config)
         if enabled:
             path = self.workdir / METRICS_FILE
             kept = [
@@ -49,16 +67,26 @@ class MetricWriter:
         record = {"step": step, "epoch": round(epoch, 4), "split": split, **metrics}
         with open(self.workdir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for name, value in metrics.items():
-            if isinstance(value, int | float) and math.isfinite(value):
-                self._tb.add_scalar(f"{split}/{name}", value, step)
+        scalars = {
+            f"{split}/{name}": value
+            for name, value in metrics.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        }
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
         self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step)
+        self._step = step
 
     def plot(self) -> Path | None:
         """Train and validation loss/accuracy against epochs, as curves.png in the workdir."""
         if not self.enabled:
             return None
-        return plot_curves(self.workdir)
+        path = plot_curves(self.workdir)
+        if self._wandb is not None:
+            self._wandb.log_image("curves", path, self._step)
+        return path
 
 
 def plot_curves(workdir: Path) -> Path:

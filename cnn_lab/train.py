@@ -165,7 +165,7 @@ def setup(
         step = int(state.step)
         policy = checkpoint_policy.CheckpointPolicy(latest, workdir, snapshot_steps)
 
-        writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
+        writer = MetricWriter(workdir, enabled=is_lead, resume_step=step, config=config)
         if is_lead:
             implementation = conv_implementation(model)
             workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))

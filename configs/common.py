@@ -172,6 +172,10 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.keep = 3  # Latest checkpoints kept (the best is kept apart, in best/).
     config.checkpoint.every_steps = 0  # Also save every this many steps (0: at epoch ends only).
+
+    # Where metrics go besides metrics.jsonl and TensorBoard (always written).
+    config.logging = ml_collections.ConfigDict()
+    config.logging.wandb_project = ""  # W&B project to log to ("": off); needs the wandb extra.
     return config
 
 

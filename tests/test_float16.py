@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cnn_lab import checkpoint, loss_scaling
+from cnn_lab import workdir as workdir_lib
 from cnn_lab.averaging import Averaging
 from cnn_lab.data import loading
 from cnn_lab.metric_writer import MetricWriter, TrainWindow
@@ -222,3 +223,14 @@ def test_float16_resume_is_bitwise_exact(tmp_path, data_dir, float16_run):
     assert int(found["step"]) == last and resume_at < last
     assert float(expected["loss_scale"]["scale"]) != 2.0**15  # It grew: it was restored.
     chex.assert_trees_all_equal(found, expected)
+
+
+def test_runs_from_before_loss_scaling_resume_with_its_defaults(tmp_path):
+    saved = lenet_digits.get_config().to_dict()
+    del saved["train"]["loss_scale_init"], saved["train"]["loss_scale_growth_steps"]
+    workdir_lib.write_config(tmp_path, ml_collections.ConfigDict(saved), provenance={})
+    workdir_lib.check_resumable(tmp_path, lenet_digits.get_config())
+    changed = lenet_digits.get_config()
+    changed.train.loss_scale_init = 2.0**10
+    with pytest.raises(ValueError, match=r"train.loss_scale_init: 32768.0 -> 1024.0"):
+        workdir_lib.check_resumable(tmp_path, changed)

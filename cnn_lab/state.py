@@ -49,7 +49,7 @@ def create_train_state(
     loss_scale: DynamicScale | None = None,
 ) -> TrainState:
     """A fresh state: parameters initialised from `rng` for images of `image_shape` (H, W, C),
-    starting from `loss_scale` (`loss_scaling.initial`; None: float32 or bfloat16)."""
+    with `loss_scale` (`loss_scaling.from_config`; None: float32 or bfloat16)."""
     init_rng, train_rng = jax.random.split(rng)
     variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})

@@ -99,6 +99,11 @@ def train_step(
     takes one optimizer step with their mean: the memory of a B / k batch for the update of
     a B batch. BatchNorm normalises each micro-batch by its own statistics and updates its
     running averages k times; dropout and stochastic depth draw fresh keys per micro-batch.
+
+    A state with a loss scale (float16, `loss_scaling`) scales the loss; a step whose
+    gradients overflow leaves the parameters, optimizer state, BatchNorm statistics and
+    averages as they were. Its metrics add "skipped_steps" (1.0 for such a step, else 0.0)
+    and "loss_scale" (the scale the step used).
     """
     rngs = step_rngs(state)
     augment_key = rngs.pop("augment")
@@ -144,13 +149,8 @@ def train_step(
             )
             accuracy = jnp.mean(losses.topk_correct(logits, labels))
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            return (grads_sum, batch_stats), (
-                loss,
-                accuracy,
-                sown_metrics(sown),
-                loss_scale,
-                finite,
-            )
+            outputs = (loss, accuracy, sown_metrics(sown), loss_scale, finite)
+            return (grads_sum, batch_stats), outputs
 
         micro = jax.tree.map(split, (images, targets, batch["label"]))
         zeros = jax.tree.map(jnp.zeros_like, state.params)

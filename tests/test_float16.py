@@ -113,6 +113,7 @@ def test_an_overflowing_step_is_skipped_counted_and_halves_the_scale(tiny_steps)
     for field in ("params", "batch_stats", "opt_state", "averages"):
         assert _bitwise_equal(getattr(after, field), getattr(before, field)), field
     assert after.averages and after.batch_stats  # The check above compared something.
+    assert checkpoint.nonfinite(after) == []  # The checkpoint policy saves it.
 
 
 def test_the_scale_doubles_after_growth_steps_finite_steps(tiny_steps):

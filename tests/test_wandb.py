@@ -6,6 +6,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ml_collections
@@ -72,7 +73,7 @@ def _records(path: Path):
             position += block - position % block
             continue
         _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        if kind == 0:
+        if kind == 0 or position + 7 + length > len(data):  # The end, or a chunk half-written.
             break
         payload += data[position + 7 : position + 7 + length]
         position += 7 + length
@@ -83,12 +84,23 @@ def _records(path: Path):
             yield record
 
 
+def _finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a finished run's log: W&B's service may still be writing it after
+    `wandb.finish()` returns, so wait for its last record, "exit"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(_records(path))
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def _wandb_runs(workdir: Path) -> list[dict]:
     """Per process that logged (oldest first): its run id, config and history rows by step."""
     runs = []
     for path in sorted((workdir / workdir_lib.WANDB_DIR).glob("offline-run-*/run-*.wandb")):
         run = {"id": path.stem.removeprefix("run-"), "config": {}, "history": {}}
-        for record in _records(path):
+        for record in _finished_records(path):
             if record.HasField("config"):
                 run["config"] |= {i.key: json.loads(i.value_json) for i in record.config.update}
             if record.HasField("history"):

@@ -87,7 +87,8 @@ def test_float16_training_follows_float32_with_float32_state(tiny_steps, micro_b
     assert not _bitwise_equal(state16.params, state32.params)  # float16 really ran
 
 
-def test_an_overflowing_step_is_skipped_counted_and_halves_the_scale(tiny_steps):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_an_overflowing_step_is_skipped_counted_and_halves_the_scale(tiny_steps, micro_batches):
     # BatchNorm statistics and an EMA: everything a step updates must stay as it was.
     mesh, state, train_step, _ = tiny_steps.setup(
         {**RESNET, "compute_dtype": "float16"},
@@ -96,6 +97,7 @@ def test_an_overflowing_step_is_skipped_counted_and_halves_the_scale(tiny_steps)
         learning_rate=0.1,
         label_smoothing=0.0,
         averaging=Averaging(ema_decay=0.9),
+        micro_batches=micro_batches,
         loss_scale=_loss_scale(),
     )
     state, metrics = train_step(state, sharding.to_global(tiny_steps.batch(8, 16, 0), mesh))

@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+from cnn_lab import checkpoint, checkpoint_policy
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.train import train_and_evaluate
@@ -59,6 +60,18 @@ def test_only_an_enabled_writer_logs_to_wandb(tmp_path):
     MetricWriter(tmp_path, enabled=False, config=_config())
     assert not (tmp_path / workdir_lib.WANDB_DIR).exists()
     assert not (tmp_path / workdir_lib.WANDB_RUN_FILE).exists()
+
+
+def test_a_fresh_start_moves_the_wandb_run_aside(tmp_path):
+    for name in (workdir_lib.WANDB_RUN_FILE, f"{workdir_lib.WANDB_DIR}/offline-run-1-abc/x"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("abc\n")
+    latest = checkpoint.make_manager(tmp_path / checkpoint.LATEST_DIR, 2)
+    moved_to = checkpoint_policy.move_previous_attempt(tmp_path, latest)
+    latest.close()
+    assert (moved_to / workdir_lib.WANDB_RUN_FILE).read_text() == "abc\n"
+    assert not (tmp_path / workdir_lib.WANDB_RUN_FILE).exists()  # The next run starts anew.
+    assert not (tmp_path / workdir_lib.WANDB_DIR).exists()
 
 
 def _records(path: Path):

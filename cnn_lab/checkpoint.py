@@ -243,7 +243,10 @@ def restore_newest_valid(
                 "config. Use a new --workdir, or the config that wrote it (its config.json)."
             )
         try:
-            state = restore_step(manager, step, target, partial=partial)
+            # Partial even for a whole state: a field added since the step was written and
+            # empty in this run (TrainState.loss_scale, None) is absent from the step; every
+            # array of `target` was matched above.
+            state = restore_step(manager, step, target, partial=True)
             damage = digest_mismatches(manager, step, state) or nonfinite(state)
         except Exception as error:  # Truncated or missing files surface as many error types.
             damage = [f"{type(error).__name__}: {error}"]

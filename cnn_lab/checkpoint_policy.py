@@ -41,6 +41,8 @@ RUN_OUTPUTS = (
     "ensemble_*.json",
     workdir_lib.PREDICTIONS_DIR,
     workdir_lib.INSPECT_DIR,
+    workdir_lib.WANDB_DIR,
+    workdir_lib.WANDB_RUN_FILE,
 )
 
 

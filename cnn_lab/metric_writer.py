@@ -1,5 +1,5 @@
-"""Where metrics go: metrics.jsonl, TensorBoard event files and the learning-curves plot; the
-train metrics of each logging window."""
+"""Where metrics go: metrics.jsonl, TensorBoard event files, the learning-curves plot and
+optionally Weights & Biases; the train metrics of each logging window."""
 
 import json
 import math
@@ -7,27 +7,45 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 
 # tensorboardX writes TensorBoard's event format without needing TensorBoard installed.
 from tensorboardX import SummaryWriter
 
+from cnn_lab import wandb_writer
 from cnn_lab.checkpoint import BROKEN_DIR, LATEST_DIR
 from cnn_lab.models import metric_warnings
 from cnn_lab.workdir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, read_metrics
 
 
 class MetricWriter:
-    """Appends one JSON object per event; mirrors scalars to TensorBoard under `split/name`.
+    """Appends one JSON object per event; mirrors scalars to TensorBoard (and W&B) under
+    `split/name`.
 
     Only one process of a multi-host run should write: pass `enabled=False` on the others.
     """
 
-    def __init__(self, workdir: Path, *, enabled: bool = True, resume_step: int = 0):
-        """`resume_step`: records after it (written before a crash) are dropped and rewritten."""
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        enabled: bool = True,
+        resume_step: int = 0,
+        config: ml_collections.ConfigDict | None = None,
+    ):
+        """`resume_step`: records after it (written before a crash) are dropped and rewritten.
+
+        `config`: the run's, logged to Weights & Biases with the metrics and curves when its
+        logging.wandb_project is set.
+        """
         self.workdir = Path(workdir)
         self.enabled = enabled
         self._tb = None
+        self._wandb = None
+        self._step = resume_step  # Of the last record written.
+        if enabled and config is not None and wandb_writer.project(config):
+            self._wandb = wandb_writer.WandbRun(self.workdir, config)
         if enabled:
             path = self.workdir / METRICS_FILE
             kept = [
@@ -49,16 +67,26 @@ class MetricWriter:
         record = {"step": step, "epoch": round(epoch, 4), "split": split, **metrics}
         with open(self.workdir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for name, value in metrics.items():
-            if isinstance(value, int | float) and math.isfinite(value):
-                self._tb.add_scalar(f"{split}/{name}", value, step)
+        scalars = {
+            f"{split}/{name}": value
+            for name, value in metrics.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        }
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
         self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step)
+        self._step = step
 
     def plot(self) -> Path | None:
         """Train and validation loss/accuracy against epochs, as curves.png in the workdir."""
         if not self.enabled:
             return None
-        return plot_curves(self.workdir)
+        path = plot_curves(self.workdir)
+        if self._wandb is not None:
+            self._wandb.log_image("curves", path, self._step)
+        return path
 
 
 def plot_curves(workdir: Path) -> Path:
@@ -89,11 +117,15 @@ def plot_curves(workdir: Path) -> Path:
 def _mean_metrics(pending: list[dict], first_step: int, resumed_at: int) -> dict[str, float]:
     """Average a window of step metrics; halt on the first non-finite loss or gradient.
 
+    A float16 step whose gradients overflowed was skipped (its "skipped_steps" is 1): loss
+    scaling handles it, so only its loss must be finite. "skipped_steps" is summed over the
+    window, and "grad_norm" averaged over the steps taken (absent if none was).
     `resumed_at`: the step this process resumed from (0: it started afresh).
     """
     stacked = jax.device_get(pending)
     for offset, metrics in enumerate(stacked):
-        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+        skipped = metrics.get("skipped_steps", 0)
+        if not (np.isfinite(metrics["loss"]) and (skipped or np.isfinite(metrics["grad_norm"]))):
             step = first_step + offset + 1
             # The first step after a resume computes on the checkpoint alone: blame it first.
             fix = (
@@ -103,12 +135,21 @@ def _mean_metrics(pending: list[dict], first_step: int, resumed_at: int) -> dict
                 if resumed_at and step == resumed_at + 1
                 else "Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
             )
+            if "skipped_steps" in metrics:  # Loss scaling cannot rescue the forward pass.
+                fix += " float16 activations overflow past 65504: bfloat16 or float32 do not."
             raise FloatingPointError(
                 f"Non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
                 f"grad_norm={metrics['grad_norm']}). Training stopped; checkpoints saved before "
                 f"this step are kept. {fix}"
             )
-    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+    means = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+    if "skipped_steps" in means:
+        means["skipped_steps"] = float(sum(m["skipped_steps"] for m in stacked))
+        taken = [m["grad_norm"] for m in stacked if not m["skipped_steps"]]
+        means.pop("grad_norm")
+        if taken:
+            means["grad_norm"] = float(np.mean(taken))
+    return means
 
 
 class TrainWindow:

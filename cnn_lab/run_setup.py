@@ -16,7 +16,16 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from cnn_lab import averaging, checkpoint, checkpoint_policy, evaluation, optim, steps, transfer
+from cnn_lab import (
+    averaging,
+    checkpoint,
+    checkpoint_policy,
+    evaluation,
+    loss_scaling,
+    optim,
+    steps,
+    transfer,
+)
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.averaging import Averaging
 from cnn_lab.data import augment, inputs, sources
@@ -90,6 +99,7 @@ def setup(
         image_shape=image_shape,
         mesh=mesh,
         averaging=averages,
+        loss_scale=loss_scaling.from_config(config.model.compute_dtype, config.train),
     )
     normalize = augment.normalizer(tuple(config.data.mean), tuple(config.data.std))
     train_steps = [
@@ -139,7 +149,7 @@ def setup(
         step = int(state.step)
         policy = checkpoint_policy.CheckpointPolicy(latest, workdir, snapshot_steps)
 
-        writer = MetricWriter(workdir, enabled=is_lead, resume_step=step)
+        writer = MetricWriter(workdir, enabled=is_lead, resume_step=step, config=config)
         if is_lead:
             implementation = conv_implementation(model)
             workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))

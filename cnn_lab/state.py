@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import Mesh
 
 from cnn_lab.averaging import NO_AVERAGES, Averaging
@@ -28,6 +29,9 @@ class TrainState:
     best_val_accuracy: jax.Array  # () float32, for early stopping.
     best_val_epoch: jax.Array  # () int32, the epoch that reached it.
     averages: dict  # {"ema"|"polyak": variables}: accumulators of averaging.Averaging ({} if off).
+    # float16's dynamic loss scale (cnn_lab.loss_scaling); None (no leaves): not scaled. Last,
+    # with a default: checkpoints written before it existed restore with None.
+    loss_scale: DynamicScale | None = None
 
     @property
     def variables(self) -> dict:
@@ -42,8 +46,10 @@ def create_train_state(
     rng: jax.Array,
     image_shape: tuple[int, int, int],
     averaging: Averaging = NO_AVERAGES,
+    loss_scale: DynamicScale | None = None,
 ) -> TrainState:
-    """A fresh state: parameters initialised from `rng` for images of `image_shape` (H, W, C)."""
+    """A fresh state: parameters initialised from `rng` for images of `image_shape` (H, W, C),
+    with `loss_scale` (`loss_scaling.from_config`; None: float32 or bfloat16)."""
     init_rng, train_rng = jax.random.split(rng)
     variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -57,6 +63,7 @@ def create_train_state(
         best_val_accuracy=jnp.zeros((), jnp.float32),
         best_val_epoch=jnp.zeros((), jnp.int32),
         averages=averaging.init({"params": params, "batch_stats": batch_stats}),
+        loss_scale=loss_scale,
     )
 
 
@@ -115,6 +122,7 @@ def init_state(
     mesh: Mesh,
     *,
     averaging: Averaging = NO_AVERAGES,
+    loss_scale: DynamicScale | None = None,
     abstract: bool = False,
 ) -> TrainState:
     """`create_train_state`, jitted so the state is created replicated over `mesh`.
@@ -123,7 +131,13 @@ def init_state(
     allocates nothing.
     """
     create = functools.partial(
-        create_train_state, model, tx, plateau, image_shape=image_shape, averaging=averaging
+        create_train_state,
+        model,
+        tx,
+        plateau,
+        image_shape=image_shape,
+        averaging=averaging,
+        loss_scale=loss_scale,
     )
     jitted = jax.jit(create, out_shardings=sharding.replicated(mesh))
     return jitted.eval_shape(rng) if abstract else jitted(rng)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from cnn_lab import losses, param_groups
+from cnn_lab import loss_scaling, losses, param_groups
 from cnn_lab.averaging import NO_AVERAGES, Averaging
 from cnn_lab.models import RNG_STREAMS
 from cnn_lab.models.layers import METRICS
@@ -103,6 +103,11 @@ def train_step(
     takes one optimizer step with their mean: the memory of a B / k batch for the update of
     a B batch. BatchNorm normalises each micro-batch by its own statistics and updates its
     running averages k times; dropout and stochastic depth draw fresh keys per micro-batch.
+
+    A state with a loss scale (float16, `loss_scaling`) scales the loss; a step whose
+    gradients overflow leaves the parameters, optimizer state, BatchNorm statistics and
+    averages as they were. Its metrics add "skipped_steps" (1.0 for such a step, else 0.0)
+    and "loss_scale" (the scale the step used).
     """
     rngs = step_rngs(state)
     augment_key = rngs.pop("augment")
@@ -125,9 +130,10 @@ def train_step(
         loss = jnp.mean(losses.cross_entropy(logits, targets, label_smoothing))
         return loss, (logits, updates.get("batch_stats", {}), updates.get(METRICS, {}))
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # float16: the loss scaled by state.loss_scale, grads unscaled and checked finite.
+    grad_fn = loss_scaling.value_and_grad(loss_fn, state.loss_scale)
     if micro_batches == 1:
-        (loss, (logits, batch_stats, sown)), grads = grad_fn(
+        (loss, (logits, batch_stats, sown)), grads, loss_scale, finite = grad_fn(
             state.params, state.batch_stats, images, targets, rngs
         )
         accuracy = jnp.mean(losses.topk_correct(logits, batch["label"]))
@@ -142,20 +148,22 @@ def train_step(
             grads_sum, batch_stats = carry
             images, targets, labels, index = micro
             micro_rngs = {k: jax.random.fold_in(key, index) for k, key in rngs.items()}
-            (loss, (logits, batch_stats, sown)), grads = grad_fn(
+            (loss, (logits, batch_stats, sown)), grads, loss_scale, finite = grad_fn(
                 state.params, batch_stats, images, targets, micro_rngs
             )
             accuracy = jnp.mean(losses.topk_correct(logits, labels))
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            return (grads_sum, batch_stats), (loss, accuracy, sown_metrics(sown))
+            outputs = (loss, accuracy, sown_metrics(sown), loss_scale, finite)
+            return (grads_sum, batch_stats), outputs
 
         micro = jax.tree.map(split, (images, targets, batch["label"]))
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads_sum, batch_stats), (loss, accuracy, sown) = jax.lax.scan(
+        (grads_sum, batch_stats), (loss, accuracy, sown, loss_scale, finite) = jax.lax.scan(
             accumulate, (zeros, state.batch_stats), (*micro, jnp.arange(micro_batches))
         )
         grads = jax.tree.map(lambda g: g / micro_batches, grads_sum)
         loss, accuracy, sown = jax.tree.map(jnp.mean, (loss, accuracy, sown))
+        loss_scale, finite = loss_scaling.combine_micro_batches(loss_scale, finite)
     # optax's schedules and Adam bias correction mix python floats with the int32 step count.
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -164,13 +172,12 @@ def train_step(
     updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     variables = {"params": params, "batch_stats": batch_stats}
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        averages=averaging.update(state.averages, variables, state.step + 1),
-    )
+    updated = {
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": opt_state,
+        "averages": averaging.update(state.averages, variables, state.step + 1),
+    }
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
@@ -178,7 +185,14 @@ def train_step(
         "grad_norm": optax.tree.norm(grads),
         **sown,
     }
-    return new_state, metrics
+    if state.loss_scale is not None:  # A step whose gradients overflowed changes nothing else.
+        updated = loss_scaling.keep_if_finite(
+            finite, updated, {k: getattr(state, k) for k in updated}
+        )
+        updated["loss_scale"] = loss_scale
+        metrics["skipped_steps"] = jnp.logical_not(finite).astype(jnp.float32)
+        metrics["loss_scale"] = state.loss_scale.scale
+    return state.replace(step=state.step + 1, **updated), metrics
 
 
 def jit_train_step(

@@ -9,7 +9,7 @@ from pathlib import Path
 import ml_collections
 from jax.sharding import Mesh
 
-from cnn_lab import averaging, optim
+from cnn_lab import averaging, optim, wandb_writer
 from cnn_lab.data import augment, loading
 from cnn_lab.models import get_model
 from cnn_lab.runtime import host, sharding
@@ -45,6 +45,7 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
                 f"{minimum}. Set e.g. --config.{field}={example}."
             )
     _check_names(config)
+    wandb_writer.check_installed(config)
     _check_batch_sizes(config, mesh)
     augment.check_flip(config.augment, config.data)
     _check_channels(config.data)

@@ -21,6 +21,8 @@ TENSORBOARD_DIR = "tensorboard"
 PREDICTIONS_DIR = "predictions"  # Written by cnn_lab.tools.evaluate.
 INSPECT_DIR = "inspect"  # Written by cnn_lab.tools.inspect_run.
 PREVIOUS_DIR = "previous"  # Earlier attempts, one dated folder each, moved by a fresh start.
+WANDB_DIR = "wandb"  # Weights & Biases' local files (config.logging.wandb_project set).
+WANDB_RUN_FILE = "wandb_run_id"  # The W&B run's id: a resumed run continues that W&B run.
 
 # Held (flock) by the process that trains in the workdir; holds its "<PID> <host>" for others.
 # The OS releases the lock when that process dies, so the file left behind never blocks.
@@ -113,6 +115,7 @@ ALWAYS_CHANGEABLE = (
     "data.data_dir",
     "data.source_dir",
     "data.keep_decoded",
+    "logging.wandb_project",
 )
 
 # Fields added to the config after runs were written, with the value that reproduces how
@@ -125,6 +128,8 @@ ADDED_FIELDS = {
     "train.grad_accumulation_steps": 1,
     "train.cpu_devices": 0,
     "train.keep_freed_memory": True,
+    "train.loss_scale_init": 2.0**15,  # Used only by float16, added with it.
+    "train.loss_scale_growth_steps": 2000,
 }
 
 

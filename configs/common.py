@@ -101,7 +101,7 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = stats["num_classes"]  # Must match the data set's classes.
-    config.model.compute_dtype = "float32"  # float32 | bfloat16: activations; params stay float32.
+    config.model.compute_dtype = "float32"  # float32 | bfloat16 | float16: activations, not params.
     # auto | xla | onednn | batch_minor: auto is cnn_lab's CPU kernels on 1 CPU device.
     config.model.conv_implementation = "auto"
     config.model.remove = ()  # Layers left out, e.g. ("fc7",) (AlexNet, VGG, MLP, ConvNet).
@@ -157,6 +157,8 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.train.cpu_devices = 0  # CPU devices to split into; 0: 1 for oneDNN, else 1 per core.
     config.train.keep_freed_memory = True  # Host malloc keeps freed pages: no faults each step.
     config.train.frozen_bn_inference = True  # Frozen BatchNorm layers use their statistics.
+    config.train.loss_scale_init = 2.0**15  # float16: initial loss scale; halved on each overflow.
+    config.train.loss_scale_growth_steps = 2000  # float16: finite steps before the scale doubles.
 
     config.averaging = ml_collections.ConfigDict()
     config.averaging.ema_decay = config_dict.placeholder(
@@ -182,6 +184,10 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.keep = 3  # Latest checkpoints kept (the best is kept apart, in best/).
     config.checkpoint.every_steps = 0  # Also save every this many steps (0: at epoch ends only).
+
+    # Where metrics go besides metrics.jsonl and TensorBoard (always written).
+    config.logging = ml_collections.ConfigDict()
+    config.logging.wandb_project = ""  # W&B project to log to ("": off); needs the wandb extra.
     return config
 
 

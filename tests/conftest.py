@@ -159,8 +159,10 @@ def _tiny_setup(
     label_smoothing: float,
     averaging=None,
     micro_batches: int = 1,
+    loss_scale=None,
 ):
-    """(mesh, state, train_step, eval_step): SGD with Nesterov momentum, constant rate."""
+    """(mesh, state, train_step, eval_step): SGD with Nesterov momentum, constant rate;
+    `loss_scale` (loss_scaling.from_config) for float16."""
     # Imported here, not above: a test session that never builds steps (or that checks what
     # importing cnn_lab loads) does not get the models and optimizer imported behind its back.
     from cnn_lab import optim, steps
@@ -203,6 +205,7 @@ def _tiny_setup(
         (image_size, image_size, 1),
         mesh,
         averaging=averaging,
+        loss_scale=loss_scale,
     )
     train_step = steps.jit_train_step(
         model,
@@ -228,6 +231,6 @@ def _tiny_batch(image_size: int, n: int = 16, seed: int = 0) -> dict[str, np.nda
 @pytest.fixture(scope="session")
 def tiny_steps() -> types.SimpleNamespace:
     """tiny_steps.setup(model_config, devices, *, image_size, learning_rate, label_smoothing,
-    averaging=None, micro_batches=1) -> (mesh, state, train_step, eval_step), and
+    averaging=None, micro_batches=1, loss_scale=None) -> (mesh, state, train_step, eval_step), and
     tiny_steps.batch(image_size, n=16, seed=0) -> random images and labels."""
     return types.SimpleNamespace(setup=_tiny_setup, batch=_tiny_batch)

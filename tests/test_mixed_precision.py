@@ -46,7 +46,7 @@ def _matmul_dtypes(jaxpr) -> set[str]:
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16", "float16"])
 def test_models_compute_in_the_compute_dtype_and_keep_float32_variables(name, compute_dtype):
     model_config, size, channels = MODELS[name]
     config = ml_collections.ConfigDict(
@@ -69,8 +69,8 @@ def test_models_compute_in_the_compute_dtype_and_keep_float32_variables(name, co
 
 
 def test_unknown_compute_dtype_is_a_clear_error():
-    config = ml_collections.ConfigDict(dict(name="mlp", num_classes=10, compute_dtype="float16"))
-    with pytest.raises(ValueError, match=r"compute_dtype='float16'.*bfloat16"):
+    config = ml_collections.ConfigDict(dict(name="mlp", num_classes=10, compute_dtype="float64"))
+    with pytest.raises(ValueError, match=r"compute_dtype='float64'.*bfloat16"):
         get_model(config)
 
 

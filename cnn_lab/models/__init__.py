@@ -36,14 +36,15 @@ METRIC_WARNINGS: dict[str, str] = {**ODE_METRIC_WARNINGS}
 # Every random stream a model may draw from; the train step supplies a key for each.
 RNG_STREAMS = ("dropout", "stochastic_depth")
 
-# config.model.compute_dtype -> the models' `dtype`. float16 is left out: it needs loss scaling.
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.model.compute_dtype -> the models' `dtype`. float16 trains with dynamic loss scaling
+# (cnn_lab.loss_scaling), for GPUs without bfloat16.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     """The module named by `model_config.name`, built with the remaining fields as arguments.
 
-    `compute_dtype` ("float32" or "bfloat16") becomes the module's `dtype`: activations are
+    `compute_dtype` ("float32", "bfloat16" or "float16") becomes the module's `dtype`: activations are
     computed in it, parameters are created and kept in float32. `conv_implementation`
     ("auto", "xla", "onednn" or "batch_minor", see `cnn_lab.kernels`) picks the convolution
     the module runs. `remove` names layers to leave out, for the models that have
@@ -59,7 +60,7 @@ def get_model(model_config: ml_collections.ConfigDict) -> nn.Module:
         raise ValueError(
             f"config.model.compute_dtype={compute_dtype!r} is not one of "
             f"{', '.join(COMPUTE_DTYPES)}. Set --config.model.compute_dtype=bfloat16 for mixed "
-            "precision, or float32."
+            "precision (float16 on GPUs without bfloat16), or float32."
         )
     if name not in MODELS:
         raise ValueError(

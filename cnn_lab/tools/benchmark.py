@@ -21,11 +21,11 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from cnn_lab import checkpoint, command_line, optim, steps
+from cnn_lab import checkpoint, command_line, loss_scaling, optim, steps
 from cnn_lab.data import augment, inputs
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import host, sharding
-from cnn_lab.state import init_state
+from cnn_lab.state import TrainState, init_state
 
 
 def _timed_windows(run_window, windows: int) -> list[float]:
@@ -106,6 +106,12 @@ def _checkpoint_costs(state, windows: int) -> dict[str, float]:
     }
 
 
+def _fresh_state(config, model, tx, plateau, shape, mesh) -> TrainState:
+    """The state a run of `config` starts from (float16: with its loss scale), seed 0."""
+    loss_scale = loss_scaling.from_config(config.model.compute_dtype, config.train)
+    return init_state(model, tx, plateau, jax.random.PRNGKey(0), shape, mesh, loss_scale=loss_scale)
+
+
 def benchmark(
     config: ml_collections.ConfigDict,
     *,
@@ -125,7 +131,7 @@ def benchmark(
     # The schedule's length does not change the step's cost; any fixed one will do.
     schedule, tx, plateau = optim.from_config(config, steps_per_epoch=100, total_steps=10_000)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    state = init_state(model, tx, plateau, jax.random.PRNGKey(0), shape, mesh)
+    state = _fresh_state(config, model, tx, plateau, shape, mesh)
     rng = np.random.default_rng(0)
 
     def batch(n, with_mask=False):
@@ -229,7 +235,7 @@ def pipeline_benchmark(
     model = get_model(config.model)
     schedule, tx, plateau = optim.from_config(config, steps_per_epoch=100, total_steps=10_000)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    holder = {"state": init_state(model, tx, plateau, jax.random.PRNGKey(0), shape, mesh)}
+    holder = {"state": _fresh_state(config, model, tx, plateau, shape, mesh)}
 
     def train_rate(batches, train_step) -> float:
         """Median train steps/s over `windows` windows of `steps_per_window` (2 in flight)."""

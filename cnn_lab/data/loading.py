@@ -5,6 +5,7 @@ import difflib
 import functools
 import os
 import re
+import sys
 import urllib.parse
 import zipfile
 from pathlib import Path
@@ -14,6 +15,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cnn_lab.data.builders import FASHION_MNIST_FILE_NAMES, Digits, FashionMnistLocal
+
+if not sys.stderr.isatty():  # TFDS's preparation bars would fill a redirected log with frames.
+    tfds.disable_progress_bar()
 
 
 @functools.cache

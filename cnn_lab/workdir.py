@@ -122,6 +122,11 @@ ALWAYS_CHANGEABLE = (
 # those runs trained: `upgrade` gives a saved config without the field that value.
 ADDED_FIELDS = {
     "data.download": False,
+    "data.default_image_size": 32,  # Own data's fields, for every config since.
+    "data.val_fraction": 0.1,
+    "data.test_fraction": 0.1,
+    "data.split_seed": 0,
+    "data.skip_bad_files": False,
     "model.compute_dtype": "float32",
     "model.conv_implementation": "auto",
     "model.remove": (),

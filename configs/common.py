@@ -65,9 +65,14 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.data.name = dataset  # 'digits' (embedded), 'own_data' (source_dir) or a TFDS name.
     config.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS's default.
     config.data.download = False  # Let TFDS download and prepare a public data set not prepared.
-    config.data.source_dir = config_dict.placeholder(
-        str
-    )  # Raw files (fashion_mnist IDX; own_data: a folder or .npz); None: search known places.
+    # Your images (a folder or .npz; any config then trains on them, see configs/own_data.py),
+    # or fashion_mnist's IDX files; None: the data set named above.
+    config.data.source_dir = config_dict.placeholder(str)
+    config.data.default_image_size = 32  # Own data of several image sizes: resized to this.
+    config.data.val_fraction = 0.1  # Own data without a val split: this share of each class.
+    config.data.test_fraction = 0.1  # Own data without a test split: this share of each class.
+    config.data.split_seed = 0  # Seeds those splits (not config.seed: the same for every run).
+    config.data.skip_bad_files = False  # Own data: train without files that are not images.
     config.data.train_split = "train[:90%]"  # TFDS split string trained on.
     config.data.validation_split = (
         "train[90%:]"  # Carved from train: model selection never sees test.

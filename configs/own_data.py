@@ -53,15 +53,10 @@ def get_config(arg: str | None = None):
     config.data.validation_split = "val"
     config.data.test_split = "test"
     config.data.image_size = config_dict.placeholder(int)  # None: see the docstring.
-    config.data.default_image_size = 32  # image_size None, images of several sizes: this.
     config.data.channels = config_dict.placeholder(int)  # None: 3 if any image has colour.
     config.data.mean = config_dict.placeholder(tuple)  # None: the training split's.
     config.data.std = config_dict.placeholder(tuple)  # None: the training split's.
     config.data.flip_preserves_label = False  # Set True when a mirrored image keeps its class.
-    config.data.val_fraction = 0.1  # Of each class, when the source has no val split.
-    config.data.test_fraction = 0.1  # Of each class, when the source has no test split.
-    config.data.split_seed = 0  # Seeds those splits (not config.seed: the same for every run).
-    config.data.skip_bad_files = False  # True: train without files that are not images.
     if modes:  # Smoke: slices capped at each split's size, so any data size works.
         config = common.apply_mode(config, "smoke")
         config.data.validation_split = "val[:256]"

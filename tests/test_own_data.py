@@ -393,3 +393,18 @@ def test_a_deleted_copy_is_named_and_made_again_at_the_same_place(tmp_path):
     again = sources.resolve(config_for(tmp_path / "data"))
     assert again.data.data_dir == config.data.data_dir
     assert loading.num_examples("own_data", "train", data_dir=again.data.data_dir) == 9
+
+
+def test_a_zoo_config_given_a_source_dir_trains_on_that_data(tmp_path):
+    from cnn_lab.configs import lenet_digits
+
+    config = lenet_digits.get_config("smoke")  # Built for digits: 10 classes, its mean.
+    config.data.source_dir = str(make_folder(tmp_path / "images"))
+    resolved = sources.resolve(config)
+    assert resolved.data.name == "own_data" and resolved.model.num_classes == 3
+    assert (
+        resolved.data.channels == 3 and resolved.data.image_size == 32
+    )  # Colour; the recipe size.
+    assert resolved.data.mean != config.data.mean  # The data's, not digits'.
+    assert sources.class_names(resolved.data) == ("cat", "dog", "eel")
+    assert config.data.name == "digits"  # The given config is left as it was.

@@ -11,6 +11,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from cnn_lab.data import image_files, loading, own_data
+from cnn_lab.data.builders import FashionMnistLocal
 
 CLASSES_FILE = "classes.json"  # In a run's workdir: its class names, label order.
 
@@ -25,9 +26,12 @@ def resolve(
     them, or under `fallback_dir` when their folder is read-only), and these fields, when
     None, are taken from the data: data.channels, data.image_size, data.mean, data.std,
     model.num_classes; data.data_dir becomes the copy's. A set model.num_classes must agree
-    with the data. Other data sets are downloaded and prepared by TFDS when
+    with the data. Any other config given a source_dir (a zoo model's) trains on it the same
+    way, its data set's statistics and class count replaced by the data's. Other data sets are downloaded and prepared by TFDS when
     config.data.download is True and they are not prepared yet.
     """
+    if config.data.source_dir and config.data.name not in (own_data.NAME, FashionMnistLocal.name):
+        config = _as_own_data(config)
     data = config.data
     if data.name != own_data.NAME:
         if data.get("download", False):
@@ -80,6 +84,22 @@ def resolve(
     resolved.data.std = tuple(data.std or prepared.std)
     resolved.model.num_classes = known
     return resolved
+
+
+def _as_own_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A config of a built-in data set pointed at a source_dir: the same model and recipe on the
+    images there (its image size kept; statistics, channels and classes taken from them)."""
+    converted = copy.deepcopy(config)
+    data = converted.data
+    print(
+        f"config.data.source_dir={data.source_dir}: training on it instead of "
+        f"{data.name!r}; its classes, channels, mean and std come from the data."
+    )
+    data.name = own_data.NAME
+    data.train_split, data.validation_split, data.test_split = "train", "val", "test"
+    data.channels = data.mean = data.std = converted.model.num_classes = None
+    data.flip_preserves_label = False  # Unknown for the user's classes: no mirroring.
+    return converted
 
 
 def _download(name: str, data_dir: str | None) -> None:

@@ -12,8 +12,8 @@ import pytest
 from cnn_lab.data import augment
 from cnn_lab.models import get_model
 from cnn_lab.saved_run import load_run
-from cnn_lab.tools.export import STABLEHLO_FILE, export_run
-from cnn_lab.weights.importing import CLASS_NAMES_FILE, write_run
+from cnn_lab.tools.export import CLASS_NAMES_FILE, STABLEHLO_FILE, export_run
+from cnn_lab.weights.importing import write_run
 from configs import common
 
 TOLERANCE = 1e-5

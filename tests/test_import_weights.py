@@ -6,6 +6,7 @@ head), imports both, and compares cnn_lab's logits (load_run, evaluation mode) w
 on one batch. Needs the `torch` extra; skipped without it.
 """
 
+import json
 import shutil
 import sys
 import types
@@ -13,8 +14,9 @@ import types
 import numpy as np
 import pytest
 
+from cnn_lab.data import sources
 from cnn_lab.saved_run import load_run
-from cnn_lab.weights import CLASS_NAMES_FILE, import_weights
+from cnn_lab.weights import import_weights
 
 TOLERANCE = 1e-4
 
@@ -148,7 +150,7 @@ def test_import_carries_imagenet_preprocessing_and_class_names(tmp_path):
     assert round(data.image_size / data.eval_crop_fraction) == 256  # Resize 256, crop 224.
     assert tuple(data.mean) == (0.485, 0.456, 0.406)
     assert tuple(data.std) == (0.229, 0.224, 0.225)
-    names = (output / CLASS_NAMES_FILE).read_text().splitlines()
+    names = json.loads((output / sources.CLASSES_FILE).read_text())
     assert len(names) == len(set(names)) == 1000
     assert (
         names[0] == "tench" and names[207] == "golden retriever" and names[999] == "toilet tissue"

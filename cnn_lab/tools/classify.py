@@ -17,7 +17,6 @@ import numpy as np
 
 from cnn_lab import checkpoint, command_line, saved_run
 from cnn_lab.data import augment, streaming
-from cnn_lab.weights.importing import read_class_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 BATCH_SIZE = 32  # Images per forward pass (the last batch is padded: one compilation).
@@ -79,7 +78,7 @@ def predict_files(
     ...] most probable first}, or {"file", "error": why it could not be read}."""
     run = saved_run.open_run(workdir)
     variables, _ = run.restore(checkpoint_name, average)
-    names = read_class_names(workdir, run.config.model.num_classes)
+    names = list(run.config.data.class_names)
     files, problems = image_files(paths)
     results, images = [], {}
     for path in files:

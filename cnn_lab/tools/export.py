@@ -27,11 +27,11 @@ import numpy as np
 from cnn_lab import checkpoint, command_line, saved_run
 from cnn_lab.data import augment
 from cnn_lab.models import get_model
-from cnn_lab.weights.importing import CLASS_NAMES_FILE, read_class_names
 
 FORMATS = ("stablehlo", "savedmodel")
 STABLEHLO_FILE = "model.stablehlo"
 SIGNATURE_FILE = "signature.json"
+CLASS_NAMES_FILE = "class_names.txt"  # Beside an artifact: one class a line, label order.
 PLATFORMS = ("cpu", "cuda")  # Where the artifacts run.
 EXPORT_DIR = "export"  # In the workdir, one folder per format, unless --output says where.
 
@@ -120,7 +120,7 @@ def export_run(
         _export_stablehlo(fn, variables, jax.ShapeDtypeStruct(symbolic, dtype), output)
     else:
         _export_savedmodel(fn, variables, shape, dtype, output)
-    names = read_class_names(workdir, run.config.model.num_classes)
+    names = list(run.config.data.class_names)
     (output / CLASS_NAMES_FILE).write_text("".join(f"{n}\n" for n in names))
     signature = {
         "input": {

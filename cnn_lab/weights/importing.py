@@ -4,13 +4,14 @@
 DIR/config.json (the model, ImageNet's data settings and its evaluation preprocessing:
 shorter side resized to 256, centre 224x224 crop, RGB, ImageNet mean and std),
 DIR/best/0/ (an Orbax checkpoint of the parameters and BatchNorm statistics, as training
-saves them) and DIR/class_names.txt (the 1,000 ImageNet classes, one a line, in label order).
+saves them) and DIR/classes.json (the 1,000 ImageNet classes in label order, as runs keep theirs).
 `load_run(DIR)`, `python -m cnn_lab.evaluate --workdir=DIR` and
 `--config.init_from.workdir=DIR` read it as they read a trained run.
 """
 
 import hashlib
 import importlib.resources
+import json
 from pathlib import Path
 
 import jax
@@ -21,12 +22,12 @@ from flax import traverse_util
 
 from cnn_lab import checkpoint, command_line
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.data.sources import CLASSES_FILE
 from cnn_lab.models import get_model
 from cnn_lab.runtime import provenance, sharding
 from cnn_lab.weights import architectures, sources
 from cnn_lab.weights.architectures import Architecture
 
-CLASS_NAMES_FILE = "class_names.txt"  # In an imported run's directory: one class a line.
 IMPORTED_STEP = 0  # The step of the one checkpoint an import writes, in best/.
 IMAGE_SIZE = 224  # torchvision's ImageNet evaluation: centre 224 of the 256-resized image.
 CROP_FRACTION = 0.875
@@ -47,17 +48,6 @@ def imagenet_class_names() -> list[str]:
     """The 1,000 ImageNet (ILSVRC-2012) class names, in the order of torchvision's labels."""
     text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text()
     return text.splitlines()
-
-
-def read_class_names(workdir: str | Path, num_classes: int) -> list[str]:
-    """The class names of the run in `workdir` (its class_names.txt), or "0", "1", ... when
-    it has none, or none for `num_classes` classes."""
-    path = Path(workdir) / CLASS_NAMES_FILE
-    if path.exists():
-        names = path.read_text().splitlines()
-        if len(names) == num_classes:
-            return names
-    return [str(k) for k in range(num_classes)]
 
 
 def imagenet_config(arch: str) -> ml_collections.ConfigDict:
@@ -178,13 +168,13 @@ def write_run(
     class_names: list[str],
 ) -> None:
     """A run directory for inference and fine-tuning: `variables` as checkpoint best/0/,
-    config.json (with `record` as its provenance) and the class names, one a line."""
+    config.json (with `record` as its provenance) and the class names (classes.json)."""
     directory.mkdir(parents=True, exist_ok=True)
     state = jax.device_put({"step": np.int32(IMPORTED_STEP), **variables})
     with checkpoint.make_manager(directory / checkpoint.BEST_DIR) as manager:
         checkpoint.save(manager, state, IMPORTED_STEP)
         manager.wait_until_finished()
-    (directory / CLASS_NAMES_FILE).write_text("".join(f"{n}\n" for n in class_names))
+    (directory / CLASSES_FILE).write_text(json.dumps(class_names, indent=1) + "\n")
     workdir_lib.write_config(directory, config, record)  # Last: it marks the directory complete.
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cnn_lab.configs import lenet_digits
 from cnn_lab.data import augment, loading
 from cnn_lab.models import get_model
 from cnn_lab.saved_run import load_run
 from cnn_lab.tools.classify import decode, predict_files, preprocess_image
 from cnn_lab.weights.importing import write_run
-from configs import lenet_digits
 
 NAMES = [f"digit {k}" for k in range(10)]
 

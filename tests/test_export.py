@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+from cnn_lab.configs import common
 from cnn_lab.data import augment
 from cnn_lab.models import get_model
 from cnn_lab.saved_run import load_run
 from cnn_lab.tools.export import CLASS_NAMES_FILE, STABLEHLO_FILE, export_run
 from cnn_lab.weights.importing import write_run
-from configs import common
 
 TOLERANCE = 1e-5
 CLASSES = [f"class {k}" for k in range(10)]

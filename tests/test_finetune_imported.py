@@ -7,11 +7,11 @@ import pytest
 from test_import_weights import random_torchvision_model, save_both_formats
 
 from cnn_lab import param_groups
+from cnn_lab.configs import common, resnet50_cats_vs_dogs
 from cnn_lab.data import loading
 from cnn_lab.saved_run import load_run
 from cnn_lab.train import train_and_evaluate
 from cnn_lab.weights import import_weights
-from configs import common, resnet50_cats_vs_dogs
 
 
 def _leaves(tree) -> dict[str, np.ndarray]:

@@ -15,11 +15,11 @@ import pytest
 from cnn_lab import checkpoint, loss_scaling
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.averaging import Averaging
+from cnn_lab.configs import lenet_digits
 from cnn_lab.data import loading
 from cnn_lab.metric_writer import MetricWriter, TrainWindow
 from cnn_lab.runtime import sharding
 from cnn_lab.train import train_and_evaluate
-from configs import lenet_digits
 
 MLP = dict(name="mlp", num_classes=10, hidden_sizes=(32,), dropout_rate=0.0)
 RESNET = dict(name="resnet", num_classes=10, family="cifar", depth=8)

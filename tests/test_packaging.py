@@ -6,6 +6,7 @@ machine's markers whatever `--platform` says. It reads package metadata from the
 a machine without one skips, saying so.
 """
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,25 @@ def test_a_wheel_installed_elsewhere_trains_a_shipped_config_by_name(tmp_path):
     own = run("-m", "cnn_lab.train", "--config=my_config.py", "--help")
     assert own.returncode == 0, own.stderr[-3000:]
     assert "seed = 7  (int)" in own.stdout  # The user's config, built on cnn_lab's.
+
+
+def test_the_package_imports_its_configs_and_launchers_by_their_installed_names():
+    # In a checkout `configs` and `launch` import from the working directory; installed, they
+    # are cnn_lab.configs and cnn_lab.launch only.
+    stray = []
+    for folder in ("cnn_lab", "configs", "launch"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = (
+                    [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else []
+                )
+                stray += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}"
+                    for name in names
+                    if name.split(".")[0] in ("configs", "launch")
+                ]
+    assert not stray, stray

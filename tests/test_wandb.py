@@ -14,9 +14,9 @@ import pytest
 
 from cnn_lab import checkpoint, checkpoint_policy
 from cnn_lab import workdir as workdir_lib
+from cnn_lab.configs import mlp_digits
 from cnn_lab.metric_writer import MetricWriter
 from cnn_lab.train import train_and_evaluate
-from configs import mlp_digits
 
 _NEEDS_WANDB = "the wandb extra is not installed (pip install 'cnn_lab[wandb]')"
 

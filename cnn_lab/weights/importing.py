@@ -52,7 +52,7 @@ def imagenet_class_names() -> list[str]:
 
 def imagenet_config(arch: str) -> ml_collections.ConfigDict:
     """The config of an imported `arch`: its model, and ImageNet's data and preprocessing."""
-    from configs import common  # The defaults of every knob, as a trained run records them.
+    from cnn_lab.configs import common  # The defaults of every knob, as a trained run records them.
 
     config = common.get_base_config("imagenet2012", image_size=IMAGE_SIZE)
     config.data.train_split = "train[:99%]"  # As configs/resnet50_imagenet.py.

@@ -408,3 +408,19 @@ def test_a_zoo_config_given_a_source_dir_trains_on_that_data(tmp_path):
     assert resolved.data.mean != config.data.mean  # The data's, not digits'.
     assert sources.class_names(resolved.data) == ("cat", "dog", "eel")
     assert config.data.name == "digits"  # The given config is left as it was.
+
+
+@pytest.mark.slow  # Two short runs.
+def test_a_run_on_own_data_starts_from_another_with_a_new_head_of_its_classes(tmp_path):
+    config = config_for(make_folder(tmp_path / "three"), train__num_epochs=1)
+    train_and_evaluate(config, tmp_path / "source")
+    target = config_for(make_folder(tmp_path / "two", classes=("ant", "bee")), train__num_epochs=1)
+    target.init_from.workdir = str(tmp_path / "source")
+    target.init_from.head = ("Dense_1",)  # The MLP's output layer: new, of the data's 2 classes.
+    train_and_evaluate(target, tmp_path / "target")
+    (_, source, _), (_, tuned, saved) = (
+        cnn_lab.load_run(tmp_path / w, "latest") for w in ("source", "target")
+    )
+    assert tuned["params"]["Dense_1"]["kernel"].shape == (16, 2)
+    assert source["params"]["Dense_1"]["kernel"].shape == (16, 3)
+    assert tuple(saved.data.class_names) == ("ant", "bee")

@@ -165,10 +165,11 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target, *, partial: 
 def _move_aside(
     manager: ocp.CheckpointManager, step: int, reasons: list[str], *, repair: bool
 ) -> None:
+    # One line, without TensorStore's multi-line spec dump: the reason is in its first words.
+    why = "; ".join(" ".join(r.split(" See full TensorStore details")[0].split()) for r in reasons)
     if not repair:  # Readers (evaluation scripts) skip damaged steps but never move files.
         warnings.warn(
-            f"Checkpoint step {step} in {manager.directory} is damaged "
-            f"({'; '.join(reasons)[:500]}); skipping it.",
+            f"Checkpoint step {step} in {manager.directory} is damaged ({why[:500]}); skipping it.",
             stacklevel=3,
         )
         return
@@ -180,7 +181,7 @@ def _move_aside(
         shutil.move(str(source), str(destination))
         warnings.warn(
             f"Checkpoint step {step} in {manager.directory} is damaged "
-            f"({'; '.join(reasons)[:500]}); moved it to {destination} and trying the next "
+            f"({why[:500]}); moved it to {destination} and trying the next "
             "older step.",
             stacklevel=3,
         )

@@ -106,7 +106,7 @@ def predict_files(
 
 def main() -> None:
     """Command line: --workdir, --checkpoint, --average, --top_k, --json, then images or folders."""
-    from absl import app, flags, logging
+    from absl import app, flags
 
     workdir = flags.DEFINE_string(
         "workdir", None, "The run (or imported weights) to classify with."
@@ -118,7 +118,6 @@ def main() -> None:
     flags.mark_flags_as_required(["workdir"])
 
     def run(argv: list[str]) -> None:
-        logging.set_verbosity(logging.ERROR)
         try:
             if not argv[1:]:
                 raise ValueError("No image given: pass image files or folders after the flags.")

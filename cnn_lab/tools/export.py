@@ -146,7 +146,7 @@ def export_run(
 
 def main() -> None:
     """Command line: --workdir, --format, --batch, --include_preprocessing, --output."""
-    from absl import app, flags, logging
+    from absl import app, flags
 
     workdir = flags.DEFINE_string("workdir", None, "The run (or imported weights) to export.")
     format_ = flags.DEFINE_enum("format", None, FORMATS, "stablehlo | savedmodel.")
@@ -163,7 +163,6 @@ def main() -> None:
 
     def run(argv: list[str]) -> None:
         del argv
-        logging.set_verbosity(logging.ERROR)
         try:
             written = export_run(
                 workdir.value,

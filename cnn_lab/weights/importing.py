@@ -180,7 +180,7 @@ def write_run(
 
 def main() -> None:
     """Command line: --arch, --source, --output."""
-    from absl import app, flags, logging
+    from absl import app, flags
 
     arch = flags.DEFINE_string("arch", None, f"One of {', '.join(architectures.ARCHITECTURES)}.")
     source = flags.DEFINE_string("source", None, "A torchvision .pth/.pt or a .safetensors file.")
@@ -189,7 +189,6 @@ def main() -> None:
 
     def run(argv: list[str]) -> None:
         del argv
-        logging.set_verbosity(logging.ERROR)
         try:
             written = import_weights(arch.value, source.value, output.value)
         except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:

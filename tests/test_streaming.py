@@ -174,13 +174,13 @@ def test_images_already_at_size_pass_unchanged(mocked):
 def test_resize_and_crop():
     image = np.random.default_rng(0).integers(0, 256, (40, 64, 3), dtype=np.uint8)
     # Shorter side 40 -> 20, so 64 -> 32; then the centre 16 x 16.
-    out = streaming._resize_and_crop(tf.constant(image), 16, 20).numpy()
+    out = streaming.resize_and_crop(tf.constant(image), 16, 20).numpy()
     resized = tf.image.resize(image, (20, 32), method="bilinear", antialias=True).numpy()
     expected = np.clip(np.round(resized), 0, 255).astype(np.uint8)[2:18, 8:24]
     np.testing.assert_array_equal(out, expected)
     # Shorter side already at the size: only cropped, centred; square: unchanged.
     for side_image, expected in ((image, image[:, 12:52]), (image[:, :40], image[:, :40])):
-        out = streaming._resize_and_crop(tf.constant(side_image), 40, 40).numpy()
+        out = streaming.resize_and_crop(tf.constant(side_image), 40, 40).numpy()
         np.testing.assert_array_equal(out, expected)
 
 

@@ -60,7 +60,7 @@ def train_batches(
     split = loading.fit_split(builder, split)
     part = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
     files_seed, examples_seed = np.random.default_rng([seed, epoch]).integers(2**31, size=2)
-    tf = _tensorflow()
+    tf = tensorflow()
     ds = _encoded_examples(builder, part, files_seed=int(files_seed))
     # Encoded images are shuffled and skipped, not decoded ones: 10,000 decoded ImageNet
     # images would take about 5 GB, and a resumed epoch would decode every image it skips.
@@ -120,7 +120,7 @@ def eval_batches(
     per_process = _per_process(batch_size, process_index, process_count)
     builder = loading._prepared_builder(name, data_dir, None)
     split = loading.fit_split(builder, split)
-    tf = _tensorflow()
+    tf = tensorflow()
     ds = _encoded_examples(builder, split, files_seed=None)
     ds = ds.map(lambda image, label: (image, label, True))
     # batch_size - 1 padding rows, then whole global batches only: the last real row's batch is
@@ -181,7 +181,7 @@ def _per_process(batch_size: int, process_index: int, process_count: int) -> int
     return batch_size // process_count
 
 
-def _tensorflow() -> ModuleType:
+def tensorflow() -> ModuleType:
     """The tensorflow module, imported (seconds) and set up for reading data only."""
     loading._start_tensorflow()
     import tensorflow as tf
@@ -191,7 +191,7 @@ def _tensorflow() -> ModuleType:
 
 def _deterministic() -> "tf.data.Options":
     """tf.data options that keep every parallel step in order: the same batches on every run."""
-    tf = _tensorflow()
+    tf = tensorflow()
     options = tf.data.Options()
     options.deterministic = True
     return options
@@ -222,11 +222,11 @@ def _preprocess(
     builder: tfds.core.DatasetBuilder, image_size: int, *, resize_to: int
 ) -> Callable[["tf.Tensor", "tf.Tensor"], dict]:
     """(encoded image, label) -> {"image": (image_size, image_size, C) uint8, "label": () int32}."""
-    tf = _tensorflow()
+    tf = tensorflow()
     feature = builder.info.features[builder.info.supervised_keys[0]]
 
     def preprocess(encoded: "tf.Tensor", label: "tf.Tensor") -> dict:
-        image = _resize_and_crop(feature.decode_example(encoded), image_size, resize_to)
+        image = resize_and_crop(feature.decode_example(encoded), image_size, resize_to)
         return {"image": image, "label": tf.cast(label, tf.int32)}
 
     return preprocess
@@ -243,7 +243,7 @@ def _random_resized_crop(
     A box of area fraction in `scale` and aspect ratio (width / height) in `ratio` of the
     whole image (the whole image when 10 draws do not fit), resized bilinearly (antialiased).
     """
-    tf = _tensorflow()
+    tf = tensorflow()
     feature = builder.info.features[builder.info.supervised_keys[0]]
 
     def crop(encoded: "tf.Tensor", label: "tf.Tensor", seed: "tf.Tensor") -> dict:
@@ -269,14 +269,14 @@ def _random_resized_crop(
 
 def _resized(image: "tf.Tensor", shape) -> "tf.Tensor":
     """uint8 (H, W, C) -> uint8 (*shape, C), bilinear and antialiased, rounded."""
-    tf = _tensorflow()
+    tf = tensorflow()
     resized = tf.image.resize(image, shape, method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
-def _resize_and_crop(image: "tf.Tensor", size: int, resize_to: int) -> "tf.Tensor":
+def resize_and_crop(image: "tf.Tensor", size: int, resize_to: int) -> "tf.Tensor":
     """(H, W, C) uint8 -> (size, size, C) uint8: shorter side resized to `resize_to` (bilinear, antialiased), centre crop."""
-    tf = _tensorflow()
+    tf = tensorflow()
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scaled = shape * (resize_to / tf.reduce_min(shape))
     # Rounding must not leave the shorter side below resize_to.

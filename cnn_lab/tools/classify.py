@@ -38,7 +38,7 @@ def image_files(paths: list[str | Path]) -> tuple[list[Path], dict[str, str]]:
 
 def decode(path: Path) -> np.ndarray:
     """The pixels (H, W, C) uint8 of an image file; ValueError saying why it cannot be decoded."""
-    tf = streaming._tensorflow()
+    tf = streaming.tensorflow()
     try:
         return tf.io.decode_image(path.read_bytes(), expand_animations=False).numpy()
     except (OSError, tf.errors.OpError) as error:
@@ -49,7 +49,7 @@ def decode(path: Path) -> np.ndarray:
 def preprocess_image(image: np.ndarray, data_config: ml_collections.ConfigDict) -> np.ndarray:
     """A decoded image (H, W) or (H, W, C) uint8, as the run's evaluation sees it:
     (image_size, image_size, channels) float32, resized, centre-cropped and normalised."""
-    tf = streaming._tensorflow()
+    tf = streaming.tensorflow()
     image = tf.convert_to_tensor(image if image.ndim == 3 else image[..., None])
     if image.shape[-1] == 4:  # RGBA: the colours, as decoders for RGB models read them.
         image = image[..., :3]
@@ -59,7 +59,7 @@ def preprocess_image(image: np.ndarray, data_config: ml_collections.ConfigDict) 
         image = tf.image.grayscale_to_rgb(image)
     size = data_config.image_size
     resize_to = round(size / data_config.eval_crop_fraction)
-    pixels = streaming._resize_and_crop(image, size, resize_to).numpy()  # As streaming eval.
+    pixels = streaming.resize_and_crop(image, size, resize_to).numpy()  # As streaming eval.
     normalised = augment.eval_preprocess(
         pixels[None], mean=tuple(data_config.mean), std=tuple(data_config.std)
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ml_collections
 
-from cnn_lab import configs
+from cnn_lab import configs, workdir
 from cnn_lab.configs import common
 
 CONFIG_DIR = Path(configs.__file__).parent
@@ -82,21 +82,10 @@ def describe_fields(config: ml_collections.ConfigDict, config_file: str | Path) 
     for name, comment in field_comments(Path(config_file).read_text()).items():
         comments[name] = comment or comments.get(name, "")
     lines = []
-    for name, value in _flatten(config):
+    for name, value in sorted(workdir.flatten(config.to_dict()).items()):
         kind = type(value).__name__ if value is not None else "optional"
         lines.append(f"  {name} = {value!r}  ({kind})  {comments.get(name, '')}".rstrip())
     return "\n".join(lines)
-
-
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, object]]:
-    fields = []
-    for key in config:
-        value = config[key]
-        if isinstance(value, ml_collections.ConfigDict):
-            fields += _flatten(value, f"{prefix}{key}.")
-        else:
-            fields.append((f"{prefix}{key}", value))
-    return fields
 
 
 def usage(

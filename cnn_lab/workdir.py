@@ -177,11 +177,12 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train.batch_size": 128, ...}: the leaves of a nested dict under dotted names."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -191,8 +192,8 @@ def config_changes(
     saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict
 ) -> dict[str, tuple]:
     """{"a.b": (saved value, new value)} for every field that differs between two configs."""
-    old = _flatten(tuples(json.loads(json.dumps(saved.to_dict(), default=list))))
-    cur = _flatten(tuples(json.loads(json.dumps(new.to_dict(), default=list))))
+    old = flatten(tuples(json.loads(json.dumps(saved.to_dict(), default=list))))
+    cur = flatten(tuples(json.loads(json.dumps(new.to_dict(), default=list))))
     return {
         k: (old.get(k), cur.get(k))
         for k in sorted(old.keys() | cur.keys())

@@ -5,6 +5,7 @@ asks; and the class names every run keeps (classes.json in its workdir).
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
@@ -126,10 +127,15 @@ def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def write_class_names(workdir: Path, data_config: ml_collections.ConfigDict) -> None:
-    """Write the run's class names to <workdir>/classes.json (a JSON list, label order)."""
+    """Write the class names of a run on `data_config` to <workdir>/classes.json."""
+    save_class_names(workdir, class_names(data_config))
+
+
+def save_class_names(workdir: Path, names: Sequence[str]) -> None:
+    """Write `names` (label order) to <workdir>/classes.json, a JSON list, atomically."""
     path = Path(workdir) / CLASSES_FILE
     partial = path.with_name(f"{CLASSES_FILE}.tmp")
-    partial.write_text(json.dumps(list(class_names(data_config)), indent=1) + "\n")
+    partial.write_text(json.dumps(list(names), indent=1) + "\n")
     partial.replace(path)
 
 

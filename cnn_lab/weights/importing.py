@@ -11,7 +11,6 @@ saves them) and DIR/classes.json (the 1,000 ImageNet classes in label order, as 
 
 import hashlib
 import importlib.resources
-import json
 from pathlib import Path
 
 import jax
@@ -22,7 +21,7 @@ from flax import traverse_util
 
 from cnn_lab import checkpoint, command_line
 from cnn_lab import workdir as workdir_lib
-from cnn_lab.data.sources import CLASSES_FILE
+from cnn_lab.data.sources import save_class_names
 from cnn_lab.models import get_model
 from cnn_lab.runtime import provenance, sharding
 from cnn_lab.weights import architectures, sources
@@ -174,7 +173,7 @@ def write_run(
     with checkpoint.make_manager(directory / checkpoint.BEST_DIR) as manager:
         checkpoint.save(manager, state, IMPORTED_STEP)
         manager.wait_until_finished()
-    (directory / CLASSES_FILE).write_text(json.dumps(class_names, indent=1) + "\n")
+    save_class_names(directory, class_names)
     workdir_lib.write_config(directory, config, record)  # Last: it marks the directory complete.
 
 

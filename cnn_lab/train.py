@@ -109,6 +109,8 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
 
             val = run.evaluate(state, step, "val")
             val.pop("per_class_accuracy")
+            # Training and validation time of this epoch: a report sums them into run time.
+            val["epoch_seconds"] = time.perf_counter() - epoch_start
             run.writer.write(step=step, epoch=step / spe, split="val", metrics=val)
             selected = config.averaging.select
             state = run.record_validation(

@@ -74,6 +74,7 @@ def test_a_redirected_training_log_is_plain_lines(launch, tmp_path):
         "cnn_lab.train",
         "--config=configs/mlp_digits.py:smoke",
         "--config.train.progress_bar=True",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",  # Prepared in this run: TF starts.
         f"--workdir={tmp_path / 'run'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -81,3 +82,4 @@ def test_a_redirected_training_log_is_plain_lines(launch, tmp_path):
     assert "epoch 2/2:" in log and "test: loss" in log
     assert "\r" not in log and "\x1b[" not in log  # No tqdm frames, no ANSI codes.
     assert not re.search(r"^[IWE]\d{4} ", log, re.MULTILINE)  # No absl lines from libraries.
+    assert "Downloading and preparing" not in log and "oneDNN custom operations" not in log

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from tensorflow_datasets.image_classification import mnist
 
 # scikit-learn's digits (UCI, CC BY 4.0) as uint8 arrays: images (1797, 8, 8) of ink counts
@@ -32,7 +33,21 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_FILE_NAMES = tuple(f for pair in FASHION_MNIST_FILES.values() for f in pair)
 
 
-class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class QuietPreparation:
+    """Logs TFDS's two preparation lines (shown with --verbosity) instead of printing them.
+
+    TFDS prints them for every builder, to let a user cancel a download; these builders
+    read local files only, and their lines would be the chatter of every first run.
+    """
+
+    def _log_download_bytes(self) -> None:
+        logging.info("Preparing %s in %s.", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("Prepared %s in %s.", self.name, self.data_dir)
+
+
+class Digits(QuietPreparation, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """scikit-learn's 1797 8x8 handwritten digits, split 75/25 (stratified) into train/test."""
 
     name = "digits"
@@ -82,7 +97,7 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield position, {"image": images[i], "label": int(labels[i])}
 
 
-class FashionMnistLocal(mnist.FashionMNIST, skip_registration=True):
+class FashionMnistLocal(QuietPreparation, mnist.FashionMNIST, skip_registration=True):
     """TFDS's own `fashion_mnist` (name, version, features, splits, keys), from local IDX files.
 
     TFDS's builder would download and checksum the files; copies recompressed by Debian fail

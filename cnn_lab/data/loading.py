@@ -28,6 +28,9 @@ def _start_tensorflow() -> None:
     their memory, which JAX needs; once TF has initialised them (RuntimeError) it is too
     late to change.
     """
+    # TF's oneDNN graph rewrites speed up TF's own math, which cnn_lab never runs; off, TF
+    # also skips the line announcing them that it prints before any log setting applies.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import tensorflow as tf
 
     with contextlib.suppress(RuntimeError):

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cnn_lab.data import image_files, loading
+from cnn_lab.data import builders, image_files, loading
 
 NAME = "own_data"  # config.data.name of the data at config.data.source_dir.
 STATS_FILE = "cnn_lab_own_data.json"  # Beside the TFDS files: written last, marks a whole copy.
@@ -51,7 +51,7 @@ class Prepared:
     num_examples: dict[str, int]
 
 
-class OwnData(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class OwnData(builders.QuietPreparation, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """The examples of an `image_files.Source`, decoded, converted and resized as `settings` says."""
 
     name = NAME

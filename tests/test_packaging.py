@@ -92,9 +92,9 @@ def test_a_wheel_installed_elsewhere_trains_a_shipped_config_by_name(tmp_path):
         "    return config\n"
     )
 
-    def run(*args):
+    def run(*args, program=python):
         return subprocess.run(
-            [python, *args], cwd=elsewhere, capture_output=True, text=True, timeout=600
+            [program, *args], cwd=elsewhere, capture_output=True, text=True, timeout=600
         )
 
     where = run("-c", "import cnn_lab, configs; print(cnn_lab.__file__, configs.OWNER)")
@@ -108,6 +108,18 @@ def test_a_wheel_installed_elsewhere_trains_a_shipped_config_by_name(tmp_path):
     own = run("-m", "cnn_lab.train", "--config=my_config.py", "--help")
     assert own.returncode == 0, own.stderr[-3000:]
     assert "seed = 7  (int)" in own.stdout  # The user's config, built on cnn_lab's.
+    # The console script: its commands, and a shipped config trained by name through it.
+    cnn_lab_script = str(venv / "bin" / "cnn-lab")
+    usage = run("--help", program=cnn_lab_script)
+    assert usage.returncode == 0 and "import-weights" in usage.stdout, usage.stderr
+    trained = run(
+        "train", "--config=cnn_lab:lenet_digits:smoke", "--workdir=run_by_script",
+        f"--config.data.data_dir={tmp_path / 'tfds'}", program=cnn_lab_script,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (elsewhere / "run_by_script" / "metrics.jsonl").exists()
+    own = run("train", "--config=my_config.py", "--help", program=cnn_lab_script)
+    assert "seed = 7  (int)" in own.stdout, own.stderr[-3000:]  # Its directory imports, too.
 
 
 def test_the_package_imports_its_configs_and_launchers_by_their_installed_names():

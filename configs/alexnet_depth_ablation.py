@@ -22,7 +22,7 @@ kept one to its input (`config.model.remove`; see cnn_lab.models.alexnet).
 Expected: test accuracy (3 seeds each; 2 shared CPU cores, 73 minutes for the sweep)
 0.9985 +- 0.0013 full, 0.9978 without fc7, 0.9956 +- 0.0038 without fc6 and fc7,
 0.9985 without conv3 and conv4, 0.9978 without all four: digits are too easy for depth to
-matter (README, "Removing layers"). The lectures' ImageNet figures, quoted in the report's
+matter (docs/experiments.md, "Removing layers"). The lectures' ImageNet figures, quoted in the report's
 last column: removing fc7 drops 16M parameters and costs 1.1% top-1, fc6 and fc7 about 50M
 and 5.7%, conv3 and conv4 about 1M and 3.0%, all four 33.5%. `:smoke` trains for a few steps.
 """

@@ -5,7 +5,7 @@
 Needs MNIST prepared in TFDS format (`tfds build mnist` on a machine with internet).
 
 Expected: not measured here (no MNIST on the development machine). `cnn_lab.benchmark`
-measures its train step at 2,062 images/s on 2 CPU cores (README, "Performance").
+measures its train step at 2,062 images/s on 2 CPU cores (docs/cpu_kernels.md).
 """
 
 from cnn_lab.configs import common

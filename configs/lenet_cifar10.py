@@ -5,7 +5,7 @@
 Needs CIFAR-10 prepared in TFDS format (`tfds build cifar10` on a machine with internet).
 
 Expected: not measured here (no CIFAR-10 on the development machine). `cnn_lab.benchmark`
-measures its train step at 29,001-32,027 images/s on 2 CPU cores (README, "Performance").
+measures its train step at 29,001-32,027 images/s on 2 CPU cores (docs/cpu_kernels.md).
 """
 
 from cnn_lab.configs import common

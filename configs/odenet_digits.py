@@ -23,7 +23,7 @@ from cnn_lab.configs import common
 
 
 def get_config(mode: str | None = None):
-    # 16x16 gives a 3x3x64 ODE state; 28x28 (MNIST's 6x6x64) makes each step slower (README).
+    # 16x16 gives a 3x3x64 ODE state; 28x28 (MNIST's 6x6x64) makes each step slower (docs/cpu_kernels.md).
     config = common.get_base_config("digits", image_size=16)
     config.model.name = "odenet"
     config.model.width = 64  # Channels of the downsampling convs and of the ODE state.
@@ -36,7 +36,7 @@ def get_config(mode: str | None = None):
     config.model.checkpoints = config_dict.placeholder(int)  # backprop: None: log2(max_steps).
     config.model.t1 = 1.0  # Integrate over [0, t1].
     config.model.activation = "relu"
-    config.model.im2col = True  # Vector-field convs as matmuls: faster on CPU (README).
+    config.model.im2col = True  # Vector-field convs as matmuls: faster on CPU (docs).
     config.model.residual_blocks = 0  # > 0: that many residual blocks instead (a ResNet).
 
     config.augment.crop_padding = 2  # Shifts of up to 2 of 16 pixels.

@@ -20,7 +20,7 @@ the workdir when that folder is read-only, or under --config.data.data_dir when 
 The argument picks the model and its recipe from the zoo (convnet, the default; lenet5,
 resnet20, mlp), and `smoke` a few steps on small slices: e.g. `own_data.py:resnet20,smoke`.
 
-Expected: depends on your data; see README ("Your own data") for Fashion-MNIST as PNG files.
+Expected: depends on your data; see docs/data.md ("Your own data") for Fashion-MNIST as PNG files.
 """
 
 from ml_collections import config_dict

@@ -18,8 +18,8 @@ Torch code decays every parameter).
 Expected: not measured here (no CIFAR-10 on the development machine). He et al. (Table 6,
 test error, trained on all 50k images) report ResNet-20 8.75%, 32 7.51%, 44 7.17%, 56 6.97%,
 110 6.43%, i.e. accuracy 0.9125 for ResNet-20. About 41M multiply-adds per image forward;
-`cnn_lab.benchmark` measures the train step at 657 images/s on 2 CPU cores (README,
-"Performance").
+`cnn_lab.benchmark` measures the train step at 657 images/s on 2 CPU cores
+(docs/cpu_kernels.md).
 `--config.model.stochastic_depth_rate=0.5` with depth 110 is Huang et al. (2016)'s CIFAR run.
 """
 

@@ -6,7 +6,7 @@ First pre-train (configs/transfer_digits_pretrain.py), then, from the same direc
 
 The default is full fine-tuning in two phases: the new head alone (backbone frozen), then
 every layer at a lower learning rate. `get_sweep()` compares it with training from
-scratch and with training the head only, 3 seeds each (README, "Transfer learning"):
+scratch and with training the head only, 3 seeds each (docs/transfer.md, "The digits demo"):
 
     python -m launch.sweep --config=configs/transfer_digits.py --sweep_dir=runs/transfer_demo \\
         --parallel=2 && python -m cnn_lab.report runs/transfer_demo

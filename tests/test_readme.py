@@ -128,6 +128,8 @@ def test_every_readme_command_runs_in_smoke_form(tmp_path):
             if kind == "python":
                 argv = [sys.executable, "-c", command]
             else:
+                # The console script is `python -m cnn_lab` (the wheel test runs the script).
+                command = re.sub(r"^cnn-lab\b", "python -m cnn_lab", command)
                 argv = [
                     sys.executable if word == "python" else word
                     for word in shlex.split(smoke(command))

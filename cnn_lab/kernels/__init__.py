@@ -15,7 +15,7 @@ picks:
 - "batch_minor": the batch-minor kernels (CPU, one device) for stride-1, undilated
   convolutions of batches that are a multiple of 16; other calls go to "onednn". XLA lays
   their activations out batch-minor and fuses the transposes into neighbouring ops, which
-  pays only where every convolution is small (README.md, Performance, has the figures).
+  pays only where every convolution is small (docs/cpu_kernels.md has the figures).
 - "auto": on a float32 run of one CPU device where the kernels load, "batch_minor" for
   models whose class declares `few_channel_convolutions` (LeNet-5) on a CPU with AVX-512,
   else "onednn"; "xla" elsewhere: accelerators always get XLA's own kernels.

@@ -45,7 +45,7 @@ class Conv3x3(nn.Module):
     `im2col=True` computes it as one matmul of the 9 shifted copies of the input with the
     kernel. Inside a while loop (diffrax's solve and backward pass) XLA:CPU computes the
     kernel gradient of a native convolution many times slower than the same convolution
-    unrolled; as a matmul it is fast (timings in the README). `im2col=False` uses
+    unrolled; as a matmul it is fast (timings in docs/cpu_kernels.md). `im2col=False` uses
     `lax.conv_general_dilated` (faster outside loops, and the better choice on GPU and TPU).
     Both read the same parameters.
     """

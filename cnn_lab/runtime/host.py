@@ -5,7 +5,7 @@ Host memory: the process keeps what it frees mapped, so each step reuses the sam
 XLA's CPU runtime allocates every step's temporary buffers afresh (hundreds of MB for a
 ResNet-20 train step). glibc serves blocks that large with mmap and unmaps them when they
 are freed, so every step the kernel faults in and zeroes every page again, a large share of
-a CPU step's time (README.md, Performance, has the figures). With one malloc arena that
+a CPU step's time (docs/cpu_kernels.md has the figures). With one malloc arena that
 never maps blocks of its own and never trims its heap, the next step's buffers land on
 memory that is already mapped. The cost: memory freed by the process is not given back to
 the system until it exits (its peak stays resident).

@@ -47,9 +47,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         sys.exit(0)
     try:
         rest = flags.FLAGS(list(argv))
-    except KeyError as error:  # ml_collections: an override of a field the config lacks.
-        report(ValueError(_unknown_field_message(error, argv)))
-    except (flags.Error, ValueError, TypeError, AttributeError) as error:
+    except (KeyError, flags.Error, ValueError, TypeError, AttributeError) as error:
+        if missing := _missing_field(error):
+            report(ValueError(_unknown_field_message(missing, argv)))
         message = _without_traceback(str(error))
         report(ValueError(f"{message} Run with --helpfull to list every flag."))
     for name in flags.FLAGS:
@@ -104,6 +104,17 @@ def _help(argv: Sequence[str]) -> str:
         report(ValueError(f"{_without_traceback(str(error))} (while showing --help)"))
     path = config_flags.get_config_filename(only_config["config"]).partition(":")[0]
     return config_help.usage(doc, flags_help, config, path)
+
+
+def _missing_field(error: BaseException | None) -> KeyError | None:
+    """The KeyError of an override naming a field the config lacks, if `error` comes from one.
+
+    ml_collections raises it for a top-level field, and an AttributeError from it for a
+    nested one (`--config.optimizer.learnig_rate`).
+    """
+    while error is not None and not isinstance(error, KeyError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _unknown_field_message(error: KeyError, argv: Sequence[str]) -> str:

@@ -124,6 +124,10 @@ def _assert_clean_error(result, *expected: str) -> None:
             ["--config.optimzer.learning_rate=0.1"],
             ["--config.optimzer.learning_rate", "'optimzer'", '"optimizer"'],
         ),
+        (
+            ["--config.optimizer.learnig_rate=0.1"],
+            ["--config.optimizer.learnig_rate", "'learnig_rate'", '"learning_rate"'],
+        ),
         (["--config.train.batch_size=-8"], ["config.train.batch_size=-8", "batch_size=128"]),
         (["--config.train.batch_size=0"], ["config.train.batch_size=0", "batch_size=128"]),
         (["--config.train.log_every_steps=0"], ["log_every_steps=0", "log_every_steps=50"]),

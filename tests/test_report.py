@@ -171,7 +171,10 @@ def fashion_sweeps(tmp_path):
         test = {"accuracy": 0.90 + i / 100, "ema_accuracy": 0.91 + i / 100}
         test |= {"polyak_accuracy": 0.92 + i / 200}
         snapshot = {"model": "snapshots(5)", "accuracy": 0.95 + i / 1000}
-        evaluations = [("eval_best_test.json", {"rows": [{"model": "raw"}, snapshot]})]
+        evaluations = [
+            ("eval_latest_test.json", {"rows": [{"model": "raw"}, snapshot]}),
+            ("eval_best_test.json", {"rows": [{"model": "raw"}]}),  # Newer, no snapshots.
+        ]
         names.append(_finished_run(resnet, point, test, (10.0 + i, 20.0, 30.0), evaluations))
     ensemble = {"workdirs": [str(resnet / n) for n in names[:3]], "rows": []}
     ensemble["rows"] = [{"model": "raw"}, {"model": "ensemble(3)", "accuracy": 0.97}]
@@ -186,7 +189,9 @@ def fashion_sweeps(tmp_path):
 def test_results_table_has_a_row_per_point_with_seeds_averaging_and_ensembles(fashion_sweeps):
     from cnn_lab.tools import results
 
-    paths = results.write_results(fashion_sweeps, fashion_sweeps[0].parent / "results")
+    (fashion_sweeps[0].parent / "results.md").write_text("an earlier table")  # Skipped.
+    glob = sorted(fashion_sweeps[0].parent.iterdir(), key=lambda p: p.name != "resnet56")
+    paths = results.write_results(glob, fashion_sweeps[0].parent / "results")
     with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert [(r["sweep"], r["point"]) for r in rows] == [

@@ -82,6 +82,16 @@ def _newest(workdir: Path, pattern: str) -> dict | None:
     return json.loads(files[-1].read_text()) if files else None
 
 
+def _snapshot_rows(workdir: Path) -> list[dict]:
+    """The snapshot-ensemble rows of the newest eval_*_test.json that has one (none: [])."""
+    for path in sorted(workdir.glob("eval_*_test.json"), key=lambda p: -p.stat().st_mtime):
+        rows = json.loads(path.read_text())["rows"]
+        snapshots = [r for r in rows if r["model"].startswith("snapshots(")]
+        if snapshots:
+            return snapshots
+    return []
+
+
 def _summary_cells(values: list[float]) -> dict:
     summary = report.summarise(values)
     return {
@@ -130,12 +140,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
                 "wall_seconds": mean("wall_seconds"),
             }
         )
-        snapshots = [
-            (run, row)
-            for run in runs
-            for row in (_newest(run["dir"], "eval_*_test.json") or {"rows": []})["rows"]
-            if row["model"].startswith("snapshots(")
-        ]
+        snapshots = [(run, row) for run in runs for row in _snapshot_rows(run["dir"])]
         if snapshots:
             rows.append(
                 common
@@ -180,9 +185,12 @@ def _ensemble_row(common: dict, row: dict, names: list[str], members: list[dict]
 
 
 def results_rows(sweep_dirs: Sequence[str | Path]) -> list[dict]:
-    """The rows of every sweep, in the order given; FileNotFoundError for a non-sweep dir."""
+    """The rows of every sweep, in the order given (files skipped); FileNotFoundError for a
+    directory that is no sweep."""
     rows = []
     for sweep_dir in map(Path, sweep_dirs):
+        if sweep_dir.is_file():  # The table itself, matched by a shell glob (runs/fmnist/*).
+            continue
         if (
             not (sweep_dir / sweep.INDEX_FILE).exists()
             or not (sweep_dir / sweep.SPEC_FILE).exists()

@@ -183,6 +183,8 @@ def fashion_sweeps(tmp_path):
     plain.mkdir()
     (plain / sweep.SPEC_FILE).write_text(json.dumps({"config": "gone.py", "points": []}))
     _finished_run(plain, {"seed": 0}, {"accuracy": 0.88}, (5.0, 5.0, 5.0))
+    (plain / "seed=1").mkdir()  # Still training: counted, not averaged.
+    sweep.update_index(plain, "seed=1", {"seed": 1}, "running")
     return [resnet, plain]
 
 
@@ -227,7 +229,7 @@ def test_results_table_has_a_row_per_point_with_seeds_averaging_and_ensembles(fa
     assert plain["ema_accuracy"] == "" and float(plain["test_accuracy"]) == 0.88
     markdown = paths["md"].read_text()
     assert "| 0.9100 +- 0.0100 (n=3) | 0.9200 | 0.9250 | 1.0 min | deep |" in markdown
-    assert "| mlp | `gone` | - | 1,000 | 0.8800 (n=1) | - | - | 0.2 min | - |" in markdown
+    assert "| mlp | `gone` | - | 1,000 | 0.8800 (n=1 of 2) | - | - | 0.2 min | - |" in markdown
 
 
 def test_results_replace_the_readme_between_the_markers(fashion_sweeps, tmp_path, capsys):

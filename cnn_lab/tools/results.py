@@ -204,11 +204,14 @@ def results_rows(sweep_dirs: Sequence[str | Path]) -> list[dict]:
 
 
 def _accuracy_text(row: dict) -> str:
+    """ "mean +- std (n=finished)", with "of runs" while some runs have not finished."""
+    of = "" if row["finished"] == row["runs"] else f" of {row['runs']}"
+    count = f"(n={row['finished']}{of})"
     if math.isnan(row["test_accuracy"]):
-        return f"- (n={row['finished']})"
+        return f"- {count}"
     std = row.get("test_accuracy_std", math.nan)
     spread = "" if math.isnan(std) else f" +- {std:.4f}"
-    return f"{row['test_accuracy']:.4f}{spread} (n={row['finished']})"
+    return f"{row['test_accuracy']:.4f}{spread} {count}"
 
 
 def _optional(value: float | None, form: str) -> str:

@@ -204,7 +204,7 @@ def results_rows(sweep_dirs: Sequence[str | Path]) -> list[dict]:
 
 
 def _accuracy_text(row: dict) -> str:
-    """ "mean +- std (n=finished)", with "of runs" while some runs have not finished."""
+    """The mean +- std (n=finished), with "of <runs>" while some runs have not finished."""
     of = "" if row["finished"] == row["runs"] else f" of {row['runs']}"
     count = f"(n={row['finished']}{of})"
     if math.isnan(row["test_accuracy"]):

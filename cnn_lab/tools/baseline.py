@@ -12,11 +12,8 @@ The sweep directory gets sweep.json and runs.csv, so `python -m cnn_lab.report` 
 baseline in the same table as the CNN sweeps. Rerunning skips the finished seeds.
 """
 
-import ast
 import json
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
@@ -140,6 +137,7 @@ def run_sweep(
     overrides: sweep.Overrides,
 ) -> list[dict]:
     """Fit seeds 0 .. seeds - 1 into <sweep_dir>/seed=<s>/, recorded as launch.sweep does."""
+    candidates(config)  # A config error stops here, before anything is written.
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     points = sweep.seeds(seeds)
@@ -157,19 +155,6 @@ def run_sweep(
     return results
 
 
-def _overrides(argv: Sequence[str]) -> sweep.Overrides:
-    """The --config.<field>=<value> flags as overrides (values as Python literals, else text)."""
-    found = {}
-    for arg in argv:
-        field, sep, text = arg.removeprefix("--config.").partition("=")
-        if arg.startswith("--config.") and sep:
-            try:
-                found[field] = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                found[field] = text
-    return found
-
-
 def main() -> None:
     """Command line: --config=<file>[:mode] (--config.<field>=<value>...), --sweep_dir, --seeds."""
     from absl import app, flags
@@ -184,11 +169,11 @@ def main() -> None:
 
     def run(argv: list[str]) -> None:
         del argv
-        config_file = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--config="))
+        config_flag = flags.FLAGS["config"]  # Its file and --config.<field> overrides.
+        config_file = config_flags.get_config_filename(config_flag)
+        overrides = config_flags.get_override_values(config_flag)
         try:
-            results = run_sweep(
-                config_file, config.value, sweep_dir.value, seeds.value, _overrides(sys.argv)
-            )
+            results = run_sweep(config_file, config.value, sweep_dir.value, seeds.value, overrides)
         except (ImportError, ValueError, FileNotFoundError) as error:
             command_line.report(error)
         for seed, metrics in enumerate(results):

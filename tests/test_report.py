@@ -261,3 +261,13 @@ def test_published_figures_match_the_most_specific_conditions():
     assert results.published_text(published, {"model.depth": 56, "seed": 0}) == "deep"
     assert results.published_text(published, {"model.depth": 56, "seed": 1}) == "one"
     assert results.published_text("same for all", {"model.depth": 20}) == "same for all"
+
+
+def test_the_readme_has_the_results_markers_its_commands_fill():
+    from pathlib import Path
+
+    from cnn_lab.tools import results
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert 0 <= readme.find(results.BEGIN) < readme.find(results.END)
+    assert "python -m cnn_lab.report runs/fmnist/* --readme=README.md" in readme

@@ -43,6 +43,10 @@ COMMANDS = {
     "fashion-mnist-folder": Command(
         "cnn_lab.launch.fashion_mnist_folder", "write Fashion-MNIST as a folder of PNG files"
     ),
+    "fashion-mnist-results": Command(
+        "cnn_lab.launch.fashion_mnist_results", "rerun README's Fashion-MNIST results, resumably"
+    ),
+    "baseline": Command("cnn_lab.baseline", "scikit-learn classifiers on a config's pixels"),
 }
 EXAMPLE = "cnn-lab train --config=cnn_lab:lenet_digits --workdir=runs/lenet_digits"
 

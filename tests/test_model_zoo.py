@@ -279,3 +279,15 @@ def test_summary_lists_layers_parameters_and_flops():
     assert "float32[1,8,8,64]" in text
     assert "params: 269,722" in text
     assert "FLOPs per image" in text
+
+
+def test_local_response_norm_is_differentiable_under_jit():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 8))
+
+    def by_slices(x):  # The same sum over 5 neighbouring channels, written out.
+        padded = jnp.pad(jnp.square(x), ((0, 0), (0, 0), (0, 0), (2, 2)))
+        summed = sum(padded[..., i : i + x.shape[-1]] for i in range(5))
+        return (x / (2.0 + 1e-2 * summed) ** 0.75).sum()
+
+    grad = jax.jit(jax.grad(lambda x: local_response_norm(x, 5, 2.0, 1e-2, 0.75).sum()))(x)
+    np.testing.assert_allclose(grad, jax.grad(by_slices)(x), rtol=1e-5, atol=1e-6)

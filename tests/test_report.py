@@ -129,3 +129,145 @@ def test_points_whose_overrides_are_lists_of_dicts_are_grouped():
         ("head_only", pytest.approx(0.725)),
     ]
     assert all("phases" not in p for p in points)  # The label stands for the long value.
+
+
+def _finished_run(sweep_dir, overrides, test, epoch_seconds, evaluations=()):
+    """A finished run: val records with epoch_seconds (epoch 1 twice: resumed), a test record."""
+    name = sweep.workdir_name(overrides)
+    seconds = [
+        (1.0, 99.0),
+        (1.0, epoch_seconds[0]),
+        *zip((2.0, 3.0), epoch_seconds[1:], strict=True),
+    ]
+    records = [
+        {"step": 10, "epoch": epoch, "split": "val", "accuracy": 0.5, "epoch_seconds": s}
+        for epoch, s in seconds
+    ]
+    records.append({"step": 30, "epoch": 3.0, "split": "test", "parameters": 1000, **test})
+    (sweep_dir / name).mkdir(parents=True)
+    (sweep_dir / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for file, content in evaluations:
+        (sweep_dir / name / file).write_text(json.dumps(content))
+    sweep.update_index(sweep_dir, name, overrides, "done")
+    return name
+
+
+@pytest.fixture
+def fashion_sweeps(tmp_path):
+    """Two sweeps as launch.sweep and cnn_lab.evaluate leave them, and their config files."""
+    config = tmp_path / "resnet_fmnist.py"
+    config.write_text(
+        "def get_report():\n"
+        "    return {'published': {'': 'any depth', 'model.depth=56': 'deep',\n"
+        "        'model.depth=56,model.stochastic_depth_rate=0.5': 'deep, dropped'}}\n"
+    )
+    resnet = tmp_path / "runs" / "resnet56"
+    resnet.mkdir(parents=True)
+    points = sweep.product(sweep.axis("model.stochastic_depth_rate", [0.0, 0.5]), sweep.seeds(3))
+    spec = {"config": str(config), "base": {"model.depth": 56}, "points": points}
+    (resnet / sweep.SPEC_FILE).write_text(json.dumps(spec))
+    names = []
+    for i, point in enumerate(points):
+        test = {"accuracy": 0.90 + i / 100, "ema_accuracy": 0.91 + i / 100}
+        test |= {"polyak_accuracy": 0.92 + i / 200}
+        snapshot = {"model": "snapshots(5)", "accuracy": 0.95 + i / 1000}
+        evaluations = [
+            ("eval_latest_test.json", {"rows": [{"model": "raw"}, snapshot]}),
+            ("eval_best_test.json", {"rows": [{"model": "raw"}]}),  # Newer, no snapshots.
+        ]
+        names.append(_finished_run(resnet, point, test, (10.0 + i, 20.0, 30.0), evaluations))
+    ensemble = {"workdirs": [str(resnet / n) for n in names[:3]], "rows": []}
+    ensemble["rows"] = [{"model": "raw"}, {"model": "ensemble(3)", "accuracy": 0.97}]
+    (resnet / names[0] / "ensemble_best_test.json").write_text(json.dumps(ensemble))
+    plain = tmp_path / "runs" / "mlp"
+    plain.mkdir()
+    (plain / sweep.SPEC_FILE).write_text(json.dumps({"config": "gone.py", "points": []}))
+    _finished_run(plain, {"seed": 0}, {"accuracy": 0.88}, (5.0, 5.0, 5.0))
+    (plain / "seed=1").mkdir()  # Still training: counted, not averaged.
+    sweep.update_index(plain, "seed=1", {"seed": 1}, "running")
+    return [resnet, plain]
+
+
+def test_results_table_has_a_row_per_point_with_seeds_averaging_and_ensembles(fashion_sweeps):
+    from cnn_lab.tools import results
+
+    (fashion_sweeps[0].parent / "results.md").write_text("an earlier table")  # Skipped.
+    glob = sorted(fashion_sweeps[0].parent.iterdir(), key=lambda p: p.name != "resnet56")
+    paths = results.write_results(glob, fashion_sweeps[0].parent / "results")
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["sweep"], r["point"]) for r in rows] == [
+        ("resnet56", "model.depth=56, model.stochastic_depth_rate=0.0"),
+        ("resnet56", "model.depth=56, model.stochastic_depth_rate=0.0: snapshots(5)"),
+        (
+            "resnet56",
+            "model.depth=56, model.stochastic_depth_rate=0.0: ensemble(3) of seeds 0, 1, 2",
+        ),
+        ("resnet56", "model.depth=56, model.stochastic_depth_rate=0.5"),
+        ("resnet56", "model.depth=56, model.stochastic_depth_rate=0.5: snapshots(5)"),
+        ("mlp", "-"),
+    ]
+    first, snapshots, ensemble, dropped, _, plain = rows
+    assert first["config"] == "resnet_fmnist" and first["parameters"] == "1000"
+    assert (first["finished"], first["runs"]) == ("3", "3")
+    assert float(first["test_accuracy"]) == pytest.approx(0.91)
+    assert float(first["test_accuracy_std"]) == pytest.approx(statistics.stdev([0.9, 0.91, 0.92]))
+    assert float(dropped["test_accuracy"]) == pytest.approx(0.94)
+    assert float(first["ema_accuracy"]) == pytest.approx(0.92)
+    assert float(dropped["polyak_accuracy"]) == pytest.approx(0.92 + 4 / 200)
+    # The last record of each epoch counts (the resumed epoch 1 once): 11 + 20 + 30, 12 + ..
+    assert float(first["wall_seconds"]) == pytest.approx(61.0)
+    assert float(dropped["wall_seconds"]) == pytest.approx(64.0)
+    assert float(snapshots["test_accuracy"]) == pytest.approx(0.951)
+    assert float(ensemble["test_accuracy"]) == 0.97 and ensemble["test_accuracy_std"] == ""
+    assert ensemble["parameters"] == "3000" and float(ensemble["wall_seconds"]) == 183.0
+    assert [first["published"], dropped["published"], plain["published"]] == [
+        "deep",
+        "deep, dropped",
+        "",
+    ]
+    assert plain["ema_accuracy"] == "" and float(plain["test_accuracy"]) == 0.88
+    markdown = paths["md"].read_text()
+    assert "| 0.9100 +- 0.0100 (n=3) | 0.9200 | 0.9250 | 1.0 min | deep |" in markdown
+    assert "| mlp | `gone` | - | 1,000 | 0.8800 (n=1 of 2) | - | - | 0.2 min | - |" in markdown
+
+
+def test_results_replace_the_readme_between_the_markers(fashion_sweeps, tmp_path, capsys):
+    from cnn_lab.tools import results
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Results\n{results.BEGIN}\nold table\n{results.END}\nafter\n")
+    out = tmp_path / "table"
+    report.main([*map(str, fashion_sweeps), f"--readme={readme}", f"--out={out}"])
+    text = readme.read_text()
+    assert "old table" not in text and text.endswith(f"{results.END}\nafter\n")
+    assert (
+        text.split(results.BEGIN)[1].split(results.END)[0]
+        == "\n" + (out.with_suffix(".md")).read_text()
+    )
+    readme.write_text("# Results, no markers\n")
+    with pytest.raises(SystemExit, match="results:begin"):
+        report.main([*map(str, fashion_sweeps), f"--readme={readme}"])
+    assert readme.read_text() == "# Results, no markers\n"
+    with pytest.raises(SystemExit, match="launch\\.sweep"):
+        report.main([str(fashion_sweeps[0]), str(tmp_path)])
+
+
+def test_published_figures_match_the_most_specific_conditions():
+    from cnn_lab.tools import results
+
+    published = {"": "all", "model.depth=56": "deep", "model.depth=56,seed=1": "one"}
+    assert results.published_text(published, {"model.depth": 20}) == "all"
+    assert results.published_text(published, {"model.depth": 56, "seed": 0}) == "deep"
+    assert results.published_text(published, {"model.depth": 56, "seed": 1}) == "one"
+    assert results.published_text("same for all", {"model.depth": 20}) == "same for all"
+
+
+def test_the_readme_has_the_results_markers_its_commands_fill():
+    from pathlib import Path
+
+    from cnn_lab.tools import results
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert 0 <= readme.find(results.BEGIN) < readme.find(results.END)
+    assert "python -m cnn_lab.report runs/fmnist/* --readme=README.md" in readme

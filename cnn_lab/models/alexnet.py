@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cnn_lab.models.layers import (
@@ -83,7 +84,7 @@ def local_response_norm(x: jax.Array, size: int, k: float, alpha: float, beta: f
     wide = at_least_float32(x)
     summed = jax.lax.reduce_window(
         jnp.square(wide),
-        jnp.array(0, wide.dtype),
+        np.zeros((), wide.dtype),  # A constant zero: JAX then sums (differentiably).
         jax.lax.add,
         (1, 1, 1, size),
         (1, 1, 1, 1),

@@ -45,6 +45,9 @@ class VGG(nn.Module):
     layer's size follows the final map's, unless `adaptive_pool` (torchvision's (7, 7)) averages
     the map to that size first, as torchvision's VGG does.
 
+    `widths` sets the five stages' channels: (32, 64, 128, 256, 256), half the paper's, gives
+    a net a quarter the cost for small grey images.
+
     `remove` drops named layers: convs "conv<stage>_<k>" ("conv3_2": stage 3's second conv,
     with its BatchNorm and activation), hidden dense layers "fc6", "fc7" (with their dropout);
     the output layer and the max pools stay, and the next kept layer takes what the previous
@@ -54,6 +57,7 @@ class VGG(nn.Module):
     num_classes: int
     depth: int = 16
     batch_norm: bool = False
+    widths: Sequence[int] = STAGE_WIDTHS  # Channels of the five stages (the paper's default).
     hidden_sizes: Sequence[int] = (4096, 4096)
     dropout_rate: float = 0.5
     adaptive_pool: Sequence[int] | None = None
@@ -87,7 +91,7 @@ class VGG(nn.Module):
         check_removal(self.remove, removable, f"VGG-{self.depth}")
         act = get_activation(self.activation)
         index = 0  # Of the conv in the full net: names its parameters.
-        for num_convs, width in zip(self.stages(), STAGE_WIDTHS, strict=True):
+        for num_convs, width in zip(self.stages(), self.widths, strict=True):
             for _ in range(num_convs):
                 if removable[index] not in self.remove:
                     x = Conv(

@@ -11,6 +11,9 @@ When the sweep's config file defines `get_report()` -> {"baseline": a point's la
 configs/alexnet_depth_ablation.py), or with --baseline=<label>, each point adds the
 parameters it drops and its change in the metric against the baseline point, and the
 reference column beside them.
+
+Several sweep directories (or --readme, --out) give instead one table over all of them, a
+row per point with the published figure beside it: see cnn_lab.tools.results.
 """
 
 import csv
@@ -48,7 +51,7 @@ def load_runs(sweep_dir: Path, metric: str) -> list[dict]:
                 "overrides": row["overrides"],
                 "finished": metrics is not None,
                 "value": value,
-                "parameters": _parameters(sweep_dir / row["workdir"]),
+                "parameters": parameter_count(sweep_dir / row["workdir"]),
             }
         )
     if available and metric not in available:
@@ -58,8 +61,12 @@ def load_runs(sweep_dir: Path, metric: str) -> list[dict]:
     return runs
 
 
-def _parameters(workdir: Path) -> int | None:
-    """Parameters of the model in the run's config.json; None before the run wrote it."""
+def parameter_count(workdir: Path) -> int | None:
+    """Parameters of the run's model: its test record's `parameters` where it wrote one (a
+    baseline), else counted from its config.json; None before the run wrote it."""
+    recorded = (sweep.final_metrics(workdir) or {}).get("test_parameters")
+    if recorded is not None:
+        return int(recorded)
     if not (workdir / workdir_lib.CONFIG_FILE).exists():
         return None
     return _count(json.dumps(workdir_lib.read_config(workdir).to_dict(), default=list))
@@ -306,18 +313,38 @@ def write_report(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: see the module docstring."""
+    """Command line: see the module docstring (several sweeps: cnn_lab.tools.results)."""
     import argparse
 
+    from cnn_lab.tools import results
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", help="The --sweep_dir of `python -m launch.sweep`.")
+    parser.add_argument(
+        "sweep_dirs", nargs="+", help="The --sweep_dir of `python -m launch.sweep` (one or more)."
+    )
     parser.add_argument("--metric", default="test_accuracy", help="A column of runs.csv.")
     parser.add_argument(
         "--baseline", default=None, help="Label of the point to compare with (get_sweep labels)."
     )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="Several sweeps (or --readme): write <out>.md and <out>.csv (default: "
+        "results.md and .csv beside the first sweep directory).",
+    )
+    parser.add_argument(
+        "--readme",
+        default=None,
+        help=f"Also put the table of several sweeps between {results.BEGIN} and {results.END} "
+        "in this file.",
+    )
     args = parser.parse_args(argv)
     try:
-        paths = write_report(args.sweep_dir, args.metric, args.baseline)
+        if len(args.sweep_dirs) > 1 or args.readme or args.out:
+            out = args.out or Path(args.sweep_dirs[0]).resolve().parent / "results"
+            paths = results.write_results(args.sweep_dirs, out, args.readme)
+        else:
+            paths = write_report(args.sweep_dirs[0], args.metric, args.baseline)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(paths["md"].read_text())

@@ -1,0 +1,138 @@
+"""README's Fashion-MNIST results, regenerated: `python -m launch.fashion_mnist_results`.
+
+    python -m launch.fashion_mnist_results [--runs_dir=runs/fmnist] [--only=lenet5,resnet20]
+        [--readme=README.md] [--dry_run]
+
+Runs each step below as its own command, in order, printing it first (`--dry_run` prints
+them all and runs nothing): the baselines and a sweep per model family, the evaluations of
+snapshot and model ensembles, then `cnn_lab.report` over every sweep, which rewrites the table
+between README's result markers. Each step resumes: rerun the command and finished points
+and seeds are skipped, an interrupted run continues from its checkpoint. On a shared machine
+start it with nohup and stop it with SIGTERM (docs/scaling_out.md); the table shows what
+has finished so far, with n per row.
+"""
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cnn_lab import sweep
+
+SWEEP = ("-m", "launch.sweep")
+RESNET20 = "configs/resnet20_fashion_mnist.py"
+# (name, the command's arguments after the interpreter): cheap and decisive first.
+STEPS = (
+    ("logistic", ("-m", "cnn_lab.baseline", "--config=configs/pixels_fashion_mnist.py")),
+    *(
+        (name, (*SWEEP, f"--config=configs/{config}_fashion_mnist.py", "--seeds=3"))
+        for name, config in (("mlp", "mlp"), ("lenet5", "lenet"), ("convnet", "convnet"))
+    ),
+    ("resnet20", (*SWEEP, f"--config={RESNET20}", "--seeds=3")),
+    ("alexnet", (*SWEEP, "--config=configs/alexnet_fashion_mnist.py", "--seeds=3")),
+    ("vgg", (*SWEEP, "--config=configs/vgg_fashion_mnist.py", "--seeds=3")),
+    ("odenet", (*SWEEP, "--config=configs/odenet_fashion_mnist.py", "--seeds=1")),
+    (
+        "resnet20_snapshots",
+        (
+            *SWEEP,
+            f"--config={RESNET20}",
+            "--seeds=3",
+            "--config.schedule.name=cyclic_cosine",
+            "--config.schedule.cycles=5",
+        ),
+    ),
+    (
+        "resnet56_sd",
+        (
+            *SWEEP,
+            f"--config={RESNET20}",
+            "--seeds=1",
+            "--config.model.depth=56",
+            "--axis=model.stochastic_depth_rate=0,0.1,0.2,0.5",
+        ),
+    ),
+    (
+        "sklearn_mlp",
+        (
+            "-m",
+            "cnn_lab.baseline",
+            "--config=configs/pixels_fashion_mnist.py",
+            "--config.baseline.classifier=mlp",
+            "--config.model.hidden_sizes=(100,)",
+        ),
+    ),
+)
+# Evaluations of finished sweeps: (sweep they read, the command's arguments before the runs).
+EVALUATIONS = (
+    ("resnet20_snapshots", ("-m", "cnn_lab.evaluate", "--checkpoint=latest",
+                            "--variants=raw,snapshots")),
+    ("resnet20", ("-m", "cnn_lab.evaluate", "--ensemble")),
+)  # fmt: skip
+
+
+def commands(runs_dir: Path, only: Sequence[str]) -> list[list[str]]:
+    """The chosen steps' command lines."""
+    names = [name for name, _ in STEPS]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ValueError(f"--only={','.join(unknown)} names no step. Steps: {', '.join(names)}.")
+    chosen = [(n, args) for n, args in STEPS if not only or n in only]
+    return [[sys.executable, *args, f"--sweep_dir={runs_dir / n}"] for n, args in chosen]
+
+
+def evaluation_commands(runs_dir: Path, only: Sequence[str]) -> list[list[str]]:
+    """The evaluations whose sweep has finished every run (an ensemble needs them all)."""
+    lines = []
+    for sweep_name, args in EVALUATIONS:
+        rows = sweep.read_index(runs_dir / sweep_name)
+        done = rows and all(r["status"] == "done" for r in rows)
+        if done and (not only or sweep_name in only):
+            lines.append(
+                [sys.executable, *args, *(str(runs_dir / sweep_name / r["workdir"]) for r in rows)]
+            )
+    return lines
+
+
+def report_command(runs_dir: Path, readme: str, *, dry_run: bool) -> list[str]:
+    """`cnn_lab.report` over every step's sweep that has started (all of them in a dry run)."""
+    sweeps = [runs_dir / name for name, _ in STEPS]
+    sweeps = [s for s in sweeps if dry_run or (s / "runs.csv").exists()]
+    readme_flag = [f"--readme={readme}"] if readme else []
+    return [sys.executable, "-m", "cnn_lab.report", *map(str, sweeps), *readme_flag]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs_dir", default="runs/fmnist", help="Where each sweep goes.")
+    parser.add_argument("--only", default="", help="Comma-separated steps to run (default: all).")
+    parser.add_argument(
+        "--readme", default="README.md", help='The report rewrites its table ("": no).'
+    )
+    parser.add_argument("--dry_run", action="store_true", help="Print the commands, run nothing.")
+    args = parser.parse_args(argv)
+    runs_dir = Path(args.runs_dir)
+    try:
+        only = [step for step in args.only.split(",") if step]
+        lines = commands(runs_dir, only)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    for line in lines:
+        _run(line, args.dry_run)
+    for line in evaluation_commands(runs_dir, only):
+        _run(line, args.dry_run)
+    _run(report_command(runs_dir, args.readme, dry_run=args.dry_run), args.dry_run)
+
+
+def _run(line: list[str], dry_run: bool) -> None:
+    print("$ " + " ".join(line), flush=True)
+    if not dry_run and subprocess.run(line).returncode != 0:
+        sys.exit(
+            f"error: the step above failed (its output is above it); rerun to continue: {line}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cnn_lab import sweep
+from cnn_lab.launch import command
 from cnn_lab.tools import report
 
 
@@ -263,11 +264,28 @@ def test_published_figures_match_the_most_specific_conditions():
     assert results.published_text("same for all", {"model.depth": 20}) == "same for all"
 
 
-def test_the_readme_has_the_results_markers_its_commands_fill():
+def test_the_readme_table_is_rewritten_by_the_results_command_it_shows():
     from pathlib import Path
 
+    from cnn_lab.launch import fashion_mnist_results
     from cnn_lab.tools import results
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
     assert 0 <= readme.find(results.BEGIN) < readme.find(results.END)
-    assert "python -m cnn_lab.report runs/fmnist/* --readme=README.md" in readme
+    assert "\npython -m launch.fashion_mnist_results\n" in readme
+    report = fashion_mnist_results.report_command(Path("runs"), "README.md", dry_run=True)
+    assert report[-1] == "--readme=README.md"
+    # Every Fashion-MNIST config has a step, and every step's sweep applies to its config.
+    steps = " ".join(" ".join(args) for _, args in fashion_mnist_results.STEPS)
+    for config in sorted((root / "configs").glob("*_fashion_mnist.py")):
+        assert f"--config=configs/{config.name}" in steps, config.name
+    for _, args in fashion_mnist_results.STEPS:
+        if "launch.sweep" in args:
+            config = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
+            overrides = dict(
+                a.removeprefix("--config.").split("=", 1) for a in args if a.startswith("--config.")
+            )
+            command.check_overrides(str(root / config), overrides)
+    with pytest.raises(ValueError, match="--only=lenet names no step"):
+        fashion_mnist_results.commands(Path("runs"), ["lenet"])

@@ -14,14 +14,20 @@ from cnn_lab.train import train_and_evaluate
 SOURCE = Path(loading.FASHION_MNIST_SOURCE_DIRS[0])
 
 
+@pytest.fixture(scope="module")
+def fashion_data_dir(tmp_path_factory):
+    """One TFDS data_dir for the module: Fashion-MNIST is prepared from the IDX files once."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (SOURCE / "train-images-idx3-ubyte.gz").exists(),
     reason=f"real Fashion-MNIST not found in {SOURCE}: apt-get install dataset-fashion-mnist",
 )
-def test_lenet_learns_real_fashion_mnist(tmp_path):
+def test_lenet_learns_real_fashion_mnist(fashion_data_dir, tmp_path):
     config = lenet_fashion_mnist.get_config()
-    config.data.data_dir = str(tmp_path / "tfds")  # prepared here from the IDX files
+    config.data.data_dir = fashion_data_dir  # Prepared from the IDX files, once per module.
     config.data.train_split = "train[:30000]"
     config.train.num_epochs = 1
     config.train.progress_bar = False
@@ -34,12 +40,6 @@ FASHION_CONFIGS = sorted(
     p.stem
     for p in Path(__file__).resolve().parents[1].joinpath("configs").glob("*_fashion_mnist.py")
 )
-
-
-@pytest.fixture(scope="module")
-def fashion_data_dir(tmp_path_factory):
-    """One TFDS data_dir for the module: Fashion-MNIST is prepared from the IDX files once."""
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
 def test_every_model_family_has_a_fashion_mnist_config():
@@ -55,7 +55,7 @@ def test_every_model_family_has_a_fashion_mnist_config():
 )
 @pytest.mark.parametrize("name", FASHION_CONFIGS)
 def test_fashion_mnist_config_trains_in_smoke_form(name, fashion_data_dir, tmp_path):
-    config = importlib.import_module(f"configs.{name}").get_config("smoke")
+    config = importlib.import_module(f"cnn_lab.configs.{name}").get_config("smoke")
     config.data.data_dir = fashion_data_dir
     results = train_and_evaluate(config, tmp_path / "run")
     assert results["test"]["count"] == 256  # every example of test[:256]

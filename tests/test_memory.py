@@ -47,3 +47,25 @@ def test_malloc_free_bytes_count_what_keep_freed_memory_holds():
     found = phases("keep")
     assert found["block"]["allocator_free_mb"] >= found["start"]["allocator_free_mb"] + 190
     assert found["block"]["resident_mb"] >= found["start"]["resident_mb"] + 190
+
+
+# Imports what training, the benchmark, load_run and predict import, and writes TensorBoard
+# scalars; prints the heavy modules that came with them.
+HEAVY_IMPORTS = """
+import json, sys
+import cnn_lab.saved_run, cnn_lab.tools.benchmark, cnn_lab.tools.predict, cnn_lab.train
+from cnn_lab.metric_writer import MetricWriter
+from cnn_lab.runtime import memory
+writer = MetricWriter(sys.argv[1])
+writer.write(step=1, epoch=0.5, split="train", metrics={"loss": 1.0})
+print(json.dumps([m for m in memory.HEAVY_MODULES if m in sys.modules]))
+"""
+
+
+def test_training_and_its_tools_import_neither_tensorflow_nor_torch(tmp_path):
+    command = [sys.executable, "-c", HEAVY_IMPORTS, str(tmp_path)]
+    found = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    # TF only reads data (cnn_lab.data imports it when it must); tensorboardX would import
+    # torch where it is installed.
+    assert "tensorflow" not in found and "torch" not in found
+    assert list(tmp_path.glob("tensorboard/events.out.tfevents.*"))

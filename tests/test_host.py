@@ -1,6 +1,7 @@
 """The host's set-up: the CPU device count a run asks for, and with keep_freed_memory, a
 block freed and allocated again costs no new page faults."""
 
+import os
 import subprocess
 import sys
 
@@ -38,6 +39,44 @@ def test_freed_memory_is_reused_without_page_faults():
     pages = 64_000_000 // 4096
     assert second_round_faults("default") > pages // 2  # glibc unmapped the block
     assert second_round_faults("keep") < pages // 20
+
+
+# 20 train steps of a small MLP on a 64 MB batch, dispatched without waiting as training
+# does; prints how much the resident memory grew over them.
+STEPS_GROWTH = """
+from functools import partial
+from cnn_lab.runtime import host, memory
+assert host.keep_freed_memory()
+import jax, jax.numpy as jnp
+
+@partial(jax.jit, donate_argnums=0)
+def step(w):
+    x = jnp.ones((8192, 2048))
+    def loss(w):
+        return (jnp.tanh(jnp.tanh(x @ w[0]) @ w[1]) @ w[2]).sum()
+    return jax.tree.map(lambda a, g: a - 1e-9 * g, w, jax.grad(loss)(w))
+
+w = [jnp.full((2048, 512), 0.01), jnp.full((512, 512), 0.01), jnp.full((512, 8), 0.01)]
+for _ in range(3):
+    w = step(w)
+jax.block_until_ready(w)
+before = memory.resident_mb()
+for _ in range(20):
+    w = step(w)
+jax.block_until_ready(w)
+print(memory.resident_mb() - before)
+"""
+
+
+def test_kept_memory_does_not_grow_step_after_step():
+    # Dispatched asynchronously, a step's temporaries are allocated before the step before
+    # frees its own: a heap that never shrinks then grew by hundreds of MB over these steps.
+    # As a run: without the suite's XLA_FLAGS (single-threaded Eigen allocates otherwise).
+    environment = {**os.environ, "XLA_FLAGS": ""}
+    command = [sys.executable, "-c", STEPS_GROWTH]
+    found = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
+    growth = float(found.stdout)
+    assert growth < 16
 
 
 @pytest.mark.skipif(build.missing() is not None, reason=f"no CPU kernels here: {build.missing()}")

@@ -15,11 +15,13 @@ XLA:CPU starts a step as soon as the step before has its outputs ready, before t
 freed its temporaries, so with asynchronous dispatch two steps' temporaries are live at once;
 in a heap that never shrinks, each overlap can leave another block of that size behind
 (ResNet-20 at batch 128: 286 MB a step, 1.4 to 2 GB held). So with kept memory the CPU runs
-each step when it is dispatched, and each step reuses the block the step before freed.
+each step when it is dispatched, and each step reuses the block the step before freed
+(JAX_CPU_ENABLE_ASYNC_DISPATCH=true in the environment keeps asynchronous dispatch).
 """
 
 import ctypes
 import glob
+import os
 
 import jax
 import ml_collections
@@ -46,7 +48,8 @@ def keep_freed_memory() -> bool:
     if not applied:
         logging.warning("keep_freed_memory: this C library has no glibc mallopt; not applied.")
         return False
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:  # JAX's own switch, where set, wins.
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
 
 

@@ -3,8 +3,8 @@
 One run measures the machine's float32 matmul throughput (the reference peak), the train and
 eval steps on synthetic batches already on the devices (images/s, compile time, GFLOP/s from
 XLA's cost analysis and as a share of the peak), host memory per phase (`runtime.memory`) and
-the cost of a checkpoint save. `--pipeline` measures the input pipelines instead, on the config's real data;
-`--compare=<saved.json>` prints the ratio of each figure to an earlier run.
+the cost of a checkpoint save. `--pipeline` measures the input pipelines instead, on the
+config's real data; `--compare=<saved.json>` prints the ratio of each figure to an earlier run.
 Figures are medians over timed windows after warm-up, with their spread.
 """
 

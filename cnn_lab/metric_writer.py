@@ -3,6 +3,7 @@ optionally Weights & Biases; the train metrics of each logging window."""
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -10,13 +11,26 @@ import jax
 import ml_collections
 import numpy as np
 
-# tensorboardX writes TensorBoard's event format without needing TensorBoard installed.
-from tensorboardX import SummaryWriter
-
 from cnn_lab import wandb_writer
 from cnn_lab.checkpoint import BROKEN_DIR, LATEST_DIR
 from cnn_lab.models import metric_warnings
 from cnn_lab.workdir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, read_metrics
+
+
+def _tensorboard_writer(logdir: Path, purge_step: int):
+    """tensorboardX's SummaryWriter (TensorBoard's event format without TensorBoard installed),
+    imported without torch."""
+    # tensorboardX imports torch where it is installed (seconds, about 180 MB resident) only to
+    # accept torch tensors, which cnn_lab never passes it. A None module makes the import fail.
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter(str(logdir), purge_step=purge_step)
 
 
 class MetricWriter:
@@ -56,9 +70,7 @@ class MetricWriter:
             tmp = path.with_name(METRICS_FILE + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             tmp.replace(path)
-            self._tb = SummaryWriter(
-                str(self.workdir / TENSORBOARD_DIR), purge_step=resume_step + 1
-            )
+            self._tb = _tensorboard_writer(self.workdir / TENSORBOARD_DIR, resume_step + 1)
 
     def write(self, *, step: int, epoch: float, split: str, metrics: dict[str, float]) -> None:
         """Record `metrics` of `split` ("train", "val" or "test") at `step`."""

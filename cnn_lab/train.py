@@ -60,6 +60,7 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
     """
     config, spe, policy = run.config, run.steps_per_epoch, run.checkpoints
     state, step = run.state, int(run.state.step)
+    first_step = step
     phase = optim.phase_at(run.phases, step)
     train_step = run.train_steps[phase.index]
     window = TrainWindow(run.writer, config.train.batch_size, spe, step, run.is_lead)
@@ -81,6 +82,8 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
             )
             for batch in batches:
                 state, metrics = train_step(state, batch)
+                if step == first_step:  # Compiled: what compiling freed goes back to the system.
+                    host.release_freed_memory()
                 window.add(metrics)  # Waits for the step before: at most two in flight.
                 step += 1
                 bar.update()

@@ -8,11 +8,15 @@ from cnn_lab.configs import mlp_digits
 from cnn_lab.tools.benchmark import benchmark, format_pipeline, format_result, pipeline_benchmark
 
 
-def test_benchmark_reports_rates_compile_time_and_checkpoint_cost():
+@pytest.fixture(scope="module")
+def result():
     config = mlp_digits.get_config()
-    result = benchmark(
+    return benchmark(
         config, batch_size=16, eval_batch_size=32, steps_per_window=2, windows=2, matmul_size=256
     )
+
+
+def test_benchmark_reports_rates_compile_time_and_checkpoint_cost(result):
     assert result["parameters"] == 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
     for key in ("train_images_per_second", "eval_images_per_second"):
         rate = result[key]
@@ -35,6 +39,39 @@ def test_benchmark_reports_rates_compile_time_and_checkpoint_cost():
     halved["train_images_per_second"]["median"] /= 2
     row = next(line for line in format_result(result, halved).splitlines() if "train img/s" in line)
     assert row.split()[-1] == "2.00"
+
+
+def test_benchmark_breaks_host_memory_down_by_phase(result):
+    breakdown = result["host_memory"]
+    phases = breakdown["phases"]
+    assert tuple(phases) == (
+        "imports", "matmul peak", "state", "compile", "training", "eval", "checkpoint",
+        "cost analysis",
+    )  # fmt: skip
+    for name, phase in phases.items():
+        assert 0 < phase["resident_mb"] <= phase["peak_mb"], name
+        assert phase["page_faults"] >= 0, name
+        assert phase["allocator_free_mb"] is None or phase["allocator_free_mb"] >= 0, name
+    assert result["peak_host_memory_mb"] == breakdown["peak_mb"]
+    assert breakdown["peak_mb"] == max(phase["peak_mb"] for phase in phases.values())
+    # Imported modules stay: every later phase holds at least what the imports left resident.
+    assert phases["imports"]["resident_mb"] > 50  # jax alone is more
+    for name, phase in phases.items():
+        assert phase["peak_mb"] >= phases["imports"]["resident_mb"], name
+    assert breakdown["keep_freed_memory"] is True  # the config's
+    assert set(breakdown["heavy_modules"]) <= {"tensorflow", "tensorflow_datasets", "torch"}
+    table = format_result(result)
+    assert "host memory MB" in table
+    assert next(line for line in table.splitlines() if line.split()[0] == "training")
+
+
+def test_compare_reads_results_saved_before_the_memory_breakdown(result):
+    older = json.loads(json.dumps(result))
+    del older["host_memory"]
+    rows = format_result(result, older).splitlines()
+    assert next(row for row in rows if "peak host memory MB" in row).split()[-1] == "1.00"
+    assert len(next(row for row in rows if "training peak MB" in row).split()) == 4  # no ratio
+    assert "training peak MB" not in format_result(older)
 
 
 def test_pipeline_benchmark_measures_both_input_modes(tmp_path):

@@ -2,15 +2,14 @@
 
 One run measures the machine's float32 matmul throughput (the reference peak), the train and
 eval steps on synthetic batches already on the devices (images/s, compile time, GFLOP/s from
-XLA's cost analysis and as a share of the peak), peak host memory and the cost of a
-checkpoint save. `--pipeline` measures the input pipelines instead, on the config's real data;
-`--compare=<saved.json>` prints the ratio of each figure to an earlier run.
+XLA's cost analysis and as a share of the peak), host memory per phase (`runtime.memory`) and
+the cost of a checkpoint save. `--pipeline` measures the input pipelines instead, on the
+config's real data; `--compare=<saved.json>` prints the ratio of each figure to an earlier run.
 Figures are medians over timed windows after warm-up, with their spread.
 """
 
 import itertools
 import json
-import resource
 import statistics
 import tempfile
 import time
@@ -24,7 +23,7 @@ from jax import lax
 from cnn_lab import checkpoint, command_line, loss_scaling, optim, steps
 from cnn_lab.data import augment, inputs
 from cnn_lab.models import conv_implementation, get_model
-from cnn_lab.runtime import host, sharding
+from cnn_lab.runtime import host, memory, sharding
 from cnn_lab.state import TrainState, init_state
 
 
@@ -63,11 +62,6 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5, windows: int = 5) -> 
 def _flops(compiled, devices: int) -> float:
     """FLOPs of one call of `compiled` over all devices (XLA reports one device's program)."""
     return devices * float(compiled.cost_analysis()["flops"])
-
-
-def peak_host_memory_mb() -> float:
-    """The process's peak resident memory so far, in MB (Linux reports ru_maxrss in KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _jit_train_step(config, model, tx, schedule, mesh, preprocess=None):
@@ -122,7 +116,10 @@ def benchmark(
     matmul_size: int = 2048,
 ) -> dict:
     """Train/eval images/s, GFLOP/s and share of the matmul peak, compile s, memory, checkpoint ms."""
+    phases = memory.Phases()
+    phases.end("imports")
     peak = matmul_peak_gflops(matmul_size)
+    phases.end("matmul peak")
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch_size, mesh, "--batch_size")
     sharding.check_batch_size(eval_batch_size, mesh, "--eval_batch_size")
@@ -133,6 +130,7 @@ def benchmark(
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     state = _fresh_state(config, model, tx, plateau, shape, mesh)
     rng = np.random.default_rng(0)
+    phases.end("state")
 
     def batch(n, with_mask=False):
         b = {
@@ -148,6 +146,8 @@ def benchmark(
     start = time.perf_counter()
     compiled = train_step.lower(state, train_batch).compile()
     compile_seconds = time.perf_counter() - start
+    host.release_freed_memory()  # As training does after its first step.
+    phases.end("compile")
     holder = {"state": state}
 
     def train_window():
@@ -159,6 +159,7 @@ def benchmark(
 
     train_window()  # warm-up
     train_times = _timed_windows(train_window, windows)
+    phases.end("training")
 
     eval_batch = batch(eval_batch_size, with_mask=True)
     variables = holder["state"].variables
@@ -171,8 +172,9 @@ def benchmark(
 
     eval_window()
     eval_times = _timed_windows(eval_window, windows)
-
+    phases.end("eval")
     checkpoint_ms = _checkpoint_costs(holder["state"], windows)
+    phases.end("checkpoint")
 
     train_rate = _rate(train_times, batch_size * steps_per_window)
     eval_rate = _rate(eval_times, eval_batch_size * steps_per_window)
@@ -184,6 +186,8 @@ def benchmark(
         train_flops = _flops(xla_step.lower(state, train_batch).compile(), mesh.size)
         xla_eval = steps.make_eval_fn(xla_model, mesh).lower(variables, eval_batch).compile()
         eval_flops = _flops(xla_eval, mesh.size)
+    phases.end("cost analysis")
+    host_memory = phases.breakdown(config.train.keep_freed_memory)
 
     def gflops(flops_per_image: float, rate: dict) -> dict:
         achieved = flops_per_image * rate["median"] / 1e9
@@ -206,7 +210,8 @@ def benchmark(
         "eval_images_per_second": eval_rate,
         "eval_flops_per_image": eval_flops / eval_batch_size,
         "eval": gflops(eval_flops / eval_batch_size, eval_rate),
-        "peak_host_memory_mb": peak_host_memory_mb(),
+        "peak_host_memory_mb": host_memory["peak_mb"],
+        "host_memory": host_memory,
         **checkpoint_ms,
     }
 
@@ -309,6 +314,7 @@ FIGURES = (
     ("eval % of peak", ("eval", "percent_of_peak"), "{:.1f}"),
     ("train compile s", ("compile_seconds",), "{:.1f}"),
     ("peak host memory MB", ("peak_host_memory_mb",), "{:.0f}"),
+    ("training peak MB", ("host_memory", "phases", "training", "peak_mb"), "{:.0f}"),
     ("checkpoint save ms", ("checkpoint_total_ms",), "{:.0f}"),
     ("checkpoint restore ms", ("checkpoint_restore_ms",), "{:.0f}"),
 )
@@ -336,11 +342,15 @@ def format_result(r: dict, baseline: dict | None = None) -> str:
     ]
     for label, path, fmt in FIGURES:
         value = _figure(r, path)
+        if value is None:  # A result saved by an older version.
+            continue
         line = f"  {label:<22}{fmt.format(value):>10}"
         old = _figure(baseline, path) if baseline else None
         if old is not None:
             line += f"{fmt.format(old):>10}{value / old:>8.2f}"
         lines.append(line)
+    if "host_memory" in r:  # Absent from results saved by older versions.
+        lines.append(memory.format_breakdown(r["host_memory"]))
     return "\n".join(lines)
 
 

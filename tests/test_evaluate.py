@@ -96,9 +96,9 @@ def test_load_run_readme_snippet(run):
     assert all(x.devices() == {jax.devices("cpu")[0]} for x in leaves)
 
 
-def test_plain_orbax_restore_from_readme(run):
+def test_plain_orbax_restore_from_the_docs(run):
     workdir, _ = run
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "evaluation.md").read_text()
     snippet = readme.split("with Orbax alone")[1].split("```python")[1].split("```")[0]
     step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     scope: dict = {}

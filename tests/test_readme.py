@@ -3,7 +3,7 @@
 Every ```bash line and ```python block runs here, in README order, in one directory that
 stands for a checkout (configs/ and launch/ linked in), after making what the commands name:
 an image folder, an .npz, a torchvision weights file, photos. Training configs get `:smoke`
-(a few steps on slices of the data). pip lines are resolved by uv for Linux x86-64 instead
+(a few steps on slices of the data). pip lines are resolved by uv for Linux x86-64 (glibc 2.35) instead
 of installed (CI installs the test extra itself), and the pytest line must be .ci/run's.
 """
 
@@ -98,6 +98,7 @@ def test_readme_commands_are_the_ones_ci_and_users_run():
 
 @pytest.mark.slow  # Reads the package index.
 def test_readme_install_lines_resolve_for_linux_x86_64(tmp_path):
+    # glibc 2.35 (Ubuntu 22.04): TPU VMs' libtpu wheels need a newer glibc than 2.28.
     if shutil.which("uv") is None:
         pytest.skip("uv is not installed (it comes with the test extra)")
     commands = [c for kind, block in readme_blocks() if kind == "bash" for c in block]
@@ -108,7 +109,7 @@ def test_readme_install_lines_resolve_for_linux_x86_64(tmp_path):
         extra_args = [arg for extra in extras for arg in ("--extra", extra)]
         result = subprocess.run(
             ["uv", "pip", "compile", "pyproject.toml", *extra_args, "--quiet",
-             "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
+             "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_35",
              "--output-file", str(tmp_path / "resolved.txt")],
             cwd=ROOT, capture_output=True, text=True, timeout=600,
         )  # fmt: skip

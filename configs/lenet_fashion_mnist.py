@@ -7,7 +7,8 @@
 Offline: `apt-get install dataset-fashion-mnist` provides the original IDX files, which
 cnn_lab prepares into TFDS format on first use (or set config.data.source_dir).
 
-Expected: not measured yet (configs/convnet_fashion_mnist.py reached 0.9267 on this data).
+Expected: test accuracy 0.9111 +- 0.0019 over seeds 0-2 (0.9129, 0.9112, 0.9092), about 1.2
+minutes a run on 2 CPU cores shared with other jobs (the sweep command above).
 """
 
 from cnn_lab.configs import common

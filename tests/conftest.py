@@ -234,3 +234,12 @@ def tiny_steps() -> types.SimpleNamespace:
     averaging=None, micro_batches=1, loss_scale=None) -> (mesh, state, train_step, eval_step), and
     tiny_steps.batch(image_size, n=16, seed=0) -> random images and labels."""
     return types.SimpleNamespace(setup=_tiny_setup, batch=_tiny_batch)
+
+
+# Files whose tests take minutes start first (pytest-xdist hands out whole files in collection
+# order), so the suite does not end with one worker running one of them alone.
+LONG_FILES = ("test_readme.py", "test_fashion_mnist.py", "test_workdir_integrity.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FILES)  # Stable: order kept within.

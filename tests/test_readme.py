@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,6 @@ def test_readme_commands_are_the_ones_ci_and_users_run():
     readme_test = [c for c in commands if c.startswith("python -m pytest")]
     assert readme_test == ["python -m pytest"], readme_test
     assert ci_command.replace(" -q", "") == "python -m pip install -e '.[test]' && python -m pytest"
-    import tomllib
-
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]

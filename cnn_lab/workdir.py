@@ -127,6 +127,7 @@ ADDED_FIELDS = {
     "data.test_fraction": 0.1,
     "data.split_seed": 0,
     "data.skip_bad_files": False,
+    "data.mapped_max_gb": 0.0,  # Streamed runs decoded each epoch through tf.data.
     "model.compute_dtype": "float32",
     "model.conv_implementation": "auto",
     "model.remove": (),

@@ -82,6 +82,7 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.data.keep_decoded = True  # Keep decoded splits by the TFDS files: fast restarts.
     config.data.input_mode = "auto"  # device | streaming | auto (device if the split fits).
     config.data.device_memory_mb = 2048  # auto: largest training split (uint8) kept on devices.
+    config.data.mapped_max_gb = 64.0  # streaming: train split decoded once to a file up to this.
     config.data.eval_crop_fraction = 1.0  # streaming eval: resize to size / this, centre-crop.
     config.data.channels = stats["channels"]  # Channels of the images (1 grey, 3 RGB).
     config.data.mean = stats["mean"]  # Per-channel mean of pixels in [0, 1], subtracted.

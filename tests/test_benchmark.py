@@ -77,7 +77,7 @@ def test_compare_reads_results_saved_before_the_memory_breakdown(result):
 def test_pipeline_benchmark_measures_both_input_modes(tmp_path):
     config = mlp_digits.get_config("smoke")
     config.data.data_dir = str(tmp_path)
-    result = pipeline_benchmark(config, batch_size=64, steps_per_window=3, windows=1)
+    result = pipeline_benchmark(config, batch_size=64, window_seconds=0.1, windows=1)
     for mode in ("device", "streaming"):
         m = result[mode]
         assert m["first_batch_seconds"] > 0 and m["input_examples_per_second"] > 0

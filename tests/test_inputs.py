@@ -1,6 +1,7 @@
 """Both input modes: the same examples per epoch, the automatic choice, a run in each mode."""
 
 import collections
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,10 +19,11 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-def _config(data_dir, mode):
+def _config(data_dir, mode, mapped_max_gb=64.0):
     config = lenet_digits.get_config("smoke")
     config.data.data_dir = data_dir
     config.data.input_mode = mode
+    config.data.mapped_max_gb = mapped_max_gb
     return config
 
 
@@ -35,21 +37,43 @@ def _examples(batches) -> collections.Counter:
     return rows
 
 
-def test_both_modes_train_on_the_same_examples_each_epoch(data_dir):
+# Streaming reads a decoded file (mapped) unless it would exceed mapped_max_gb (0: tf.data).
+INPUTS = {"device": ("device", 64.0), "mapped": ("streaming", 64.0), "tf.data": ("streaming", 0)}
+
+
+def test_every_input_trains_on_the_same_examples_each_epoch(data_dir):
     mesh = sharding.make_mesh()
     epochs = {}
-    for mode in ("device", "streaming"):
-        config = _config(data_dir, mode)  # train[:512]: 4 whole batches of 128, none dropped
+    for name, (mode, mapped_max_gb) in INPUTS.items():
+        config = _config(data_dir, mode, mapped_max_gb)  # train[:512]: 4 batches of 128
         data = inputs.make_inputs(config.data, 128, mesh, seed=0)
         assert data.mode == mode and data.steps_per_epoch == 4
-        epochs[mode] = [list(data.train_batches(epoch)) for epoch in (0, 1)]
-    for mode, (first, second) in epochs.items():
+        assert (data.mapped_train is not None) == (name == "mapped")
+        epochs[name] = [list(data.train_batches(epoch)) for epoch in (0, 1)]
+    for name, (first, second) in epochs.items():
         assert len(first) == 4 and first[0]["image"].dtype == np.uint8
         assert first[0]["image"].sharding == sharding.batch_sharded(mesh)
-        assert _examples(first) == _examples(second), mode  # an epoch is a permutation
+        assert _examples(first) == _examples(second), name  # an epoch is a permutation
         order = [jax.device_get(b["label"]).tolist() for b in first]
-        assert order != [jax.device_get(b["label"]).tolist() for b in second], mode
-    assert _examples(epochs["device"][0]) == _examples(epochs["streaming"][0])
+        assert order != [jax.device_get(b["label"]).tolist() for b in second], name
+    assert _examples(epochs["device"][0]) == _examples(epochs["tf.data"][0])
+    # The mapped file is read in the device mode's order: the very same batches.
+    for device, mapped in zip(epochs["device"][0], epochs["mapped"][0], strict=True):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(jax.device_get(device[key]), jax.device_get(mapped[key]))
+
+
+def test_a_damaged_mapped_file_is_decoded_again(data_dir):
+    config = _config(data_dir, "streaming")
+    mesh = sharding.make_mesh()
+    first = inputs.make_inputs(config.data, 128, mesh, seed=0).mapped_train
+    images_file = Path(first.images.filename)
+    expected = np.array(first.images)
+    del first
+    with images_file.open("r+b") as f:
+        f.truncate(images_file.stat().st_size // 2)
+    again = inputs.make_inputs(config.data, 128, mesh, seed=0).mapped_train
+    np.testing.assert_array_equal(np.asarray(again.images), expected)
 
 
 def test_eval_batches_agree_between_modes(data_dir):

@@ -2,6 +2,7 @@
 
 import collections
 import functools
+import itertools
 import os
 import subprocess
 import sys
@@ -268,7 +269,10 @@ def test_prefetch_to_device_gives_sharded_global_batches(mocked):
 
     on_device = streaming.prefetch_to_device(counted(), mesh, size=2)
     first = next(on_device)
-    assert len(pulled) == 3  # The one yielded and two more already sent.
+    # The thread sends two more and holds a third until there is room: no further.
+    _wait_for(lambda: len(pulled) == 4)
+    time.sleep(0.2)
+    assert len(pulled) == 4
     got = [first, *on_device]
     assert len(got) == len(host) == 6  # 43 examples, in batches of 8.
     for device_batch, host_batch in zip(got, host, strict=True):
@@ -278,6 +282,41 @@ def test_prefetch_to_device_gives_sharded_global_batches(mocked):
             assert array.sharding.is_equivalent_to(sharding.batch_sharded(mesh), array.ndim)
             assert len(array.addressable_shards) == 8
             np.testing.assert_array_equal(np.asarray(array), host_batch[key])
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_in_background_keeps_order_raises_errors_and_stops_when_closed():
+    assert list(streaming.in_background(iter(range(100)), size=3)) == list(range(100))
+
+    def failing():
+        yield 1
+        raise OSError("shard 3 is truncated")
+
+    items = streaming.in_background(failing())
+    assert next(items) == 1
+    with pytest.raises(OSError, match="shard 3 is truncated"):
+        next(items)
+
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+
+    items = streaming.in_background(endless(), size=2)
+    assert next(items) == 0
+    items.close()  # e.g. a run stops mid-epoch
+    time.sleep(0.3)
+    stopped_at = len(pulled)
+    time.sleep(0.3)
+    assert len(pulled) == stopped_at <= 4
 
 
 def test_a_prepared_data_set_through_tfds_reader(tmp_path):

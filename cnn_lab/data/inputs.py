@@ -3,8 +3,12 @@
 - device: each split is decoded once into host memory (uint8, kept decoded next to the TFDS
   files); the training split is copied to the devices and each step's batch is gathered
   there, so only its indices cross from the host.
-- streaming: TFDS + tf.data read, decode and resize on the host, each host its own part of
-  the split, prefetched to the devices two batches ahead (`streaming.py`).
+- streaming: the training split decoded once into a file the host maps (`mapped.py`, up to
+  config.data.mapped_max_gb), each batch's rows copied from it; or, beyond that size or with
+  random-resized crops taken on the host, TFDS + tf.data read, decode and resize every epoch,
+  each host its own part of the split (`streaming.py`).
+
+In both, a thread makes the next batches and sends them to the devices while a step runs.
 
 Both yield uint8 images; augmentation and normalisation run on the devices, in the jitted
 steps. In both the order is a function of (seed, epoch), so a resumed run is exact.
@@ -18,7 +22,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from cnn_lab.data import loading, pipeline, streaming
+from cnn_lab.data import loading, mapped, pipeline, streaming
 
 MODES = ("auto", "device", "streaming")
 
@@ -65,6 +69,7 @@ class Inputs:
     steps_per_epoch: int
     seed: int
     in_memory: dict[str, pipeline.Split]  # device mode: "train", "val", "test"; else {}.
+    mapped_train: pipeline.Split | None  # streaming: the training split in a mapped file.
     # Streaming: (area scale range, aspect ratio range) of random-resized crops taken on the
     # host from each whole decoded image; None: a fixed-size centre crop, augmented later.
     resized_crop: streaming.CropRanges | None = None
@@ -88,9 +93,12 @@ class Inputs:
             process_count=jax.process_count(),
         )
         if self.mode == "device":
-            return pipeline.device_batches(
-                self._train_on_devices, self.batch_size, self.mesh, **order
+            return streaming.in_background(
+                pipeline.device_batches(self._train_on_devices, self.batch_size, self.mesh, **order)
             )
+        if self.mapped_train is not None:
+            batches = pipeline.train_batches(self.mapped_train, self.batch_size, **order)
+            return streaming.prefetch_to_device(batches, self.mesh)
         dc = self.data_config
         batches = streaming.train_batches(
             dc.name,
@@ -163,7 +171,7 @@ def make_inputs(
     host from the whole decoded image (as ImageNet recipes do), not from a centre crop.
     """
     mode = choose_mode(data_config)
-    in_memory = {}
+    in_memory, mapped_train = {}, None
     if mode == "device":
         in_memory = {
             "train": pipeline.load_train(data_config, seed),
@@ -175,26 +183,50 @@ def make_inputs(
         examples = len(in_memory["train"])
         steps = pipeline.steps_per_epoch(examples, batch_size)
     else:
-        if data_config.classes or data_config.train_examples_per_class:
-            raise ValueError(
-                f"config.data.classes={tuple(data_config.classes)} and train_examples_per_class="
-                f"{data_config.train_examples_per_class} select examples in host memory, but "
-                f"this run streams {data_config.name!r}. Set --config.data.input_mode=device "
-                "(and raise config.data.device_memory_mb if needed), or clear both."
-            )
-        steps = streaming.num_train_steps(
-            data_config.name,
-            data_config.train_split,
-            data_dir=data_config.data_dir,
-            batch_size=batch_size,
-            process_count=jax.process_count(),
-        )
-        examples = loading.num_examples(
-            data_config.name, data_config.train_split, data_dir=data_config.data_dir
-        )
+        mapped_train, examples, steps = _streamed_train(data_config, batch_size, resized_crop)
     if steps == 0:
         raise ValueError(
             f"The training split {data_config.train_split!r} has {examples} examples, fewer "
             f"than config.train.batch_size={batch_size}. Lower the batch size."
         )
-    return Inputs(mode, data_config, batch_size, mesh, steps, seed, in_memory, resized_crop)
+    return Inputs(
+        mode, data_config, batch_size, mesh, steps, seed, in_memory, mapped_train, resized_crop
+    )
+
+
+def _streamed_train(
+    data_config: ml_collections.ConfigDict,
+    batch_size: int,
+    resized_crop: streaming.CropRanges | None,
+) -> tuple[pipeline.Split | None, int | None, int]:
+    """(The mapped training split or None: tf.data every epoch, its examples, steps per epoch)."""
+    if data_config.classes or data_config.train_examples_per_class:
+        raise ValueError(
+            f"config.data.classes={tuple(data_config.classes)} and train_examples_per_class="
+            f"{data_config.train_examples_per_class} select examples in host memory, but "
+            f"this run streams {data_config.name!r}. Set --config.data.input_mode=device "
+            "(and raise config.data.device_memory_mb if needed), or clear both."
+        )
+    # Host-side random-resized crops need each whole image, not a fixed-size decoded copy.
+    if resized_crop is None and data_config.keep_decoded:
+        mapped_train = mapped.train_split(
+            data_config.name,
+            data_config.train_split,
+            data_dir=data_config.data_dir,
+            image_size=data_config.image_size,
+            max_gb=data_config.mapped_max_gb,
+        )
+        if mapped_train is not None:
+            examples = len(mapped_train)
+            return mapped_train, examples, pipeline.steps_per_epoch(examples, batch_size)
+    steps = streaming.num_train_steps(
+        data_config.name,
+        data_config.train_split,
+        data_dir=data_config.data_dir,
+        batch_size=batch_size,
+        process_count=jax.process_count(),
+    )
+    examples = loading.num_examples(
+        data_config.name, data_config.train_split, data_dir=data_config.data_dir
+    )
+    return None, examples, steps

@@ -5,10 +5,12 @@ augmentation is done later, on the devices. Like `pipeline`, the training order 
 function of (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
-import collections
+import contextlib
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import jax
 import numpy as np
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 Batch = dict[str, np.ndarray]
+T = TypeVar("T")
 # ((min, max) fraction of the image area, (min, max) aspect ratio width / height).
 CropRanges = tuple[tuple[float, float], tuple[float, float]]
 
@@ -156,16 +159,57 @@ def prefetch_to_device(
 ) -> Iterator[dict[str, jax.Array]]:
     """Each host batch as a global batch sharded over the mesh's data axis, `size` more already sent.
 
-    Transfers are asynchronous, so the host reads and sends the next batches while the
-    devices compute on the one yielded.
+    A thread reads and sends the next batches (`in_background`) while the devices compute on
+    the one yielded.
     """
-    ahead = collections.deque()
-    for batch in batches:
-        ahead.append(sharding.to_global(batch, mesh))
-        if len(ahead) > size:
-            yield ahead.popleft()
-    while ahead:
-        yield ahead.popleft()
+    return in_background((sharding.to_global(batch, mesh) for batch in batches), size)
+
+
+def in_background(items: Iterable[T], size: int = 2) -> Iterator[T]:
+    """`items` in order, a thread making up to `size` of them ahead of the consumer.
+
+    CPU steps run when dispatched (`host.keep_freed_memory`), so a batch made in the calling
+    thread would wait for each step to end; made in a thread, it overlaps the step. An error
+    in the thread is raised by the consumer's next(); closing the iterator stops the thread.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:
+        """Queue `entry` unless the consumer stopped; whether it was queued."""
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ready.put(entry, timeout=0.1)
+                return True
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as error:  # Handed to the consumer, which raises it.
+            put((None, error))
+
+    def consume() -> Iterator[T]:
+        thread = threading.Thread(target=produce, name="cnn_lab-input", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item, error = ready.get()
+                if error is not None:
+                    raise error
+                if item is _END:
+                    return
+                yield item
+        finally:
+            stop.set()
+
+    return consume()
+
+
+_END = object()
 
 
 def _per_process(batch_size: int, process_index: int, process_count: int) -> int:

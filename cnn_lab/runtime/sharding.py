@@ -53,4 +53,6 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:
 def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """The global batch (sharded over the data axis) from this process's rows of it."""
     sharding = batch_sharded(mesh)
+    if jax.process_count() == 1:  # This process's rows are the batch: half the cost per call.
+        return jax.device_put(local_batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

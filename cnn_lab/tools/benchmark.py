@@ -226,14 +226,16 @@ def pipeline_benchmark(
     config: ml_collections.ConfigDict,
     *,
     batch_size: int,
-    steps_per_window: int = 30,
-    windows: int = 3,
+    window_seconds: float = 1.0,
+    windows: int = 5,
     modes: tuple[str, ...] = ("device", "streaming"),
 ) -> dict:
     """Per input mode: time to first batch, input alone, and train steps/s real vs synthetic.
 
     The train step is the run's own (augmentation on the devices included); "synthetic" feeds
     it one uint8 batch already on the devices, so the ratio is the input's cost to training.
+    Real and synthetic windows (each at least `window_seconds`) alternate, so that a change
+    in the machine's load falls on both; the medians are reported.
     """
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch_size, mesh, "--batch_size")
@@ -242,21 +244,19 @@ def pipeline_benchmark(
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     holder = {"state": _fresh_state(config, model, tx, plateau, shape, mesh)}
 
-    def train_rate(batches, train_step) -> float:
-        """Median train steps/s over `windows` windows of `steps_per_window` (2 in flight)."""
-
-        def window():
-            state, metrics = holder["state"], None
-            for _ in range(steps_per_window):
-                batch = next(batches)
-                if metrics is not None:
-                    jax.block_until_ready(metrics)
-                state, metrics = train_step(state, batch)
-            jax.block_until_ready(metrics)
-            holder["state"] = state
-
-        window()  # warm-up and compilation
-        return statistics.median(steps_per_window / t for t in _timed_windows(window, windows))
+    def steps_per_second(batches, train_step) -> float:
+        """Train steps/s over one window of at least `window_seconds` (2 steps in flight)."""
+        state, metrics, steps = holder["state"], None, 0
+        start = time.perf_counter()
+        while steps == 0 or time.perf_counter() - start < window_seconds:
+            batch = next(batches)
+            if metrics is not None:
+                jax.block_until_ready(metrics)
+            state, metrics = train_step(state, batch)
+            steps += 1
+        jax.block_until_ready(metrics)
+        holder["state"] = state
+        return steps / (time.perf_counter() - start)
 
     results = {"model": config.model.name, "data": config.data.name, "batch_size": batch_size}
     for mode in modes:
@@ -269,14 +269,19 @@ def pipeline_benchmark(
         batches = _epochs(data)
         jax.block_until_ready(next(batches))
         first_batch = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(steps_per_window):
+        start, count = time.perf_counter(), 30
+        for _ in range(count):
             jax.block_until_ready(next(batches))
-        input_alone = steps_per_window * batch_size / (time.perf_counter() - start)
+        input_alone = count * batch_size / (time.perf_counter() - start)
         preprocess = augment.train_preprocess(config, crops_on_host=data.crops_on_host)
         train_step = _jit_train_step(config, model, tx, schedule, mesh, preprocess)
-        real = train_rate(batches, train_step)
-        synthetic = train_rate(itertools.repeat(jax.block_until_ready(next(batches))), train_step)
+        synthetic_batches = itertools.repeat(jax.block_until_ready(next(batches)))
+        holder["state"], _ = jax.block_until_ready(train_step(holder["state"], next(batches)))
+        rates = {"real": [], "synthetic": []}
+        for _ in range(windows):
+            rates["real"].append(steps_per_second(batches, train_step))
+            rates["synthetic"].append(steps_per_second(synthetic_batches, train_step))
+        real, synthetic = (statistics.median(rates[k]) for k in ("real", "synthetic"))
         results[mode] = {
             "first_batch_seconds": first_batch,
             "input_examples_per_second": input_alone,

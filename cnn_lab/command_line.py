@@ -48,8 +48,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     try:
         rest = flags.FLAGS(list(argv))
     except (KeyError, flags.Error, ValueError, TypeError, AttributeError) as error:
-        if missing := _missing_field(error):
-            report(ValueError(_unknown_field_message(missing, argv)))
+        if missing := missing_field(error):
+            message = unknown_field_message(missing, argv)
+            report(ValueError(f"{message} Run with --helpfull to list the config's fields."))
         message = _without_traceback(str(error))
         report(ValueError(f"{message} Run with --helpfull to list every flag."))
     for name in flags.FLAGS:
@@ -106,7 +107,7 @@ def _help(argv: Sequence[str]) -> str:
     return config_help.usage(doc, flags_help, config, path)
 
 
-def _missing_field(error: BaseException | None) -> KeyError | None:
+def missing_field(error: BaseException | None) -> KeyError | None:
     """The KeyError of an override naming a field the config lacks, if `error` comes from one.
 
     ml_collections raises it for a top-level field, and an AttributeError from it for a
@@ -117,17 +118,14 @@ def _missing_field(error: BaseException | None) -> KeyError | None:
     return error
 
 
-def _unknown_field_message(error: KeyError, argv: Sequence[str]) -> str:
-    """'--config.optimzer.lr: ... no field optimzer. Did you mean "optimizer" ...?'"""
+def unknown_field_message(error: KeyError, argv: Sequence[str]) -> str:
+    """'--config.optimzer.lr: the config has no field 'optimzer'. Did you mean "optimizer" ...?'"""
     field, *hint = str(error.args[0]).split("\n")
     field = field.strip("'\"")
     flag_names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
     override = next((f for f in flag_names if field in f.split(".")[1:]), "an override")
     suggestion = " ".join(hint) or "Check its spelling."
-    return (
-        f"{override}: the config has no field {field!r}. {suggestion} Run with --helpfull "
-        "to list the config's fields."
-    )
+    return f"{override}: the config has no field {field!r}. {suggestion}"
 
 
 def _without_traceback(message: str) -> str:

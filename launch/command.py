@@ -7,7 +7,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cnn_lab import sweep
+from cnn_lab import command_line, sweep
 
 ENTRY_POINT = ("-m", "cnn_lab.train")  # What every launcher runs, after the Python interpreter.
 
@@ -41,13 +41,13 @@ def check_overrides(config: str, overrides: sweep.Overrides) -> ml_collections.C
         config.keys()  # A config file that failed to load raises its error on first use.
         return config
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as error:
-        cause = error
-        while isinstance(cause, KeyError | AttributeError) and cause.args:  # Unwrap, unquoted.
-            cause = cause.args[0]
-        detail = " ".join(str(cause).split()).rstrip(".")
+        if missing := command_line.missing_field(error):
+            detail = command_line.unknown_field_message(missing, argv)
+        else:
+            detail = " ".join(str(error).split()).rstrip(".") + "."
         raise ValueError(
             f"The overrides {' '.join(argv[2:]) or '(none)'} do not apply to --config={config}: "
-            f"{detail}. Check each field name against the config file and each value's type."
+            f"{detail} Check each field name against the config file and each value's type."
         ) from error
 
 

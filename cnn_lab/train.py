@@ -108,34 +108,9 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
                     window.write(step)
                     policy.save_latest(state, step)
             bar.close()
-            train = window.write(step)
-
-            val = run.evaluate(state, step, "val")
-            val.pop("per_class_accuracy")
-            # Training and validation time of this epoch: a report sums them into run time.
-            val["epoch_seconds"] = time.perf_counter() - epoch_start
-            run.writer.write(step=step, epoch=step / spe, split="val", metrics=val)
-            selected = config.averaging.select
-            state = run.record_validation(
-                state,
-                jnp.float32(val["accuracy"]),
-                jnp.float32(val["accuracy" if selected == "raw" else f"{selected}_accuracy"]),
-                jnp.int32(epoch + 1),
+            state, results["val"] = _end_epoch(
+                run, state, step, epoch, window.write(step), epoch_start, last_epoch
             )
-            policy.save_epoch(state, step, best=int(state.best_val_epoch) == epoch + 1)
-            if run.is_lead:
-                seconds = time.perf_counter() - epoch_start
-                left = datetime.timedelta(seconds=round(seconds * (last_epoch - epoch - 1)))
-                print(
-                    f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
-                    f"{train['loss']:.4f} acc {train['accuracy']:.4f} | "
-                    f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
-                    f"{run.evaluate.accuracies(val)}| lr "
-                    f"{train['learning_rate']:.3g} | "
-                    f"{train['images_per_second']:.0f} img/s | {seconds:.1f}s, ETA {left}"
-                )
-                run.writer.plot()
-            results["val"] = val
             if out_of_patience(state, epoch + 1, patience):
                 if run.is_lead:
                     print(
@@ -161,6 +136,48 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
             f"({results['test']['count']} examples)"
         )
     return results
+
+
+def _end_epoch(
+    run: Run,
+    state: TrainState,
+    step: int,
+    epoch: int,
+    train: dict,
+    epoch_start: float,
+    last_epoch: int,
+) -> tuple[TrainState, dict]:
+    """Validate after `epoch`, record it in the state, save, and print the epoch's line.
+
+    `train`: the epoch's last training window; returns the state and validation metrics.
+    """
+    config = run.config
+    val = run.evaluate(state, step, "val")
+    val.pop("per_class_accuracy")
+    # Training and validation time of this epoch: a report sums them into run time.
+    val["epoch_seconds"] = time.perf_counter() - epoch_start
+    run.writer.write(step=step, epoch=step / run.steps_per_epoch, split="val", metrics=val)
+    selected = config.averaging.select
+    state = run.record_validation(
+        state,
+        jnp.float32(val["accuracy"]),
+        jnp.float32(val["accuracy" if selected == "raw" else f"{selected}_accuracy"]),
+        jnp.int32(epoch + 1),
+    )
+    run.checkpoints.save_epoch(state, step, best=int(state.best_val_epoch) == epoch + 1)
+    if run.is_lead:
+        seconds = time.perf_counter() - epoch_start
+        left = datetime.timedelta(seconds=round(seconds * (last_epoch - epoch - 1)))
+        print(
+            f"epoch {epoch + 1}/{config.train.num_epochs}: train loss "
+            f"{train['loss']:.4f} acc {train['accuracy']:.4f} | "
+            f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
+            f"{run.evaluate.accuracies(val)}| lr "
+            f"{train['learning_rate']:.3g} | "
+            f"{train['images_per_second']:.0f} img/s | {seconds:.1f}s, ETA {left}"
+        )
+        run.writer.plot()
+    return state, val
 
 
 def train_and_evaluate(

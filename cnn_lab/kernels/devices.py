@@ -64,7 +64,7 @@ def batch_parallel(
     batch_argument = batched.index(True)
 
     def shardings(mesh: Mesh, arg_shapes: tuple) -> tuple:
-        """(batch axes, argument shardings, result shardings) for the arguments' shardings."""
+        """(mesh, batch axes, argument shardings, result shardings) for the arguments'."""
         sharding = arg_shapes[batch_argument].sharding
         if not isinstance(sharding, NamedSharding):  # No mesh: take every argument whole.
             devices = sorted(sharding.device_set, key=lambda device: device.id)

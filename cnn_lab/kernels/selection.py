@@ -28,8 +28,8 @@ def check_name(implementation: str) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"config.model.conv_implementation={implementation!r} is not one of "
-            f"{', '.join(IMPLEMENTATIONS)}. Use auto (cnn_lab's CPU kernels on a one-device CPU "
-            "run, else XLA)."
+            f"{', '.join(IMPLEMENTATIONS)}. Use auto (cnn_lab's CPU kernels on a CPU run, else "
+            "XLA)."
         )
 
 

@@ -235,9 +235,8 @@ def main() -> None:
         del argv
         train_config = config.value.train
         micro_batch = train_config.batch_size // max(train_config.grad_accumulation_steps, 1)
-        multi_process = (num_processes.value or 1) > 1 or distributed.detected_cluster() is not None
         try:
-            host.prepare(config.value, micro_batch, multi_process)
+            host.prepare(config.value, micro_batch)
             distributed.initialize(coordinator.value, num_processes.value, process_id.value)
             train_and_evaluate(config.value, workdir.value, allow_config_changes=tuple(allow.value))
         except Preempted as preempted:

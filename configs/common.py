@@ -108,7 +108,7 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = stats["num_classes"]  # Must match the data set's classes.
     config.model.compute_dtype = "float32"  # float32 | bfloat16 | float16: activations, not params.
-    # auto | xla | onednn | batch_minor: auto is cnn_lab's CPU kernels on 1 CPU device.
+    # auto | xla | onednn | batch_minor: auto is cnn_lab's CPU kernels on a CPU, else XLA's.
     config.model.conv_implementation = "auto"
     config.model.remove = ()  # Layers left out, e.g. ("fc7",) (AlexNet, VGG, MLP, ConvNet).
 
@@ -160,7 +160,7 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
         int
     )  # Stop after this many epochs without validation gain; None: off.
     config.train.progress_bar = True  # tqdm bars for training and evaluation, on a terminal only.
-    config.train.cpu_devices = 0  # CPU devices to split into; 0: 1 for oneDNN, else 1 per core.
+    config.train.cpu_devices = 0  # CPU devices to split into; 0: 1 with CPU kernels, else 1/core.
     config.train.keep_freed_memory = True  # Host malloc keeps freed pages: no faults each step.
     config.train.frozen_bn_inference = True  # Frozen BatchNorm layers use their statistics.
     config.train.loss_scale_init = 2.0**15  # float16: initial loss scale; halved on each overflow.

@@ -307,6 +307,7 @@ def test_resume_on_another_device_count(tmp_path, data_dir):
         config = _config(data_dir, num_epochs=epochs)
         config.checkpoint.every_steps = 4
         config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.05
+        config.model.conv_implementation = "xla"
         train_and_evaluate(config, workdir, allow_config_changes=("train.num_epochs",))
 
     def one_device(workdir, epochs):

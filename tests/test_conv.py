@@ -307,19 +307,25 @@ def test_a_model_without_convolutions_never_resolves_one(monkeypatch):
         )
 
 
-def test_resolve_picks_xla_on_many_devices_and_explains_a_bad_choice():
-    assert jax.device_count() == 8
-    assert selection.resolve("auto") == "xla"
+def test_resolve_picks_the_kernels_on_many_devices_and_explains_a_bad_choice(monkeypatch):
+    assert jax.device_count() == 8  # The kernels split the batch over the devices.
+    monkeypatch.setattr(build, "wide_vectors", lambda: True)
+    assert selection.resolve("auto") == "onednn"
     assert selection.resolve("xla") == "xla"
+    assert selection.resolve("batch_minor") == "batch_minor"
     for implementation in ("onednn", "batch_minor"):
-        with pytest.raises(ValueError, match=r"cpu_devices=1.*conv_implementation=auto"):
-            selection.resolve(implementation)
+        with pytest.raises(ValueError, match=r"bfloat16, not float32.*conv_implementation=auto"):
+            selection.resolve(implementation, "bfloat16")
     with pytest.raises(ValueError, match="'cudnn' is not one of auto, xla, onednn"):
         selection.resolve("cudnn")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    selection._process_obstacles.cache_clear()
+    assert selection.resolve("auto") == "xla"
+    with pytest.raises(ValueError, match=r"the backend is gpu, not cpu"):
+        selection.resolve("onednn")
 
 
-def test_auto_on_one_cpu_device_picks_batch_minor_for_few_channels_with_avx512(monkeypatch):
-    monkeypatch.setattr(jax, "device_count", lambda: 1)  # As a user's run, not the 8 here.
+def test_auto_picks_batch_minor_for_few_channels_with_avx512(monkeypatch):
     monkeypatch.setattr(build, "wide_vectors", lambda: True)
     assert selection.resolve("auto", few_channels=True) == "batch_minor"
     assert selection.resolve("auto", few_channels=False) == "onednn"

@@ -7,7 +7,7 @@ import sys
 import ml_collections
 import pytest
 
-from cnn_lab.kernels import build
+from cnn_lab.kernels import build, selection
 from cnn_lab.runtime import host
 
 # Allocates, touches and frees 64 MB twice (as XLA does a step's buffers); prints the page
@@ -78,9 +78,9 @@ def test_kept_memory_runs_cpu_steps_when_dispatched():
 
 
 @pytest.mark.skipif(build.missing() is not None, reason=f"no CPU kernels here: {build.missing()}")
-def test_cpu_devices_give_oneDNN_one_device_unless_asked_otherwise():
+def test_cpu_devices_give_the_kernels_their_device_count_unless_asked_otherwise(monkeypatch):
     def model(name="resnet", **fields):
-        return ml_collections.ConfigDict(dict(name=name, compute_dtype="float32", **fields))
+        return ml_collections.ConfigDict({"name": name, "compute_dtype": "float32", **fields})
 
     assert host.cpu_devices(0, model(conv_implementation="auto")) == 1
     assert host.cpu_devices(0, model()) == 1  # Runs from before the knob: auto.
@@ -89,7 +89,10 @@ def test_cpu_devices_give_oneDNN_one_device_unless_asked_otherwise():
     assert host.cpu_devices(0, model(conv_implementation="xla")) == 0
     assert host.cpu_devices(3, model(conv_implementation="onednn")) == 3
     assert host.cpu_devices(0, model("mlp")) == 0  # No convolutions: one device per core.
-    assert host.cpu_devices(0, model(), multi_process=True) == 0
+    assert host.cpu_devices(0, model(compute_dtype="bfloat16")) == 0  # XLA's convolution.
+    monkeypatch.setattr(selection, "KERNEL_CPU_DEVICES", 2)  # The one rule for the count.
+    assert host.cpu_devices(0, model(conv_implementation="onednn")) == 2
+    assert host.cpu_devices(0, model(conv_implementation="auto")) == 2
 
 
 @pytest.mark.parametrize(

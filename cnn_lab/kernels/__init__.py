@@ -9,19 +9,24 @@ batch-minor kernels put 16 images in each lane instead. `config.model.conv_imple
 picks:
 
 - "xla": `lax.conv_general_dilated`, on any backend.
-- "onednn": oneDNN through XLA's FFI (CPU, one device in the whole run: the FFI call is not
-  partitioned over a mesh). Calls it does not take (not float32, grouped, transposed,
-  negative padding, not 2-D NHWC/HWIO, an empty output) run XLA's convolution instead.
-- "batch_minor": the batch-minor kernels (CPU, one device) for stride-1, undilated
-  convolutions of batches that are a multiple of 16; other calls go to "onednn". XLA lays
+- "onednn": oneDNN through XLA's FFI (CPU). Calls it does not take (not float32, grouped,
+  transposed, negative padding, not 2-D NHWC/HWIO, an empty output) run XLA's convolution
+  instead.
+- "batch_minor": the batch-minor kernels (CPU) for stride-1, undilated convolutions of
+  batches that are a multiple of 16 (on each device); other calls go to "onednn". XLA lays
   their activations out batch-minor and fuses the transposes into neighbouring ops, which
   pays only where every convolution is small (docs/cpu_kernels.md has the figures).
-- "auto": on a float32 run of one CPU device where the kernels load, "batch_minor" for
-  models whose class declares `few_channel_convolutions` (LeNet-5) on a CPU with AVX-512,
-  else "onednn"; "xla" elsewhere: accelerators always get XLA's own kernels.
+- "auto": on a float32 CPU run where the kernels load, "batch_minor" for models whose class
+  declares `few_channel_convolutions` (LeNet-5) on a CPU with AVX-512, else "onednn"; "xla"
+  elsewhere: accelerators always get XLA's own kernels.
+
+A run may have any number of CPU devices and processes: each device runs the kernels on its
+own shard of the batch, with its share of the cores (`devices`). `selection.cpu_devices`
+holds the rule for how many devices a run of the kernels splits into by default.
 
 Modules: `selection` resolves the name (the one place `auto` is decided) and hands out the
-callable; `stand_ins` holds the callables and their gradients; `build` compiles, loads and
+callable; `stand_ins` holds the callables and their gradients; `devices` splits their FFI
+calls over a batch-sharded mesh and sizes their thread teams; `build` compiles, loads and
 registers onednn_conv.cc and batch_minor_conv.cc on first use. `cnn_lab.models.get_model`
 imports this package only for a CPU backend (or an explicit CPU choice), so other hosts
 never load or build any of it.

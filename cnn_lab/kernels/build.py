@@ -107,7 +107,7 @@ def compile_command(output: Path, march: str = "native") -> list[str]:
     library, include = _onednn_files()
     compiler = _compiler()
     return [
-        compiler, "-O3", f"-march={march}", "-std=c++20", "-shared", "-fPIC", "-w",
+        compiler, "-O3", f"-march={march}", "-std=c++20", "-fopenmp", "-shared", "-fPIC", "-w",
         f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, _SOURCES), str(library),
         f"-Wl,-rpath,{library.parent}", "-o", str(output),
     ]  # fmt: skip

@@ -5,11 +5,15 @@
 //   cnn_lab_onednn_conv_backward(x, kernel, dy) -> (dx, dkernel)
 //   cnn_lab_onednn_conv_kernel_backward(x, dy) -> dkernel
 // Attributes: strides (2), padding (low and high per spatial dim: 4), dilation (2, XLA's
-// convention: 1 is none). float32 only; stand_ins.py sends other cases to XLA's convolution.
+// convention: 1 is none), threads (OpenMP threads of the call; 0: OpenMP's default, every
+// core). float32 only; stand_ins.py sends other cases to XLA's convolution.
 // Activations stay in XLA's NHWC buffers (oneDNN's "nhwc" tag); kernels are reordered into
 // whatever blocked layout the chosen oneDNN kernel wants, which costs little (kernels are
 // small). Input and kernel gradients share one call so that they never run concurrently on
 // two XLA threads, each with its own OpenMP team on the same cores.
+#include <omp.h>
+
+#include <array>
 #include <cstdint>
 #include <exception>
 #include <mutex>
@@ -84,16 +88,28 @@ ffi::Error Failed(const std::exception& e, Ints x, Ints k, Ints strides, Ints pa
                     std::string("oneDNN convolution failed: ") + e.what() + geometry);
 }
 
-// Calls never overlap: each runs an OpenMP team over every core, and two teams started by
-// two XLA threads on the same cores would slow each other down.
-std::mutex& CallMutex() {
-  static std::mutex mutex;
-  return mutex;
+// One device's calls never overlap: each runs an OpenMP team over that device's share of the
+// cores (all of them with one device), and two teams started by two XLA threads on the same
+// cores would slow each other down. Calls of different devices run side by side.
+std::mutex& CallMutex(int32_t device) {
+  static std::array<std::mutex, 256> mutexes;
+  return mutexes[static_cast<uint32_t>(device) % mutexes.size()];
 }
 
-ffi::Error Forward(F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y, Ints strides, Ints padding,
-                   Ints dilation) {
-  std::lock_guard<std::mutex> lock(CallMutex());
+// Holds the device's lock, and sizes the OpenMP team of this XLA thread's next oneDNN calls.
+class Call {
+ public:
+  Call(int32_t device, int64_t threads) : lock_(CallMutex(device)) {
+    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  }
+
+ private:
+  std::lock_guard<std::mutex> lock_;
+};
+
+ffi::Error Forward(int32_t device, F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y, Ints strides,
+                   Ints padding, Ints dilation, int64_t threads) {
+  Call call(device, threads);
   try {
     Geometry g(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding, dilation);
     auto pd = g.Forward();
@@ -140,9 +156,10 @@ void BackwardWeights(const Geometry& g, const dnnl::convolution_forward::primiti
   if (!in_place) dnnl::reorder(diff_kernel, user_diff_kernel).execute(stream, diff_kernel, user_diff_kernel);
 }
 
-ffi::Error Backward(F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx,
-                    ffi::ResultBuffer<ffi::F32> dk, Ints strides, Ints padding, Ints dilation) {
-  std::lock_guard<std::mutex> lock(CallMutex());
+ffi::Error Backward(int32_t device, F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx,
+                    ffi::ResultBuffer<ffi::F32> dk, Ints strides, Ints padding, Ints dilation,
+                    int64_t threads) {
+  Call call(device, threads);
   try {
     Geometry g(x.dimensions(), k.dimensions(), dy.dimensions(), strides, padding, dilation);
     auto hint = g.Forward();
@@ -158,9 +175,9 @@ ffi::Error Backward(F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx,
 }
 
 // The kernel gradient alone, for convolutions of inputs nothing differentiates (images).
-ffi::Error KernelBackward(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, Ints strides,
-                          Ints padding, Ints dilation) {
-  std::lock_guard<std::mutex> lock(CallMutex());
+ffi::Error KernelBackward(int32_t device, F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk,
+                          Ints strides, Ints padding, Ints dilation, int64_t threads) {
+  Call call(device, threads);
   try {
     Geometry g(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, dilation);
     auto hint = g.Forward();
@@ -176,21 +193,26 @@ ffi::Error KernelBackward(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dk, Ints st
 
 }  // namespace
 
-// Every target takes its buffers, then the same three attributes.
+// Every target takes the device, its buffers, then the same four attributes.
 template <typename Binding>
 auto WithGeometry(Binding binding) {
   return std::move(binding)
       .template Attr<Ints>("strides")
       .template Attr<Ints>("padding")
-      .template Attr<Ints>("dilation");
+      .template Attr<Ints>("dilation")
+      .template Attr<int64_t>("threads");
+}
+
+auto OnDevice() {
+  return ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabOnednnConvForward, Forward,
-                              WithGeometry(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
+                              WithGeometry(OnDevice().Arg<F32>().Arg<F32>().Ret<F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CnnLabOnednnConvBackward, Backward,
-    WithGeometry(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()));
+    WithGeometry(OnDevice().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnLabOnednnConvKernelBackward, KernelBackward,
-                              WithGeometry(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()));
+                              WithGeometry(OnDevice().Arg<F32>().Arg<F32>().Ret<F32>()));

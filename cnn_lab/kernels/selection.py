@@ -8,9 +8,14 @@ from jax import lax
 
 from cnn_lab.kernels import build, stand_ins
 
-# cnn_lab's FFI kernels: CPU only, one device in the whole run.
+# cnn_lab's FFI kernels: CPU only, on any number of devices and processes.
 CPU_IMPLEMENTATIONS = ("onednn", "batch_minor")
 IMPLEMENTATIONS = ("auto", "xla", *CPU_IMPLEMENTATIONS)
+# The CPU devices a run of the kernels splits into when config.train.cpu_devices is 0: one
+# device, whose oneDNN calls use every core. With N devices each call uses 1/N of the cores
+# and the devices convolve their shards side by side (`devices`); compare with
+# `python -m cnn_lab.benchmark --config=configs/<name>.py --config.train.cpu_devices=N`.
+KERNEL_CPU_DEVICES = 1
 _CONVOLUTIONS = {
     "xla": lax.conv_general_dilated,
     "onednn": stand_ins.onednn_conv_general_dilated,
@@ -23,8 +28,8 @@ def check_name(implementation: str) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"config.model.conv_implementation={implementation!r} is not one of "
-            f"{', '.join(IMPLEMENTATIONS)}. Use auto (cnn_lab's CPU kernels on a one-device CPU "
-            "run, else XLA)."
+            f"{', '.join(IMPLEMENTATIONS)}. Use auto (cnn_lab's CPU kernels on a CPU run, else "
+            "XLA)."
         )
 
 
@@ -53,33 +58,27 @@ def resolve(implementation: str, compute_dtype: str = "float32", few_channels: b
     return _choose(implementation, compute_dtype, few_channels, _process_obstacles(), build.problem)
 
 
-def runs_kernels_on_one_device(implementation: str, compute_dtype: str) -> bool:
-    """Whether a run of `implementation` on one CPU device would use the kernels.
+def cpu_devices(implementation: str, compute_dtype: str) -> int:
+    """The CPU device count for config.train.cpu_devices=0: KERNEL_CPU_DEVICES where a CPU run
+    of `implementation` would use the kernels, else 0 (one device per core, for XLA's).
 
-    For choosing the CPU device count before JAX starts: it looks only at the names and at
-    what is installed, and builds nothing. An explicit CPU choice counts even where it cannot
-    run: `get_model` explains what stands in the way.
+    For choosing the count before JAX starts: it looks only at the names and at what is
+    installed, and builds nothing. An explicit CPU choice counts even where it cannot run:
+    `get_model` explains what stands in the way.
     """
-    if implementation in CPU_IMPLEMENTATIONS:
-        return True
-    return (
+    kernels = implementation in CPU_IMPLEMENTATIONS or (
         implementation == "auto"
         and _choose("auto", compute_dtype, False, (), build.missing) != "xla"
     )
+    return KERNEL_CPU_DEVICES if kernels else 0
 
 
 @functools.cache
 def _process_obstacles() -> tuple[str, ...]:
-    """Why this process's backend and devices cannot run the kernels; looked at once."""
-    reasons = []
+    """Why this process's backend cannot run the kernels; looked at once."""
     if jax.default_backend() != "cpu":
-        reasons.append(f"the backend is {jax.default_backend()}, not cpu")
-    if jax.device_count() != 1:
-        reasons.append(
-            f"the run has {jax.device_count()} devices (cnn_lab's multi-threaded CPU convolutions "
-            "serve a run of one CPU device: set --config.train.cpu_devices=1, one process)"
-        )
-    return tuple(reasons)
+        return (f"the backend is {jax.default_backend()}, not cpu",)
+    return ()
 
 
 def _choose(

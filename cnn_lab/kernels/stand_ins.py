@@ -2,7 +2,9 @@
 
 Each takes the calls its kernels can compute (see `_cpu_geometry`, `_batch_minor_geometry`)
 and hands the others on unchanged, and computes its own gradients (`jax.custom_vjp`). The
-kernels are built and registered on a stand-in's first call that uses them (`build`).
+kernels are built and registered on a stand-in's first call that uses them (`build`). Every
+FFI call is split over the devices that shard its batch (`devices.batch_parallel`), so a
+data-parallel step over several CPU devices convolves each device's own images.
 """
 
 import dataclasses
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnn_lab.kernels import build
+from cnn_lab.kernels import build, devices
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # jax.ffi's layouts run major to minor: H, W, C, then N, so 16 images share a vector.
@@ -29,11 +31,12 @@ def _attributes(geometry: tuple) -> dict[str, np.ndarray]:
         "strides": np.asarray(strides, np.int64),
         "padding": np.asarray(padding, np.int64).reshape(-1),
         "dilation": np.asarray(dilation, np.int64),
+        "threads": np.int64(devices.threads_per_device()),
     }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _onednn_conv(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
+def _onednn_forward_call(x: jax.Array, kernel: jax.Array, geometry: tuple) -> tuple:
+    """(y,): x (N, H, W, C) convolved with kernel (KH, KW, C, O) by oneDNN."""
     strides, padding, dilation = geometry
     out = jax.eval_shape(
         lambda x, k: lax.conv_general_dilated(
@@ -43,7 +46,36 @@ def _onednn_conv(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
         kernel,
     )
     call = jax.ffi.ffi_call("cnn_lab_onednn_conv_forward", out, vmap_method="sequential")
-    return call(x, kernel, **_attributes(geometry))
+    return (call(x, kernel, **_attributes(geometry)),)
+
+
+def _onednn_backward_call(x: jax.Array, kernel: jax.Array, dy: jax.Array, geometry: tuple):
+    """(dx, dkernel) from dy, the output's gradient, in one oneDNN call."""
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, x.dtype))
+    call = jax.ffi.ffi_call("cnn_lab_onednn_conv_backward", shapes, vmap_method="sequential")
+    return tuple(call(x, kernel, dy, **_attributes(geometry)))
+
+
+def _onednn_kernel_backward_call(x: jax.Array, dy: jax.Array, static: tuple) -> tuple:
+    """(dkernel,) alone; `static` is (geometry, the kernel's shape)."""
+    geometry, kernel_shape = static
+    shape = jax.ShapeDtypeStruct(kernel_shape, x.dtype)
+    call = jax.ffi.ffi_call("cnn_lab_onednn_conv_kernel_backward", shape, vmap_method="sequential")
+    return (call(x, dy, **_attributes(geometry)),)
+
+
+_onednn_forward = devices.batch_parallel(_onednn_forward_call, "b h w c, i j c o -> b p q o")
+_onednn_backward = devices.batch_parallel(
+    _onednn_backward_call, "b h w c, i j c o, b p q o -> b h w c, i j c o"
+)
+_onednn_kernel_backward = devices.batch_parallel(
+    _onednn_kernel_backward_call, "b h w c, b p q o -> i j c o"
+)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _onednn_conv(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
+    return _onednn_forward(x, kernel, geometry)[0]
 
 
 def _forward(x, kernel, geometry: tuple):
@@ -58,16 +90,9 @@ def _backward(geometry: tuple, residuals: tuple, dy: jax.Array) -> tuple:
     x, kernel, input_gradient = residuals
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):  # The output feeds no loss.
         return None, None
-    attributes = _attributes(geometry)
-    kernel_shape = jax.ShapeDtypeStruct(kernel.shape, x.dtype)
     if not input_gradient:
-        call = jax.ffi.ffi_call(
-            "cnn_lab_onednn_conv_kernel_backward", kernel_shape, vmap_method="sequential"
-        )
-        return None, call(x, dy, **attributes)
-    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), kernel_shape)
-    call = jax.ffi.ffi_call("cnn_lab_onednn_conv_backward", shapes, vmap_method="sequential")
-    return tuple(call(x, kernel, dy, **attributes))
+        return None, _onednn_kernel_backward(x, dy, (geometry, kernel.shape))[0]
+    return _onednn_backward(x, kernel, dy, geometry)
 
 
 _onednn_conv.defvjp(_forward, _backward, symbolic_zeros=True)
@@ -126,10 +151,8 @@ def _require_kernels() -> None:
         )
 
 
-def _batch_minor_call(
-    x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: tuple
-) -> jax.Array:
-    """The forward kernel on batch-minor x (N, H, W, C), kernel (KH, KW, C, O), bias (O,)."""
+def _batch_minor_forward_call(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: tuple):
+    """(y,): the forward kernel on batch-minor x (N, H, W, C), kernel (KH, KW, C, O), bias (O,)."""
     (top, bottom), (left, right) = padding
     n, h, w, _ = x.shape
     kh, kw, _, o = kernel.shape
@@ -140,7 +163,49 @@ def _batch_minor_call(
         "cnn_lab_batch_minor_conv_forward", out, vmap_method="sequential",
         input_layouts=(BATCH_MINOR, None, None), output_layouts=BATCH_MINOR,
     )  # fmt: skip
-    return call(x, kernel, bias, pad_top=np.int64(top), pad_left=np.int64(left))
+    return (call(x, kernel, bias, pad_top=np.int64(top), pad_left=np.int64(left)),)
+
+
+def _batch_minor_kernel_backward_call(padded: jax.Array, dy: jax.Array, kernel_shape: tuple):
+    """(dkernel, dbias) from x padded by the caller and dy, batch-minor."""
+    shapes = (
+        jax.ShapeDtypeStruct(kernel_shape, padded.dtype),
+        jax.ShapeDtypeStruct(kernel_shape[-1:], padded.dtype),
+    )
+    call = jax.ffi.ffi_call(
+        "cnn_lab_batch_minor_conv_kernel_backward", shapes, vmap_method="sequential",
+        input_layouts=(BATCH_MINOR, BATCH_MINOR),
+    )  # fmt: skip
+    return tuple(call(padded, dy))
+
+
+# A device's shard of a batch that is not a multiple of 16 images goes to oneDNN.
+def _onednn_stride_1_forward(x, kernel, bias, padding: tuple) -> tuple:
+    (y,) = _onednn_forward_call(x, kernel, ((1, 1), padding, (1, 1)))
+    return (y + bias.reshape(1, 1, 1, -1),)
+
+
+def _onednn_stride_1_kernel_backward(padded, dy, kernel_shape: tuple) -> tuple:
+    unpadded = ((1, 1), ((0, 0), (0, 0)), (1, 1))
+    (dk,) = _onednn_kernel_backward_call(padded, dy, (unpadded, kernel_shape))
+    return dk, jnp.sum(dy, axis=(0, 1, 2))
+
+
+_batch_minor_forward_parallel = devices.batch_parallel(
+    _batch_minor_forward_call, "b h w c, i j c o, o -> b p q o", BATCH_LANES,
+    _onednn_stride_1_forward,
+)  # fmt: skip
+_batch_minor_kernel_backward = devices.batch_parallel(
+    _batch_minor_kernel_backward_call, "b h w c, b p q o -> i j c o, o", BATCH_LANES,
+    _onednn_stride_1_kernel_backward,
+)  # fmt: skip
+
+
+def _batch_minor_call(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: tuple
+) -> jax.Array:
+    """The forward kernel on batch-minor x (N, H, W, C), kernel (KH, KW, C, O), bias (O,)."""
+    return _batch_minor_forward_parallel(x, kernel, bias, padding)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -161,15 +226,7 @@ def _batch_minor_backward(padding: tuple, residuals: tuple, dy: jax.Array) -> tu
     (top, bottom), (left, right) = padding
     zero = jnp.zeros((), x.dtype)
     padded = lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-    shapes = (
-        jax.ShapeDtypeStruct(kernel.shape, x.dtype),
-        jax.ShapeDtypeStruct(kernel.shape[-1:], x.dtype),
-    )
-    call = jax.ffi.ffi_call(
-        "cnn_lab_batch_minor_conv_kernel_backward", shapes, vmap_method="sequential",
-        input_layouts=(BATCH_MINOR, BATCH_MINOR),
-    )  # fmt: skip
-    dk, dbias = call(padded, dy)
+    dk, dbias = _batch_minor_kernel_backward(padded, dy, kernel.shape)
     if not input_gradient:
         return None, dk, dbias
     # dx is dy convolved with the kernel flipped in space and transposed (O and C swapped),

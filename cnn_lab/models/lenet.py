@@ -19,7 +19,7 @@ class LeNet5(nn.Module):
     28x28 works too (the flattened feature map is then 4x4x16 instead of 5x5x16).
     """
 
-    # Every convolution has at most 16 channels: on a one-device CPU run, conv_implementation
+    # Every convolution has at most 16 channels: on a CPU run, conv_implementation
     # "auto" picks the batch-minor kernels, which fill the vector lanes with images.
     few_channel_convolutions: ClassVar[bool] = True
 

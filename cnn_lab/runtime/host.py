@@ -64,11 +64,10 @@ def release_freed_memory() -> None:
         malloc_trim(0)
 
 
-def cpu_devices(
-    requested: int, model_config: ml_collections.ConfigDict, multi_process: bool = False
-) -> int:
-    """The CPU device count to split into: `requested`, else 1 when cnn_lab's CPU
-    convolutions, which use every core from one device, will run, else 0 (one per core).
+def cpu_devices(requested: int, model_config: ml_collections.ConfigDict) -> int:
+    """The CPU device count to split into: `requested`, else the count cnn_lab's CPU
+    convolutions run best on where they will run (`kernels.selection.cpu_devices`), else 0
+    (one per core).
 
     Call before JAX starts its backends: it looks only at the config and installed files,
     and builds nothing; a backend named other than CPU (JAX_PLATFORMS) never loads
@@ -76,10 +75,8 @@ def cpu_devices(
     """
     implementation = model_config.get("conv_implementation", "auto")
     platforms = jax.config.jax_platforms  # Read without starting a backend.
-    # Several processes make several devices: the CPU convolutions are then not used.
     if (
         requested
-        or multi_process
         or implementation == "xla"
         or not models.has_convolutions(model_config.get("name"))
         or (platforms and platforms.split(",")[0] != "cpu")
@@ -87,21 +84,17 @@ def cpu_devices(
         return requested
     from cnn_lab.kernels import selection  # Only where the CPU may run the model.
 
-    compute_dtype = model_config.get("compute_dtype", "float32")
-    return 1 if selection.runs_kernels_on_one_device(implementation, compute_dtype) else requested
+    return selection.cpu_devices(implementation, model_config.get("compute_dtype", "float32"))
 
 
-def prepare(
-    config: ml_collections.ConfigDict, batch_size: int | None = None, multi_process: bool = False
-) -> None:
+def prepare(config: ml_collections.ConfigDict, batch_size: int | None = None) -> None:
     """CPU devices (`config.train.cpu_devices`, see `cpu_devices`) and kept memory
     (`config.train.keep_freed_memory`) for a run of `config`; call before JAX starts.
 
     `batch_size` is the batch the devices split. A saved run's config must come through
     `workdir.read_config`, which fills in fields added since it was written.
     """
-    devices = cpu_devices(config.train.cpu_devices, config.model, multi_process)
-    sharding.use_cpu_devices(devices, batch_size)
+    sharding.use_cpu_devices(cpu_devices(config.train.cpu_devices, config.model), batch_size)
     if config.train.keep_freed_memory:
         keep_freed_memory()
 

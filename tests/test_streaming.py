@@ -319,6 +319,32 @@ def test_in_background_keeps_order_raises_errors_and_stops_when_closed():
     assert len(pulled) == stopped_at <= 4
 
 
+# Producers left running at exit, each busy in JAX's C++ code: Python's halting them there
+# aborted the process after its work was done.
+_LEFT_RUNNING = """
+import itertools
+import jax, numpy as np
+from cnn_lab.data import streaming
+
+def busy():
+    for i in itertools.count():
+        for _ in range(200):
+            jax.device_put(np.zeros(100_000, np.float32)).block_until_ready()
+        yield i
+
+producers = [streaming.in_background(busy(), size=8) for _ in range(4)]
+print([next(items) for items in producers])
+"""
+
+
+def test_a_process_exits_cleanly_with_producers_still_running(tmp_path):
+    script = tmp_path / "left_running.py"
+    script.write_text(_LEFT_RUNNING)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[0, 0, 0, 0]"
+
+
 def test_a_prepared_data_set_through_tfds_reader(tmp_path):
     """Without mocks: digits, prepared offline, read by TFDS itself (its files are not shuffled)."""
     data_dir = str(tmp_path)

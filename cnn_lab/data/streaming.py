@@ -5,6 +5,7 @@ augmentation is done later, on the devices. Like `pipeline`, the training order 
 function of (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
+import atexit
 import contextlib
 import queue
 import threading
@@ -174,6 +175,7 @@ def in_background(items: Iterable[T], size: int = 2) -> Iterator[T]:
     """
     ready: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
+    producers = _PRODUCERS  # A generator closed at exit may outlive the module's globals.
 
     def put(entry: tuple) -> bool:
         """Queue `entry` unless the consumer stopped; whether it was queued."""
@@ -194,6 +196,7 @@ def in_background(items: Iterable[T], size: int = 2) -> Iterator[T]:
 
     def consume() -> Iterator[T]:
         thread = threading.Thread(target=produce, name="cnn_lab-input", daemon=True)
+        producers[thread] = stop
         thread.start()
         try:
             while True:
@@ -205,11 +208,26 @@ def in_background(items: Iterable[T], size: int = 2) -> Iterator[T]:
                 yield item
         finally:
             stop.set()
+            producers.pop(thread, None)
 
     return consume()
 
 
 _END = object()
+# Producer threads not yet stopped, with their stop events.
+_PRODUCERS: dict[threading.Thread, threading.Event] = {}
+
+
+@atexit.register
+def _stop_producers() -> None:
+    """Stop and join the producers left running (e.g. an iterator never closed) before exit.
+
+    At exit Python halts daemon threads wherever they are; one halted inside JAX's or TF's
+    C++ code aborts the process ("FATAL: exception not rethrown") after a successful run.
+    """
+    for thread, stop in list(_PRODUCERS.items()):
+        stop.set()
+        thread.join(timeout=60)
 
 
 def _per_process(batch_size: int, process_index: int, process_count: int) -> int:

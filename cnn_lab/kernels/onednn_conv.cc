@@ -52,7 +52,9 @@ struct Geometry {
         pad_l{padding[0], padding[2]},
         pad_r{padding[1], padding[3]},
         key{omp_get_max_threads()} {
-    for (Ints part : {x, k, y, strides_, padding, dilation}) key.insert(key.end(), part.begin(), part.end());
+    for (Ints part : {x, k, y, strides_, padding, dilation}) {
+      key.insert(key.end(), part.begin(), part.end());
+    }
   }
 
   memory::desc Activations(const memory::dims& dims) const {

@@ -41,13 +41,11 @@ dnnl::engine& Engine() {
 // One convolution's shapes in oneDNN's logical order: NCHW activations, OIHW kernel.
 struct Geometry {
   memory::dims src, weights, dst, strides, dilates, pad_l, pad_r;
-  // Everything the primitives depend on (the shapes, the attributes and the OpenMP team
-  // size), and the device: a primitive's library-managed scratchpad makes it unsafe to run
-  // on two threads at once, and only one device's calls are serialised (`Call`).
+  // Everything the primitives depend on: the shapes, the attributes and the OpenMP team size.
   std::vector<int64_t> key;
 
   // x (N, H, W, C), kernel (KH, KW, I, O), y (N, OH, OW, O).
-  Geometry(Ints x, Ints k, Ints y, Ints strides_, Ints padding, Ints dilation, int32_t device)
+  Geometry(Ints x, Ints k, Ints y, Ints strides_, Ints padding, Ints dilation)
       : src{x[0], x[3], x[1], x[2]},
         weights{k[3], k[2], k[0], k[1]},
         dst{y[0], y[3], y[1], y[2]},
@@ -55,7 +53,7 @@ struct Geometry {
         dilates{dilation[0] - 1, dilation[1] - 1},
         pad_l{padding[0], padding[2]},
         pad_r{padding[1], padding[3]},
-        key{omp_get_max_threads(), device} {
+        key{omp_get_max_threads()} {
     for (Ints part : {x, k, y, strides_, padding, dilation}) {
       key.insert(key.end(), part.begin(), part.end());
     }
@@ -136,7 +134,8 @@ struct WeightsPlan {
   }
 };
 
-// The Plan of `g`'s geometry on its device, made once per process.
+// The Plan of `g`'s geometry, made once per process. oneDNN primitives may run on several
+// threads at once.
 template <typename Plan>
 const Plan& Planned(const Geometry& g) {
   static std::mutex mutex;
@@ -185,8 +184,7 @@ ffi::Error Forward(int32_t device, F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y, 
                    Ints padding, Ints dilation, int64_t threads) {
   Call call(device, threads);
   try {
-    Geometry g(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding, dilation,
-               device);
+    Geometry g(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding, dilation);
     const ForwardPlan& plan = Planned<ForwardPlan>(g);
     dnnl::stream stream(Engine());
     memory src(g.Activations(g.src), Engine(), x.typed_data());
@@ -230,8 +228,7 @@ ffi::Error Backward(int32_t device, F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi:
                     int64_t threads) {
   Call call(device, threads);
   try {
-    Geometry g(x.dimensions(), k.dimensions(), dy.dimensions(), strides, padding, dilation,
-               device);
+    Geometry g(x.dimensions(), k.dimensions(), dy.dimensions(), strides, padding, dilation);
     dnnl::stream stream(Engine());
     memory diff_dst(g.Activations(g.dst), Engine(), dy.typed_data());
     BackwardData(g, diff_dst, k, dx->typed_data(), stream);
@@ -248,8 +245,7 @@ ffi::Error KernelBackward(int32_t device, F32 x, F32 dy, ffi::ResultBuffer<ffi::
                           Ints strides, Ints padding, Ints dilation, int64_t threads) {
   Call call(device, threads);
   try {
-    Geometry g(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, dilation,
-               device);
+    Geometry g(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, dilation);
     dnnl::stream stream(Engine());
     memory diff_dst(g.Activations(g.dst), Engine(), dy.typed_data());
     BackwardWeights(g, diff_dst, x, dk->typed_data(), stream);

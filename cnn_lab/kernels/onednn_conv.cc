@@ -16,11 +16,9 @@
 #include <array>
 #include <cstdint>
 #include <exception>
-#include <map>
 #include <mutex>
 #include <string>
 #include <utility>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -41,8 +39,6 @@ dnnl::engine& Engine() {
 // One convolution's shapes in oneDNN's logical order: NCHW activations, OIHW kernel.
 struct Geometry {
   memory::dims src, weights, dst, strides, dilates, pad_l, pad_r;
-  // Everything the primitives depend on: the shapes, the attributes and the OpenMP team size.
-  std::vector<int64_t> key;
 
   // x (N, H, W, C), kernel (KH, KW, I, O), y (N, OH, OW, O).
   Geometry(Ints x, Ints k, Ints y, Ints strides_, Ints padding, Ints dilation)
@@ -52,12 +48,7 @@ struct Geometry {
         strides{strides_[0], strides_[1]},
         dilates{dilation[0] - 1, dilation[1] - 1},
         pad_l{padding[0], padding[2]},
-        pad_r{padding[1], padding[3]},
-        key{omp_get_max_threads()} {
-    for (Ints part : {x, k, y, strides_, padding, dilation}) {
-      key.insert(key.end(), part.begin(), part.end());
-    }
-  }
+        pad_r{padding[1], padding[3]} {}
 
   memory::desc Activations(const memory::dims& dims) const {
     return memory::desc(dims, memory::data_type::f32, Tag::nhwc);
@@ -74,76 +65,12 @@ struct Geometry {
   }
 };
 
-// A kernel layout a primitive reads or writes, and the reorders between it and XLA's HWIO
-// buffers (none where the two agree).
-struct KernelLayout {
-  memory::desc desc;
-  dnnl::reorder from_hwio, to_hwio;
-
-  KernelLayout(const Geometry& g, const memory::desc& wanted) : desc(wanted) {
-    memory::desc hwio(g.weights, memory::data_type::f32, Tag::hwio);
-    if (wanted == hwio) return;
-    from_hwio = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), hwio, Engine(), wanted));
-    to_hwio = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), wanted, Engine(), hwio));
-  }
-
-  // `user` (an HWIO buffer) in this layout: itself, or a reordered copy.
-  memory From(memory& user, dnnl::stream& stream) const {
-    if (!from_hwio) return user;
-    memory out(desc, Engine());
-    from_hwio.execute(stream, user, out);
-    return out;
-  }
-};
-
-// The primitives of one geometry, made on its first call and kept (`Planned`): making
-// oneDNN's primitive descriptors anew took about 0.2 ms a backward call, for every layer at
-// every step.
-struct ForwardPlan {
-  dnnl::convolution_forward conv;
-  KernelLayout kernel;
-
-  explicit ForwardPlan(const Geometry& g) : ForwardPlan(g, g.Forward()) {}
-  ForwardPlan(const Geometry& g, const dnnl::convolution_forward::primitive_desc& pd)
-      : conv(pd), kernel(g, pd.weights_desc()) {}
-};
-
-struct DataPlan {
-  dnnl::convolution_backward_data conv;
-  KernelLayout kernel;
-
-  explicit DataPlan(const Geometry& g) : DataPlan(g, Pd(g)) {}
-  DataPlan(const Geometry& g, const dnnl::convolution_backward_data::primitive_desc& pd)
-      : conv(pd), kernel(g, pd.weights_desc()) {}
-  static dnnl::convolution_backward_data::primitive_desc Pd(const Geometry& g) {
-    return {Engine(), dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
-            g.Activations(g.dst), g.strides, g.dilates, g.pad_l, g.pad_r, g.Forward()};
-  }
-};
-
-struct WeightsPlan {
-  dnnl::convolution_backward_weights conv;
-  KernelLayout kernel;
-
-  explicit WeightsPlan(const Geometry& g) : WeightsPlan(g, Pd(g)) {}
-  WeightsPlan(const Geometry& g, const dnnl::convolution_backward_weights::primitive_desc& pd)
-      : conv(pd), kernel(g, pd.diff_weights_desc()) {}
-  static dnnl::convolution_backward_weights::primitive_desc Pd(const Geometry& g) {
-    return {Engine(), dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
-            g.Activations(g.dst), g.strides, g.dilates, g.pad_l, g.pad_r, g.Forward()};
-  }
-};
-
-// The Plan of `g`'s geometry, made once per process. oneDNN primitives may run on several
-// threads at once.
-template <typename Plan>
-const Plan& Planned(const Geometry& g) {
-  static std::mutex mutex;
-  static std::map<std::vector<int64_t>, Plan> plans;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto found = plans.find(g.key);
-  if (found == plans.end()) found = plans.emplace(g.key, Plan(g)).first;
-  return found->second;
+// `user` in the layout `desc` asks for (a copy only when the layouts differ).
+memory Reordered(memory& user, const memory::desc& desc, dnnl::stream& stream) {
+  if (user.get_desc() == desc) return user;
+  memory out(desc, Engine());
+  dnnl::reorder(user, out).execute(stream, user, out);
+  return out;
 }
 
 std::string Describe(const memory::dims& dims) {
@@ -185,13 +112,13 @@ ffi::Error Forward(int32_t device, F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y, 
   Call call(device, threads);
   try {
     Geometry g(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding, dilation);
-    const ForwardPlan& plan = Planned<ForwardPlan>(g);
+    auto pd = g.Forward();
     dnnl::stream stream(Engine());
-    memory src(g.Activations(g.src), Engine(), x.typed_data());
-    memory dst(g.Activations(g.dst), Engine(), y->typed_data());
+    memory src(pd.src_desc(), Engine(), x.typed_data());
+    memory dst(pd.dst_desc(), Engine(), y->typed_data());
     memory user_kernel = g.UserKernel(k.typed_data());
-    memory kernel = plan.kernel.From(user_kernel, stream);
-    plan.conv.execute(
+    memory kernel = Reordered(user_kernel, pd.weights_desc(), stream);
+    dnnl::convolution_forward(pd).execute(
         stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, dst}});
     stream.wait();
   } catch (const std::exception& e) {
@@ -201,26 +128,32 @@ ffi::Error Forward(int32_t device, F32 x, F32 k, ffi::ResultBuffer<ffi::F32> y, 
 }
 
 // dx from dy, into XLA's dx buffer.
-void BackwardData(const Geometry& g, memory& diff_dst, F32 k, float* dx, dnnl::stream& stream) {
-  const DataPlan& plan = Planned<DataPlan>(g);
-  memory diff_src(g.Activations(g.src), Engine(), dx);
+void BackwardData(const Geometry& g, const dnnl::convolution_forward::primitive_desc& hint,
+                  memory& diff_dst, F32 k, float* dx, dnnl::stream& stream) {
+  dnnl::convolution_backward_data::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
+      g.Activations(g.dst), g.strides, g.dilates, g.pad_l, g.pad_r, hint);
+  memory diff_src(pd.diff_src_desc(), Engine(), dx);
   memory user_kernel = g.UserKernel(k.typed_data());
-  memory kernel = plan.kernel.From(user_kernel, stream);
-  plan.conv.execute(
+  memory kernel = Reordered(user_kernel, pd.weights_desc(), stream);
+  dnnl::convolution_backward_data(pd).execute(
       stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DIFF_SRC, diff_src}});
 }
 
 // dkernel from x and dy, into XLA's HWIO dkernel buffer.
-void BackwardWeights(const Geometry& g, memory& diff_dst, F32 x, float* dk, dnnl::stream& stream) {
-  const WeightsPlan& plan = Planned<WeightsPlan>(g);
-  memory src(g.Activations(g.src), Engine(), x.typed_data());
+void BackwardWeights(const Geometry& g, const dnnl::convolution_forward::primitive_desc& hint,
+                     memory& diff_dst, F32 x, float* dk, dnnl::stream& stream) {
+  dnnl::convolution_backward_weights::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
+      g.Activations(g.dst), g.strides, g.dilates, g.pad_l, g.pad_r, hint);
+  memory src(pd.src_desc(), Engine(), x.typed_data());
   memory user_diff_kernel = g.UserKernel(dk);
-  bool in_place = !plan.kernel.to_hwio;
-  memory diff_kernel = in_place ? user_diff_kernel : memory(plan.kernel.desc, Engine());
-  plan.conv.execute(
+  bool in_place = pd.diff_weights_desc() == user_diff_kernel.get_desc();
+  memory diff_kernel = in_place ? user_diff_kernel : memory(pd.diff_weights_desc(), Engine());
+  dnnl::convolution_backward_weights(pd).execute(
       stream,
       {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_kernel}});
-  if (!in_place) plan.kernel.to_hwio.execute(stream, diff_kernel, user_diff_kernel);
+  if (!in_place) dnnl::reorder(diff_kernel, user_diff_kernel).execute(stream, diff_kernel, user_diff_kernel);
 }
 
 ffi::Error Backward(int32_t device, F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi::F32> dx,
@@ -229,10 +162,11 @@ ffi::Error Backward(int32_t device, F32 x, F32 k, F32 dy, ffi::ResultBuffer<ffi:
   Call call(device, threads);
   try {
     Geometry g(x.dimensions(), k.dimensions(), dy.dimensions(), strides, padding, dilation);
+    auto hint = g.Forward();
     dnnl::stream stream(Engine());
     memory diff_dst(g.Activations(g.dst), Engine(), dy.typed_data());
-    BackwardData(g, diff_dst, k, dx->typed_data(), stream);
-    BackwardWeights(g, diff_dst, x, dk->typed_data(), stream);
+    BackwardData(g, hint, diff_dst, k, dx->typed_data(), stream);
+    BackwardWeights(g, hint, diff_dst, x, dk->typed_data(), stream);
     stream.wait();
   } catch (const std::exception& e) {
     return Failed(e, x.dimensions(), k.dimensions(), strides, padding);
@@ -246,9 +180,10 @@ ffi::Error KernelBackward(int32_t device, F32 x, F32 dy, ffi::ResultBuffer<ffi::
   Call call(device, threads);
   try {
     Geometry g(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, padding, dilation);
+    auto hint = g.Forward();
     dnnl::stream stream(Engine());
     memory diff_dst(g.Activations(g.dst), Engine(), dy.typed_data());
-    BackwardWeights(g, diff_dst, x, dk->typed_data(), stream);
+    BackwardWeights(g, hint, diff_dst, x, dk->typed_data(), stream);
     stream.wait();
   } catch (const std::exception& e) {
     return Failed(e, x.dimensions(), dk->dimensions(), strides, padding);

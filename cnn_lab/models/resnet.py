@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnn_lab.models.batch_norm import BatchNorm
 from cnn_lab.models.layers import (
     StochasticDepth,
     conv_kernel_init,
@@ -42,11 +41,8 @@ def conv_and_norm(module: nn.Module, train: bool) -> tuple[ModuleDef, ModuleDef]
         dtype=module.dtype,
         conv_general_dilated=module.convolution,
     )
-    # With cnn_lab's CPU convolutions, batch norm's gradient is cnn_lab's too (batch_norm.py:
-    # one activation-sized array less per layer); accelerators keep flax's.
-    on_cpu_kernels = getattr(module.convolution, "implementation", "xla") != "xla"
     norm = functools.partial(
-        BatchNorm if on_cpu_kernels else nn.BatchNorm,
+        nn.BatchNorm,
         use_running_average=not train,
         momentum=module.bn_momentum,
         epsilon=module.bn_epsilon,

@@ -238,7 +238,12 @@ def tiny_steps() -> types.SimpleNamespace:
 
 # Files whose tests take minutes start first (pytest-xdist hands out whole files in collection
 # order), so the suite does not end with one worker running one of them alone.
-LONG_FILES = ("test_readme.py", "test_fashion_mnist.py", "test_workdir_integrity.py")
+LONG_FILES = (
+    "test_readme.py",
+    "test_fashion_mnist.py",
+    "test_workdir_integrity.py",
+    "test_multidevice_kernels.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -234,8 +234,7 @@ def pipeline_benchmark(
 
     The train step is the run's own (augmentation on the devices included); "synthetic" feeds
     it one uint8 batch already on the devices, so the ratio is the input's cost to training.
-    Real and synthetic windows (each at least `window_seconds`) alternate, so that a change
-    in the machine's load falls on both; the medians are reported.
+    Real and synthetic windows (>= `window_seconds`) alternate: a change in load hits both.
     """
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch_size, mesh, "--batch_size")
@@ -277,11 +276,11 @@ def pipeline_benchmark(
         train_step = _jit_train_step(config, model, tx, schedule, mesh, preprocess)
         synthetic_batches = itertools.repeat(jax.block_until_ready(next(batches)))
         holder["state"], _ = jax.block_until_ready(train_step(holder["state"], next(batches)))
-        rates = {"real": [], "synthetic": []}
-        for _ in range(windows):
-            rates["real"].append(steps_per_second(batches, train_step))
-            rates["synthetic"].append(steps_per_second(synthetic_batches, train_step))
-        real, synthetic = (statistics.median(rates[k]) for k in ("real", "synthetic"))
+        windows_real_synthetic = [
+            (steps_per_second(batches, train_step), steps_per_second(synthetic_batches, train_step))
+            for _ in range(windows)
+        ]
+        real, synthetic = map(statistics.median, zip(*windows_real_synthetic, strict=True))
         results[mode] = {
             "first_batch_seconds": first_batch,
             "input_examples_per_second": input_alone,

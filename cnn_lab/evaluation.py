@@ -96,7 +96,7 @@ def _batch_stats_fn(model: nn.Module, mesh: Mesh) -> Callable:
     """steps.batch_stats_sums jitted once per model and mesh (not once per evaluation)."""
     replicated = sharding.replicated(mesh)
     return jax.jit(
-        functools.partial(steps.batch_stats_sums, model=model),
+        sharding.traced_over(mesh, functools.partial(steps.batch_stats_sums, model=model)),
         in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
         out_shardings=replicated,
     )

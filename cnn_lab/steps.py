@@ -209,18 +209,19 @@ def jit_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """train_step jitted over `mesh`: state replicated and donated, batch split on the data axis."""
     replicated = sharding.replicated(mesh)
+    step = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        label_smoothing=label_smoothing,
+        preprocess=preprocess,
+        averaging=averaging,
+        frozen_norms=frozen_norms,
+        micro_batches=micro_batches,
+    )
     return jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            tx=tx,
-            schedule=schedule,
-            label_smoothing=label_smoothing,
-            preprocess=preprocess,
-            averaging=averaging,
-            frozen_norms=frozen_norms,
-            micro_batches=micro_batches,
-        ),
+        sharding.traced_over(mesh, step),
         in_shardings=(replicated, sharding.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -262,7 +263,7 @@ def eval_step(
 def make_eval_fn(model: nn.Module, mesh: Mesh, normalize: Normalize | None = None) -> Callable:
     """eval_step jitted over `mesh`: replicated variables, batch split over the data axis."""
     return jax.jit(
-        functools.partial(eval_step, model=model, normalize=normalize),
+        sharding.traced_over(mesh, functools.partial(eval_step, model=model, normalize=normalize)),
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

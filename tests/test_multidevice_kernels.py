@@ -76,9 +76,13 @@ def _inputs(batch: int, geometry: tuple) -> tuple[jax.Array, ...]:
 
 
 def _sharded(function, mesh):
-    """`function` jitted with x split over the batch and kernel and bias on every device."""
+    """`function` jitted with x split over the batch and kernel and bias on every device, traced
+    over `mesh` as cnn_lab's steps are."""
     replicated = sharding.replicated(mesh)
-    return jax.jit(function, in_shardings=(sharding.batch_sharded(mesh), replicated, replicated))
+    return jax.jit(
+        sharding.traced_over(mesh, function),
+        in_shardings=(sharding.batch_sharded(mesh), replicated, replicated),
+    )
 
 
 @pytest.mark.parametrize("argnums", [(0, 1, 2), (1, 2)], ids=["dx dk db", "dk db"])
@@ -102,6 +106,22 @@ def test_sharded_convolution_matches_xla_without_gathering_the_batch(
     for got, want, what in zip([y, *grads], [expected[0], *expected[1]], names, strict=True):
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
+
+
+def test_a_sharded_step_lowers_to_the_same_program_each_time():
+    # The persistent compilation cache is keyed by the lowered program: a program that named
+    # a per-process callback (as custom partitioning does) would miss it in every new process.
+    geometry = ONEDNN_GEOMETRIES[1]
+    inputs = _inputs(16, geometry)
+    mesh = sharding.make_mesh()
+    texts = [
+        _sharded(_gradients(stand_ins.onednn_conv_general_dilated, geometry, (0, 1, 2)), mesh)
+        .lower(*inputs)
+        .as_text()
+        for _ in range(2)
+    ]
+    assert texts[0] == texts[1]
+    assert "cnn_lab_onednn_conv_backward" in texts[0]  # Each device's call is in the program.
 
 
 def test_an_unpartitioned_ffi_call_would_gather_the_batch():

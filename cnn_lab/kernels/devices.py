@@ -2,12 +2,15 @@
 
 XLA's SPMD partitioner cannot see into an FFI call: given a batch sharded over a mesh, it
 would gather the whole batch onto every device and run the whole call on each. So every
-kernel call goes through `batch_parallel` (`jax.experimental.custom_partitioning`): where
-its batch arguments arrive sharded along the batch, each device runs the call on its own
-rows, with the other arguments (kernels, biases) whole, and results that sum over the batch
-(kernel and bias gradients) are added up over the devices (a psum). On one device, outside
-a mesh, or inside `shard_map`, the call runs as written. Under `jax.vmap` the call runs once
-per member (`jax.custom_batching.sequential_vmap`).
+kernel call goes through `batch_parallel`: inside a step traced over a mesh
+(`jax.sharding.use_abstract_mesh`, as cnn_lab's steps are: `sharding.traced_over`), the call
+runs in `jax.shard_map`, each device on its own rows with the other arguments (kernels,
+biases) whole, and results that sum over the batch (kernel and bias gradients) are added up
+over the devices (a psum). Outside a mesh, with a batch the devices cannot split evenly, or
+inside `shard_map` already, the call runs as written. Under `jax.vmap` the call runs once per
+member (`jax.custom_batching.sequential_vmap`). Unlike a custom partitioning rule, whose
+callback's address is part of the compiled program, `shard_map` lowers to the same program in
+every process, so the persistent compilation cache serves multi-device runs too.
 
 The devices of a process share its cores: `threads_per_device` sizes each oneDNN call's
 OpenMP team so that one call per device keeps every core busy without oversubscribing them.
@@ -20,10 +23,8 @@ import os
 from collections.abc import Callable
 
 import jax
-import numpy as np
 from jax import lax
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 BATCH = "b"  # The batch's factor in a `batch_parallel` rule.
 
@@ -63,61 +64,30 @@ def batch_parallel(
     summed = tuple(BATCH not in result.split() for result in results)
     batch_argument = batched.index(True)
 
-    def shardings(mesh: Mesh, arg_shapes: tuple) -> tuple:
-        """(mesh, batch axes, argument shardings, result shardings) for the arguments'."""
-        sharding = arg_shapes[batch_argument].sharding
-        if not isinstance(sharding, NamedSharding):  # No mesh: take every argument whole.
-            devices = sorted(sharding.device_set, key=lambda device: device.id)
-            mesh = Mesh(np.asarray(devices), ("devices",))
-        axes = _batch_axes(sharding)
-        if arg_shapes[batch_argument].shape[0] % math.prod(mesh.shape[a] for a in axes):
-            axes = ()  # An uneven split: XLA gathers the batch.
-        split = NamedSharding(mesh, PartitionSpec(axes or None))
-        whole = NamedSharding(mesh, PartitionSpec())
-        arguments = tuple(split if b else whole for b in batched)
-        return mesh, axes, arguments, tuple(whole if s else split for s in summed)
-
-    def infer_sharding_from_operands(static, mesh: Mesh, arg_shapes: tuple, result_shape) -> tuple:
-        return shardings(mesh, arg_shapes)[3]
-
-    def partition(static, mesh: Mesh, arg_shapes: tuple, result_shape) -> tuple:
-        mesh, axes, arguments, outputs = shardings(mesh, arg_shapes)
+    def split(*arrays: jax.Array, static) -> tuple:
+        mesh = jax.sharding.get_abstract_mesh()
+        axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
         shards = math.prod(mesh.shape[a] for a in axes)
-        local_batch = arg_shapes[batch_argument].shape[0] // shards
-        chosen = call if local_batch % lanes == 0 else fallback
+        if shards == 1 or arrays[batch_argument].shape[0] % shards:
+            axes, shards = (), 1  # Whole: XLA gathers an unevenly split batch.
+        chosen = call if arrays[batch_argument].shape[0] // shards % lanes == 0 else fallback
+        if not axes:
+            return chosen(*arrays, static)
 
         def per_shard(*arrays: jax.Array) -> tuple:
             found = chosen(*arrays, static)
-            return tuple(
-                lax.psum(r, axes) if s and axes else r for r, s in zip(found, summed, strict=True)
-            )
+            return tuple(lax.psum(r, axes) if s else r for r, s in zip(found, summed, strict=True))
 
-        return mesh, per_shard, outputs, arguments
-
-    partitioned = custom_partitioning(call, static_argnums=(len(batched),))
-    # Every dimension but the batch, in order of appearance (as Shardy numbers them).
-    factors = dict.fromkeys(rule.replace("->", " ").replace(",", " ").split())
-    factors.pop(BATCH)
-    partitioned.def_partition(
-        partition,
-        infer_sharding_from_operands=infer_sharding_from_operands,
-        propagate_user_sharding=None,
-        sharding_rule=rule,
-        reduction_factors=(BATCH,) if all(summed) else (),
-        need_replication_factors=tuple(factors),
-    )
+        return jax.shard_map(
+            per_shard,
+            mesh=mesh,
+            in_specs=tuple(PartitionSpec(axes) if b else PartitionSpec() for b in batched),
+            out_specs=tuple(PartitionSpec() if s else PartitionSpec(axes) for s in summed),
+            check_vma=False,  # FFI calls declare no per-device variance.
+        )(*arrays)
 
     def run(*arguments) -> tuple:
         *arrays, static = arguments
-        return jax.custom_batching.sequential_vmap(lambda *a: partitioned(*a, static))(*arrays)
+        return jax.custom_batching.sequential_vmap(lambda *a: split(*a, static=static))(*arrays)
 
     return run
-
-
-def _batch_axes(sharding: jax.sharding.Sharding) -> tuple[str, ...]:
-    """The mesh axes that split an array's leading axis under `sharding`."""
-    spec = sharding.spec if isinstance(sharding, NamedSharding) else ()
-    axes = spec[0] if spec else None
-    if axes is None or axes is PartitionSpec.UNCONSTRAINED:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)

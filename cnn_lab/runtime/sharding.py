@@ -1,6 +1,8 @@
 """Data parallelism: one mesh axis over every device of every host, batch split along it."""
 
+import functools
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -29,6 +31,18 @@ def use_cpu_devices(count: int, batch_size: int | None = None) -> None:
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over `devices` (default: every device of every process)."""
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def traced_over(mesh: Mesh, function: Callable) -> Callable:
+    """`function`, traced with `mesh` as the abstract mesh: the CPU kernels then split their
+    calls over the mesh's devices (`kernels.devices`) instead of gathering the batch."""
+
+    @functools.wraps(function)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return function(*args, **kwargs)
+
+    return traced
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -73,7 +73,9 @@ def _jitted(predict_fn: PredictFn, normalize: Callable, mesh: Mesh) -> Callable:
     """`predict_fn` on uint8 images, jitted once per function (snapshot members share it)."""
     replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     return jax.jit(
-        lambda variables, images, key: predict_fn(variables, normalize(images), key),
+        sharding.traced_over(
+            mesh, lambda variables, images, key: predict_fn(variables, normalize(images), key)
+        ),
         in_shardings=(replicated, batch_sharded, replicated),
         out_shardings=batch_sharded,
     )

@@ -1,8 +1,8 @@
 """Imported torchvision weights give torchvision's logits: every architecture, both file formats.
 
 Each test builds the torchvision model with random weights and random BatchNorm statistics,
-saves its state_dict (.pth) and the same arrays as .safetensors (timm's names for VGG's
-head), imports both, and compares cnn_lab's logits (load_run, evaluation mode) with torch's
+saves its state_dict as .safetensors (timm's names for VGG's head) and, for the first of
+each family, as .pth too, imports each, and compares cnn_lab's logits (load_run, evaluation mode) with torch's
 on one batch. Needs the `torch` extra; skipped without it.
 """
 
@@ -83,46 +83,52 @@ def timm_names(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return renamed
 
 
-def save_both_formats(model, directory, *, timm: bool = False) -> list:
-    """The model's state_dict as model.pth and model.safetensors (`timm`: in timm's VGG
-    names); their paths."""
+def save_both_formats(model, directory, *, timm: bool = False, pth: bool = True) -> list:
+    """The model's state_dict as model.pth (unless not `pth`) and model.safetensors (`timm`: in
+    timm's VGG names); their paths."""
     import torch
     from safetensors.numpy import save_file
 
-    pth, safetensors = directory / "model.pth", directory / "model.safetensors"
-    torch.save(model.state_dict(), pth)
+    paths = []
+    if pth:
+        paths.append(directory / "model.pth")
+        torch.save(model.state_dict(), paths[-1])
     arrays = {name: t.numpy() for name, t in model.state_dict().items()}
-    save_file(timm_names(arrays) if timm else arrays, safetensors)
-    return [pth, safetensors]
+    paths.append(directory / "model.safetensors")
+    save_file(timm_names(arrays) if timm else arrays, paths[-1])
+    return paths
 
 
-# (torchvision arch, input side): small images keep the big models fast; VGG at 96 and
-# AlexNet at 128 pool a 3x3 map to 7x7 / 6x6 (overlapping bins), AlexNet also at 224 (none).
+# (torchvision arch, input side, both formats): small images keep the big models fast; VGG at
+# 96 and AlexNet at 128 pool a 3x3 map to 7x7 / 6x6 (overlapping bins), AlexNet also at 224
+# (none). The .pth reader and torchvision's head names are checked on the first of each
+# family; its deeper members differ from it only in their layers, read from .safetensors (in
+# timm's names for VGG: the same feature layers, another head).
 ARCHS = [
-    ("resnet18", 64),
-    ("resnet34", 64),
-    ("resnet50", 64),
-    pytest.param("resnet101", 64, marks=pytest.mark.slow),
-    pytest.param("resnet152", 32, marks=pytest.mark.slow),
-    ("vgg11", 96),
-    ("vgg11_bn", 96),
-    pytest.param("vgg13", 96, marks=pytest.mark.slow),
-    pytest.param("vgg13_bn", 96, marks=pytest.mark.slow),
-    pytest.param("vgg16", 96, marks=pytest.mark.slow),
-    pytest.param("vgg16_bn", 96, marks=pytest.mark.slow),
-    pytest.param("vgg19", 64, marks=pytest.mark.slow),
-    pytest.param("vgg19_bn", 64, marks=pytest.mark.slow),
-    ("alexnet", 128),
-    ("alexnet", 224),
+    ("resnet18", 64, True),
+    ("resnet34", 64, False),
+    ("resnet50", 64, True),
+    pytest.param("resnet101", 64, False, marks=pytest.mark.slow),
+    pytest.param("resnet152", 32, False, marks=pytest.mark.slow),
+    ("vgg11", 96, True),
+    ("vgg11_bn", 96, True),
+    pytest.param("vgg13", 96, False, marks=pytest.mark.slow),
+    pytest.param("vgg13_bn", 96, False, marks=pytest.mark.slow),
+    pytest.param("vgg16", 96, False, marks=pytest.mark.slow),
+    pytest.param("vgg16_bn", 96, False, marks=pytest.mark.slow),
+    pytest.param("vgg19", 64, False, marks=pytest.mark.slow),
+    pytest.param("vgg19_bn", 64, False, marks=pytest.mark.slow),
+    ("alexnet", 128, True),
+    ("alexnet", 224, False),
 ]
 
 
-@pytest.mark.parametrize(("arch", "size"), ARCHS)
-def test_imported_logits_match_torchvision(arch, size, tmp_path):
+@pytest.mark.parametrize(("arch", "size", "both_formats"), ARCHS)
+def test_imported_logits_match_torchvision(arch, size, both_formats, tmp_path):
     model = random_torchvision_model(arch)
     images = np.random.default_rng(0).normal(size=(3, 3, size, size)).astype(np.float32)
     expected = logits_of_size(model, images)  # (3, 1000), the largest 5.0
-    files = save_both_formats(model, tmp_path, timm=arch.startswith("vgg"))
+    files = save_both_formats(model, tmp_path, timm=arch.startswith("vgg"), pth=both_formats)
     del model
     try:
         for source in files:

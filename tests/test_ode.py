@@ -2,6 +2,8 @@
 
 import functools
 import importlib
+import subprocess
+import sys
 from typing import Any
 
 import chex
@@ -17,11 +19,21 @@ from cnn_lab import evaluation, models, steps
 from cnn_lab.configs import common
 from cnn_lab.models import METRIC_WARNINGS, get_model, metric_warnings
 from cnn_lab.models.ode import Conv3x3, ODEBlock, ODEFunc, ODENet, ODEResNet
-from cnn_lab.models.ode_solve import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS, SolverConfig, solve
+from cnn_lab.models.ode_config import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS, SolverConfig
+from cnn_lab.models.ode_solve import SOLVERS, solve
 from cnn_lab.models.resnet import ResNet
 from cnn_lab.runtime import sharding
 
 ALL_SOLVERS = (*FIXED_STEP_SOLVERS, *ADAPTIVE_SOLVERS)
+
+
+def test_every_solver_name_has_a_class_and_diffrax_loads_only_for_ode_models():
+    assert set(SOLVERS) == set(ALL_SOLVERS)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, cnn_lab.train; print('diffrax' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert loaded.strip() == "False"
 
 
 def linear_field(t, y, a):

@@ -1,7 +1,8 @@
 """Neural-ODE blocks on diffrax: ODE-Net (Chen et al., 2018) and ResNets with ODE stages.
 
-The solve itself (solvers, step control, adjoints, statistics) is `ode_solve`; here are the
-vector field, the block that integrates it, and the models around it.
+The solve itself (solvers, step control, adjoints, statistics) is `ode_solve`, its settings
+`ode_config`; here are the vector field, the block that integrates it, and the models
+around it.
 """
 
 import dataclasses
@@ -23,7 +24,7 @@ from cnn_lab.models.layers import (
     get_activation,
     standard_promotion,
 )
-from cnn_lab.models.ode_solve import SolverConfig, solve
+from cnn_lab.models.ode_config import SolverConfig
 from cnn_lab.models.resnet import (
     ResidualBlock,
     conv_and_norm,
@@ -150,7 +151,9 @@ class ODEBlock(nn.Module):
         def vector_field(t, h, params):
             return func.apply({"params": params}, h, t).astype(h.dtype)
 
-        h, stats = solve(vector_field, h0, params, self.solver_config)
+        from cnn_lab.models import ode_solve  # Here: only ODE models pay diffrax's import.
+
+        h, stats = ode_solve.solve(vector_field, h0, params, self.solver_config)
         for name, value in stats.items():
             self.sow(METRICS, f"ode_{name}", value)
         return h.astype(x.dtype)

@@ -111,31 +111,42 @@ def train_loop(run: Run, sigterm: threading.Event) -> dict:
             state, results["val"] = _end_epoch(
                 run, state, step, epoch, window.write(step), epoch_start, last_epoch
             )
-            if out_of_patience(state, epoch + 1, patience):
-                if run.is_lead:
-                    print(
-                        f"Early stopping: no validation gain for {patience} epochs (best "
-                        f"{float(state.best_val_accuracy):.4f} at epoch "
-                        f"{int(state.best_val_epoch)})."
-                    )
+            if _stops_early(run, state, epoch, patience):
                 break
             if policy.preempted(step, sigterm):
                 raise Preempted(step)
     finally:
         policy.close()  # Whatever stopped the loop, saves already started complete.
 
-    results["test"] = run.evaluate(state, step, "test")
+    results["test"] = _test(run, state, step, sigterm)
+    return results
+
+
+def _stops_early(run: Run, state: TrainState, epoch: int, patience: int) -> bool:
+    """Whether validation has not improved for `patience` epochs after `epoch`; says so."""
+    if not out_of_patience(state, epoch + 1, patience):
+        return False
+    if run.is_lead:
+        print(
+            f"Early stopping: no validation gain for {patience} epochs (best "
+            f"{float(state.best_val_accuracy):.4f} at epoch {int(state.best_val_epoch)})."
+        )
+    return True
+
+
+def _test(run: Run, state: TrainState, step: int, sigterm: threading.Event) -> dict:
+    """The final state's test metrics, written and printed; Preempted if `sigterm` is set."""
+    test = run.evaluate(state, step, "test")
     if sigterm.is_set():  # The rerun evaluates again: no test record twice.
         raise Preempted(step, moment="the test evaluation")
-    run.writer.write(step=step, epoch=step / spe, split="test", metrics=results["test"])
+    run.writer.write(step=step, epoch=step / run.steps_per_epoch, split="test", metrics=test)
     if run.is_lead:
         run.writer.plot()
         print(
-            f"test: loss {results['test']['loss']:.4f}, accuracy "
-            f"{results['test']['accuracy']:.4f} {run.evaluate.accuracies(results['test'])}"
-            f"({results['test']['count']} examples)"
+            f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} "
+            f"{run.evaluate.accuracies(test)}({test['count']} examples)"
         )
-    return results
+    return test
 
 
 def _end_epoch(

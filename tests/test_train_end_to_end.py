@@ -115,3 +115,21 @@ def test_unknown_model_lists_known_names(tmp_path, digits_dir):
     config.model.name = "lenet7"
     with pytest.raises(ValueError, match=r"Unknown model 'lenet7'.*lenet5"):
         train_and_evaluate(config, tmp_path)
+
+
+def test_early_stopping_ends_training_then_tests_and_a_rerun_goes_straight_to_test(
+    tmp_path, digits_dir, capsys
+):
+    # A learning rate of 0: validation never improves on the first epoch's.
+    config = _smoke(mlp_digits.get_config, digits_dir)
+    config.train.num_epochs, config.train.early_stopping_patience = 5, 1
+    config.optimizer.learning_rate = 0.0
+    first = train_and_evaluate(config, tmp_path)
+    assert "Early stopping: no validation gain for 1 epochs" in capsys.readouterr().out
+    val = [r["step"] for r in read_metrics(tmp_path) if r["split"] == "val"]
+    assert val == [4, 8]  # Epoch 2 had no gain on epoch 1: the run stopped there.
+    again = train_and_evaluate(config, tmp_path)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r["split"] == "val"] == val  # No epoch retrained.
+    assert [r["step"] for r in records if r["split"] == "test"] == [8]  # Rewritten, not twice.
+    assert again["test"] == first["test"]

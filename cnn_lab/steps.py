@@ -1,8 +1,7 @@
-"""train_step, eval_step and the predict functions: pure, jitted once by the caller."""
+"""train_step and eval_step: pure, jitted once by the caller (predict functions: `predictors`)."""
 
 import contextlib
 import functools
-import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -98,11 +97,8 @@ def train_step(
     parameter averages the state keeps (`averaging`). BatchNorm layers matching a
     `frozen_norms` pattern run in inference mode.
 
-    `micro_batches` k > 1 accumulates the gradient over k slices of B / k rows (micro-batch i
-    holds rows i, i + k, ..., so each device keeps its own rows), one after another, and
-    takes one optimizer step with their mean: the memory of a B / k batch for the update of
-    a B batch. BatchNorm normalises each micro-batch by its own statistics and updates its
-    running averages k times; dropout and stochastic depth draw fresh keys per micro-batch.
+    `micro_batches` k > 1 takes one optimizer step with the mean gradient of k micro-batches
+    (`_gradients`): the memory of a B / k batch for the update of a B batch.
 
     A state with a loss scale (float16, `loss_scaling`) scales the loss; a step whose
     gradients overflow leaves the parameters, optimizer state, BatchNorm statistics and
@@ -132,38 +128,9 @@ def train_step(
 
     # float16: the loss scaled by state.loss_scale, grads unscaled and checked finite.
     grad_fn = loss_scaling.value_and_grad(loss_fn, state.loss_scale)
-    if micro_batches == 1:
-        (loss, (logits, batch_stats, sown)), grads, loss_scale, finite = grad_fn(
-            state.params, state.batch_stats, images, targets, rngs
-        )
-        accuracy = jnp.mean(losses.topk_correct(logits, batch["label"]))
-        sown = sown_metrics(sown)
-    else:
-
-        def split(x: jax.Array) -> jax.Array:
-            rows = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:])
-            return rows.swapaxes(0, 1)  # (k, B / k, ...): rows i, i + k, ... in micro-batch i
-
-        def accumulate(carry, micro):
-            grads_sum, batch_stats = carry
-            images, targets, labels, index = micro
-            micro_rngs = {k: jax.random.fold_in(key, index) for k, key in rngs.items()}
-            (loss, (logits, batch_stats, sown)), grads, loss_scale, finite = grad_fn(
-                state.params, batch_stats, images, targets, micro_rngs
-            )
-            accuracy = jnp.mean(losses.topk_correct(logits, labels))
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            outputs = (loss, accuracy, sown_metrics(sown), loss_scale, finite)
-            return (grads_sum, batch_stats), outputs
-
-        micro = jax.tree.map(split, (images, targets, batch["label"]))
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads_sum, batch_stats), (loss, accuracy, sown, loss_scale, finite) = jax.lax.scan(
-            accumulate, (zeros, state.batch_stats), (*micro, jnp.arange(micro_batches))
-        )
-        grads = jax.tree.map(lambda g: g / micro_batches, grads_sum)
-        loss, accuracy, sown = jax.tree.map(jnp.mean, (loss, accuracy, sown))
-        loss_scale, finite = loss_scaling.combine_micro_batches(loss_scale, finite)
+    grads, batch_stats, (loss, accuracy, sown, loss_scale, finite) = _gradients(
+        grad_fn, state, (images, targets, batch["label"]), rngs, micro_batches
+    )
     # optax's schedules and Adam bias correction mix python floats with the int32 step count.
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -193,6 +160,50 @@ def train_step(
         metrics["skipped_steps"] = jnp.logical_not(finite).astype(jnp.float32)
         metrics["loss_scale"] = state.loss_scale.scale
     return state.replace(step=state.step + 1, **updated), metrics
+
+
+def _gradients(
+    grad_fn: Callable, state: TrainState, batch: tuple, rngs: dict, micro_batches: int
+) -> tuple:
+    """(grads, batch_stats, (loss, accuracy, sown metrics, loss_scale, finite)) of `grad_fn` on
+    batch (images (B, H, W, C), targets, labels (B,)), in k = `micro_batches` micro-batches.
+
+    With k > 1 the gradient is accumulated over k slices of B / k rows (micro-batch i holds
+    rows i, i + k, ..., so each device keeps its own rows), one after another, and averaged.
+    BatchNorm normalises each micro-batch by its own statistics and updates its running
+    averages k times; dropout and stochastic depth draw fresh keys per micro-batch.
+    """
+
+    def one(batch_stats, images, targets, labels, rngs) -> tuple:
+        (loss, (logits, batch_stats, sown)), grads, loss_scale, finite = grad_fn(
+            state.params, batch_stats, images, targets, rngs
+        )
+        accuracy = jnp.mean(losses.topk_correct(logits, labels))
+        return grads, batch_stats, (loss, accuracy, sown_metrics(sown), loss_scale, finite)
+
+    if micro_batches == 1:
+        return one(state.batch_stats, *batch, rngs)
+
+    def accumulate(carry, micro):
+        grads_sum, batch_stats = carry
+        *arrays, index = micro
+        micro_rngs = {name: jax.random.fold_in(key, index) for name, key in rngs.items()}
+        grads, batch_stats, outputs = one(batch_stats, *arrays, micro_rngs)
+        return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), outputs
+
+    def split(x: jax.Array) -> jax.Array:  # (k, B / k, ...): rows i, i + k, ... in slice i
+        return x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads_sum, batch_stats), (loss, accuracy, sown, loss_scale, finite) = jax.lax.scan(
+        accumulate,
+        (zeros, state.batch_stats),
+        (*jax.tree.map(split, batch), jnp.arange(micro_batches)),
+    )
+    grads = jax.tree.map(lambda g: g / micro_batches, grads_sum)
+    loss, accuracy, sown = jax.tree.map(jnp.mean, (loss, accuracy, sown))
+    loss_scale, finite = loss_scaling.combine_micro_batches(loss_scale, finite)
+    return grads, batch_stats, (loss, accuracy, sown, loss_scale, finite)
 
 
 def jit_train_step(
@@ -283,114 +294,3 @@ def batch_stats_sums(variables: dict, images: jax.Array, start: dict, *, model: 
         mutable=["batch_stats"],
     )
     return updates["batch_stats"]
-
-
-# Prediction with test-time augmentation or MC dropout, for evaluating finished runs.
-VARIANTS = ("plain", "flip", "crops", "scales", "mc_dropout")
-# (variables, normalised images (B, H, W, C), key) -> (B, K) float32 log-probabilities.
-PredictFn = Callable[[dict, jax.Array, jax.Array], jax.Array]
-
-
-def _log_mean_prob(logits: jax.Array) -> jax.Array:
-    """log of the mean softmax over views: logits (V, B, K) -> (B, K) float32."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jax.nn.logsumexp(log_probs, axis=0) - math.log(logits.shape[0])
-
-
-def _resize(images: jax.Array, size: int) -> jax.Array:
-    """images (B, H, W, C) -> (B, size, size, C), bilinear."""
-    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
-
-
-def crop_views(images: jax.Array, image_size: int, crop_fraction: float, flip: bool) -> jax.Array:
-    """The AlexNet views of images (B, H, W, C): (V, B, image_size, image_size, C), V = 5 or 10.
-
-    The batch is resized to side round(image_size / crop_fraction); the views are its top-left,
-    top-right, bottom-left, bottom-right and centre crops, then (flip) their mirror images.
-    """
-    if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
-    resized = _resize(images, round(image_size / crop_fraction))
-    far = resized.shape[1] - image_size
-    offsets = [(0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2)]
-    views = jnp.stack([resized[:, i : i + image_size, j : j + image_size, :] for i, j in offsets])
-    return jnp.concatenate([views, views[:, :, :, ::-1, :]]) if flip else views
-
-
-def _mc_dropout_interceptor(next_fun, args, kwargs, context):
-    """Run every inactive nn.Dropout as flax's own active dropout, drawing from its RNG stream."""
-    module = context.module
-    # A dropout that is already active (including the one made here) runs unchanged.
-    if (
-        not isinstance(module, nn.Dropout)
-        or context.method_name != "__call__"
-        or module.deterministic is False
-    ):
-        return next_fun(*args, **kwargs)
-    active = nn.Dropout(
-        rate=module.rate,
-        broadcast_dims=module.broadcast_dims,
-        deterministic=False,
-        rng_collection=module.rng_collection,
-    )
-    return active.apply(
-        {}, args[0], rngs={module.rng_collection: module.make_rng(module.rng_collection)}
-    )
-
-
-def make_predict_fn(
-    model: nn.Module,
-    variant: str,
-    *,
-    image_size: int,
-    flip: bool,
-    crop_fraction: float,
-    scales: tuple[int, ...],
-    mc_samples: int,
-) -> PredictFn:
-    """fn(variables, images (B, H, W, C), key) -> (B, K) float32 log of the mean probability over views.
-
-    "scales" needs a model that accepts every size in `scales` (tools.predict.accepts_size),
-    and "mc_dropout" one with dropout (tools.predict.has_dropout); only "mc_dropout" uses `key`.
-    """
-
-    def apply(variables: dict, images: jax.Array) -> jax.Array:
-        return model.apply(variables, images, train=False)
-
-    def over_views(variables: dict, views: jax.Array) -> jax.Array:
-        # One view at a time: compiles the model once and holds one view's activations.
-        return _log_mean_prob(jax.lax.map(functools.partial(apply, variables), views))
-
-    def plain(variables, images, key):
-        return _log_mean_prob(apply(variables, images)[None])
-
-    def flipped(variables, images, key):
-        return over_views(variables, jnp.stack([images, images[:, :, ::-1, :]]))
-
-    def crops(variables, images, key):
-        return over_views(variables, crop_views(images, image_size, crop_fraction, flip))
-
-    def multiscale(variables, images, key):
-        # Sizes differ, so views cannot be stacked; one traced apply per size.
-        logits = [apply(variables, images)]
-        logits += [apply(variables, _resize(images, size)) for size in scales]
-        return _log_mean_prob(jnp.stack(logits))
-
-    def mc_dropout(variables, images, key):
-        # train=False keeps BatchNorm on running statistics and stochastic depth off.
-        def sample(k):
-            with nn.intercept_methods(_mc_dropout_interceptor):
-                return model.apply(variables, images, train=False, rngs={"dropout": k})
-
-        return _log_mean_prob(jax.lax.map(sample, jax.random.split(key, mc_samples)))
-
-    fns = {
-        "plain": plain,
-        "flip": flipped,
-        "crops": crops,
-        "scales": multiscale,
-        "mc_dropout": mc_dropout,
-    }
-    if variant not in fns:
-        raise ValueError(f"Unknown prediction variant {variant!r}. Known: {', '.join(VARIANTS)}.")
-    return fns[variant]

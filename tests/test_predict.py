@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cnn_lab import steps
+from cnn_lab import predictors
 from cnn_lab.data import pipeline
 from cnn_lab.models import get_model
 from cnn_lab.runtime import sharding
@@ -48,7 +48,7 @@ def images(n: int, size: int, channels: int = 1, seed: int = 0) -> jax.Array:
 @functools.cache
 def jitted(model: nn.Module, variant: str, tta: tuple) -> Callable:
     """The jitted predict fn, compiled once per (model, variant, options) across the tests."""
-    return jax.jit(steps.make_predict_fn(model, variant, **{**TTA, **dict(tta)}))
+    return jax.jit(predictors.make_predict_fn(model, variant, **{**TTA, **dict(tta)}))
 
 
 @functools.cache
@@ -110,17 +110,17 @@ def test_crops_of_a_constant_image_equal_plain(which, request):
 
 def test_crop_views_are_the_corners_and_centre_of_the_resized_batch():
     x = images(2, 8, 3)
-    views = np.asarray(steps.crop_views(x, 6, 0.75, flip=True))  # resized to 8 / 0.75 -> 8
+    views = np.asarray(predictors.crop_views(x, 6, 0.75, flip=True))  # resized to 8 / 0.75 -> 8
     assert views.shape == (10, 2, 6, 6, 3)
     x = images(2, 7, 3)
-    views = np.asarray(steps.crop_views(x, 6, 0.6, flip=True))  # resized to 10
+    views = np.asarray(predictors.crop_views(x, 6, 0.6, flip=True))  # resized to 10
     resized = np.asarray(jax.image.resize(x, (2, 10, 10, 3), "bilinear"))
     corners = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]
     for v, (i, j) in enumerate(corners):
         crop = resized[:, i : i + 6, j : j + 6, :]
         np.testing.assert_allclose(views[v], crop, atol=1e-6)
         np.testing.assert_allclose(views[v + 5], crop[:, :, ::-1, :], atol=1e-6)
-    assert len(steps.crop_views(x, 6, 0.6, flip=False)) == 5
+    assert len(predictors.crop_views(x, 6, 0.6, flip=False)) == 5
 
 
 def test_flip_is_the_mean_probability_of_the_image_and_its_mirror(lenet):
@@ -204,7 +204,7 @@ def test_has_dropout_is_false_without_dropout_layers(lenet):
 
 def test_unknown_variant_names_the_known_ones(lenet):
     with pytest.raises(ValueError, match=r"'mirror'.*plain, flip, crops, scales, mc_dropout"):
-        steps.make_predict_fn(lenet[0], "mirror", **TTA)
+        predictors.make_predict_fn(lenet[0], "mirror", **TTA)
 
 
 def batches(split: pipeline.Split):
@@ -222,7 +222,7 @@ def test_predict_covers_the_split_once_in_order():
     data_config = ml_collections.ConfigDict(dict(mean=(0.5,), std=(0.25,)))
     key = jax.random.PRNGKey(3)
 
-    fn = steps.make_predict_fn(model, "flip", **TTA)
+    fn = predictors.make_predict_fn(model, "flip", **TTA)
     log_probs, labels = predict.predict(fn, variables, batches(split), data_config, mesh, key)
     assert log_probs.shape == (21, 10) and log_probs.dtype == np.float32
     assert labels.dtype == np.int32
@@ -232,7 +232,7 @@ def test_predict_covers_the_split_once_in_order():
 
     # MC dropout: deterministic given the key; identical images in different batches get
     # different masks (the key is folded with the batch index).
-    fn = steps.make_predict_fn(model, "mc_dropout", **{**TTA, "mc_samples": 2})
+    fn = predictors.make_predict_fn(model, "mc_dropout", **{**TTA, "mc_samples": 2})
     same = pipeline.Split(np.repeat(split.images[:1], 16, axis=0), np.zeros(16, np.int32))
     first, _ = predict.predict(fn, variables, batches(same), data_config, mesh, key)
     second, _ = predict.predict(fn, variables, batches(same), data_config, mesh, key)

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cnn_lab import checkpoint, command_line, saved_run, steps
+from cnn_lab import checkpoint, command_line, predictors, saved_run
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.data import augment, inputs, pipeline
 from cnn_lab.data.inputs import split_string
@@ -90,9 +90,9 @@ def evaluate_run(
         return result
 
     @functools.cache
-    def make_fn(variant: str) -> steps.PredictFn:
+    def make_fn(variant: str) -> predictors.PredictFn:
         """One predict function per variant: members of an ensemble share its compilation."""
-        return steps.make_predict_fn(
+        return predictors.make_predict_fn(
             model,
             variant,
             image_size=config.data.image_size,

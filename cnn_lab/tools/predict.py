@@ -1,4 +1,4 @@
-"""Log-probabilities over a split (with a steps.make_predict_fn); scores and ensembles."""
+"""Log-probabilities over a split (with a predictors.make_predict_fn); scores and ensembles."""
 
 import functools
 import itertools
@@ -14,8 +14,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from cnn_lab.data import augment, pipeline
+from cnn_lab.predictors import PredictFn
 from cnn_lab.runtime import sharding
-from cnn_lab.steps import PredictFn
 
 
 def modules_called(

@@ -67,10 +67,10 @@ def batch_parallel(
     def split(*arrays: jax.Array, static) -> tuple:
         mesh = jax.sharding.get_abstract_mesh()
         axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
-        shards = math.prod(mesh.shape[a] for a in axes)
-        if shards == 1 or arrays[batch_argument].shape[0] % shards:
+        shards, batch = math.prod(mesh.shape[a] for a in axes), arrays[batch_argument].shape[0]
+        if shards == 1 or batch % shards:
             axes, shards = (), 1  # Whole: XLA gathers an unevenly split batch.
-        chosen = call if arrays[batch_argument].shape[0] // shards % lanes == 0 else fallback
+        chosen = call if batch // shards % lanes == 0 else fallback
         if not axes:
             return chosen(*arrays, static)
 

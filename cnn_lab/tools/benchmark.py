@@ -25,6 +25,7 @@ from cnn_lab.data import augment, inputs
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import host, memory, sharding
 from cnn_lab.state import TrainState, init_state
+from cnn_lab.tools.benchmark_format import format_pipeline, format_result
 
 
 def _timed_windows(run_window, windows: int) -> list[float]:
@@ -106,6 +107,46 @@ def _fresh_state(config, model, tx, plateau, shape, mesh) -> TrainState:
     return init_state(model, tx, plateau, jax.random.PRNGKey(0), shape, mesh, loss_scale=loss_scale)
 
 
+def _synthetic_batch(rng, shape, num_classes, mesh, size: int, with_mask: bool = False) -> dict:
+    """Random images and labels of `size` examples, already split over the mesh."""
+    batch = {
+        "image": rng.normal(size=(size, *shape)).astype(np.float32),
+        "label": rng.integers(0, num_classes, size).astype(np.int32),
+    }
+    if with_mask:
+        batch["mask"] = np.ones(size, bool)
+    return jax.device_put(batch, sharding.batch_sharded(mesh))
+
+
+def _timed_calls(call, steps_per_window: int, windows: int) -> list[float]:
+    """Seconds of each window of `steps_per_window` calls, after one window of warm-up."""
+
+    def window():
+        for _ in range(steps_per_window):
+            out = call()
+        jax.block_until_ready(out)
+
+    window()
+    return _timed_windows(window, windows)
+
+
+def _flops_per_image(config, model, tx, schedule, mesh, state, batches, compiled) -> list[float]:
+    """FLOPs per image of the compiled (train, eval) steps on their (train, eval) batches.
+
+    XLA's cost analysis cannot see into the CPU kernels' calls: with them, the same steps
+    with XLA's convolution are compiled and counted instead.
+    """
+    if conv_implementation(model) != "xla":
+        xla_model = model.clone(convolution=lax.conv_general_dilated)
+        train_step = _jit_train_step(config, xla_model, tx, schedule, mesh)
+        eval_step = steps.make_eval_fn(xla_model, mesh)
+        compiled = (
+            train_step.lower(state, batches[0]).compile(),
+            eval_step.lower(state.variables, batches[1]).compile(),
+        )
+    return [_flops(c, mesh.size) / len(b["label"]) for c, b in zip(compiled, batches, strict=True)]
+
+
 def benchmark(
     config: ml_collections.ConfigDict,
     *,
@@ -124,25 +165,15 @@ def benchmark(
     sharding.check_batch_size(batch_size, mesh, "--batch_size")
     sharding.check_batch_size(eval_batch_size, mesh, "--eval_batch_size")
     model = get_model(config.model)
-    implementation = conv_implementation(model)
     # The schedule's length does not change the step's cost; any fixed one will do.
     schedule, tx, plateau = optim.from_config(config, steps_per_epoch=100, total_steps=10_000)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     state = _fresh_state(config, model, tx, plateau, shape, mesh)
     rng = np.random.default_rng(0)
+    train_batch = _synthetic_batch(rng, shape, config.model.num_classes, mesh, batch_size)
     phases.end("state")
 
-    def batch(n, with_mask=False):
-        b = {
-            "image": rng.normal(size=(n, *shape)).astype(np.float32),
-            "label": rng.integers(0, config.model.num_classes, n).astype(np.int32),
-        }
-        if with_mask:
-            b["mask"] = np.ones(n, bool)
-        return jax.device_put(b, sharding.batch_sharded(mesh))
-
     train_step = _jit_train_step(config, model, tx, schedule, mesh)
-    train_batch = batch(batch_size)
     start = time.perf_counter()
     compiled = train_step.lower(state, train_batch).compile()
     compile_seconds = time.perf_counter() - start
@@ -150,69 +181,56 @@ def benchmark(
     phases.end("compile")
     holder = {"state": state}
 
-    def train_window():
-        s = holder["state"]
-        for _ in range(steps_per_window):
-            s, metrics = compiled(s, train_batch)
-        jax.block_until_ready(metrics)
-        holder["state"] = s
+    def train_call():
+        holder["state"], metrics = compiled(holder["state"], train_batch)
+        return metrics
 
-    train_window()  # warm-up
-    train_times = _timed_windows(train_window, windows)
+    train_times = _timed_calls(train_call, steps_per_window, windows)
     phases.end("training")
-
-    eval_batch = batch(eval_batch_size, with_mask=True)
+    eval_batch = _synthetic_batch(rng, shape, config.model.num_classes, mesh, eval_batch_size, True)
     variables = holder["state"].variables
     eval_fn = steps.make_eval_fn(model, mesh).lower(variables, eval_batch).compile()
-
-    def eval_window():
-        for _ in range(steps_per_window):
-            sums = eval_fn(variables, eval_batch)
-        jax.block_until_ready(sums)
-
-    eval_window()
-    eval_times = _timed_windows(eval_window, windows)
+    eval_times = _timed_calls(lambda: eval_fn(variables, eval_batch), steps_per_window, windows)
     phases.end("eval")
     checkpoint_ms = _checkpoint_costs(holder["state"], windows)
     phases.end("checkpoint")
-
-    train_rate = _rate(train_times, batch_size * steps_per_window)
-    eval_rate = _rate(eval_times, eval_batch_size * steps_per_window)
-    if implementation == "xla":
-        train_flops, eval_flops = _flops(compiled, mesh.size), _flops(eval_fn, mesh.size)
-    else:  # XLA's cost analysis cannot see into oneDNN's calls: count XLA's convolution instead.
-        xla_model = model.clone(convolution=lax.conv_general_dilated)
-        xla_step = _jit_train_step(config, xla_model, tx, schedule, mesh)
-        train_flops = _flops(xla_step.lower(state, train_batch).compile(), mesh.size)
-        xla_eval = steps.make_eval_fn(xla_model, mesh).lower(variables, eval_batch).compile()
-        eval_flops = _flops(xla_eval, mesh.size)
+    batches = (train_batch, eval_batch)
+    flops = _flops_per_image(config, model, tx, schedule, mesh, state, batches, (compiled, eval_fn))
     phases.end("cost analysis")
+    rates = [
+        _rate(times, size * steps_per_window)
+        for times, size in ((train_times, batch_size), (eval_times, eval_batch_size))
+    ]
     host_memory = phases.breakdown(config.train.keep_freed_memory)
-
-    def gflops(flops_per_image: float, rate: dict) -> dict:
-        achieved = flops_per_image * rate["median"] / 1e9
-        return {"gflops": achieved, "percent_of_peak": 100 * achieved / peak["median"]}
-
     return {
         "model": config.model.name,
         "image_shape": list(shape),
         "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
         "devices": mesh.size,
         "device_kind": mesh.devices.flat[0].device_kind,
-        "conv_implementation": implementation,
+        "conv_implementation": conv_implementation(model),
         "batch_size": batch_size,
         "eval_batch_size": eval_batch_size,
         "compile_seconds": compile_seconds,
         "matmul_peak_gflops": peak,
-        "train_images_per_second": train_rate,
-        "train_flops_per_image": train_flops / batch_size,
-        "train": gflops(train_flops / batch_size, train_rate),
-        "eval_images_per_second": eval_rate,
-        "eval_flops_per_image": eval_flops / eval_batch_size,
-        "eval": gflops(eval_flops / eval_batch_size, eval_rate),
+        **{
+            key: value
+            for split, per_image, rate in zip(("train", "eval"), flops, rates, strict=True)
+            for key, value in _step_figures(split, per_image, rate, peak["median"]).items()
+        },
         "peak_host_memory_mb": host_memory["peak_mb"],
         "host_memory": host_memory,
         **checkpoint_ms,
+    }
+
+
+def _step_figures(split: str, flops_per_image: float, rate: dict, peak_gflops: float) -> dict:
+    """A step's images/s, FLOPs per image, and GFLOP/s achieved, also as a share of the peak."""
+    achieved = flops_per_image * rate["median"] / 1e9
+    return {
+        f"{split}_images_per_second": rate,
+        f"{split}_flops_per_image": flops_per_image,
+        split: {"gflops": achieved, "percent_of_peak": 100 * achieved / peak_gflops},
     }
 
 
@@ -289,73 +307,6 @@ def pipeline_benchmark(
             "real_over_synthetic": real / synthetic,
         }
     return results
-
-
-def format_pipeline(r: dict) -> str:
-    """A few lines a person can read."""
-    lines = [f"{r['model']} on {r['data']}, batch {r['batch_size']}: input pipelines"]
-    for mode in ("device", "streaming"):
-        if mode not in r:
-            continue
-        m = r[mode]
-        lines.append(
-            f"  {mode:<9}: first batch {m['first_batch_seconds']:.1f} s; input alone "
-            f"{m['input_examples_per_second']:.0f} img/s; train {m['train_steps_per_second_real']:.2f}"
-            f" steps/s real vs {m['train_steps_per_second_synthetic']:.2f} synthetic "
-            f"({100 * m['real_over_synthetic']:.0f}%)"
-        )
-    return "\n".join(lines)
-
-
-# (label, path into the result, format) of each figure in the table and the comparison.
-FIGURES = (
-    ("matmul peak GFLOP/s", ("matmul_peak_gflops", "median"), "{:.1f}"),
-    ("train img/s", ("train_images_per_second", "median"), "{:.0f}"),
-    ("train GFLOP/s", ("train", "gflops"), "{:.1f}"),
-    ("train % of peak", ("train", "percent_of_peak"), "{:.1f}"),
-    ("eval img/s", ("eval_images_per_second", "median"), "{:.0f}"),
-    ("eval GFLOP/s", ("eval", "gflops"), "{:.1f}"),
-    ("eval % of peak", ("eval", "percent_of_peak"), "{:.1f}"),
-    ("train compile s", ("compile_seconds",), "{:.1f}"),
-    ("peak host memory MB", ("peak_host_memory_mb",), "{:.0f}"),
-    ("training peak MB", ("host_memory", "phases", "training", "peak_mb"), "{:.0f}"),
-    ("checkpoint save ms", ("checkpoint_total_ms",), "{:.0f}"),
-    ("checkpoint restore ms", ("checkpoint_restore_ms",), "{:.0f}"),
-)
-
-
-def _figure(result: dict, path: tuple[str, ...]) -> float | None:
-    """The figure at `path`; None where `result` (e.g. a JSON saved by an older version) lacks it."""
-    for key in path:
-        if key not in result:
-            return None
-        result = result[key]
-    return result
-
-
-def format_result(r: dict, baseline: dict | None = None) -> str:
-    """A table a person can read; with `baseline`, each figure's ratio to it."""
-    t, e = r["train_images_per_second"], r["eval_images_per_second"]
-    lines = [
-        f"{r['model']} {tuple(r['image_shape'])}, {r['parameters']:,} params, "
-        f"{r['devices']} {r['device_kind']} device(s), "
-        f"{r.get('conv_implementation', 'xla')} convolution; train batch {r['batch_size']} "
-        f"[{t['min']:.0f}-{t['max']:.0f} img/s], eval batch {r['eval_batch_size']} "
-        f"[{e['min']:.0f}-{e['max']:.0f} img/s]",
-        f"  {'figure':<22}{'value':>10}" + (f"{'baseline':>10}{'ratio':>8}" if baseline else ""),
-    ]
-    for label, path, fmt in FIGURES:
-        value = _figure(r, path)
-        if value is None:  # A result saved by an older version.
-            continue
-        line = f"  {label:<22}{fmt.format(value):>10}"
-        old = _figure(baseline, path) if baseline else None
-        if old is not None:
-            line += f"{fmt.format(old):>10}{value / old:>8.2f}"
-        lines.append(line)
-    if "host_memory" in r:  # Absent from results saved by older versions.
-        lines.append(memory.format_breakdown(r["host_memory"]))
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -66,14 +66,21 @@ def test_normalize_uses_mean_and_std():
     np.testing.assert_allclose(out.ravel(), [-2.0, 2.0])
 
 
-def test_device_batches_match_host_batches_on_eight_devices():
+@pytest.mark.parametrize(
+    "examples, first_step, batches",
+    [(100, 2, 4), (300, 0, 18)],  # Less than one gathering call; three, the last one short.
+)
+def test_device_batches_match_host_batches_on_eight_devices(examples, first_step, batches):
     """The device-resident mode gathers the same examples, in the same order, as the host."""
-    split = _split(100)
+    split = _split(examples)
     mesh = sharding.make_mesh()
     on_devices = pipeline.DeviceSplit.put(split, mesh)
-    host = list(pipeline.train_batches(split, 16, seed=1, epoch=3, first_step=2))
-    device = list(pipeline.device_batches(on_devices, 16, mesh, seed=1, epoch=3, first_step=2))
-    assert len(device) == len(host) == 4
+    order = dict(seed=1, epoch=3, first_step=first_step)
+    host = list(pipeline.train_batches(split, 16, **order))
+    groups = list(pipeline.device_batch_groups(on_devices, 16, mesh, **order))
+    assert [len(g) for g in groups[:-1]] == [pipeline.GATHERED_PER_CALL] * (len(groups) - 1)
+    device = [batch for group in groups for batch in group]
+    assert len(device) == len(host) == batches
     for h, d in zip(host, device, strict=True):
         assert d["image"].dtype == np.uint8 and d["image"].sharding == sharding.batch_sharded(mesh)
         np.testing.assert_array_equal(jax.device_get(d["image"]), h["image"])

@@ -14,6 +14,7 @@ Both yield uint8 images; augmentation and normalisation run on the devices, in t
 steps. In both the order is a function of (seed, epoch), so a resumed run is exact.
 """
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterator
@@ -93,9 +94,9 @@ class Inputs:
             process_count=jax.process_count(),
         )
         if self.mode == "device":
-            return streaming.in_background(
-                pipeline.device_batches(self._train_on_devices, self.batch_size, self.mesh, **order)
-            )
+            split = self._train_on_devices
+            groups = pipeline.device_batch_groups(split, self.batch_size, self.mesh, **order)
+            return _ungrouped(streaming.in_background(groups))
         if self.mapped_train is not None:
             batches = pipeline.train_batches(self.mapped_train, self.batch_size, **order)
             return streaming.prefetch_to_device(batches, self.mesh)
@@ -128,6 +129,13 @@ class Inputs:
         return loading.num_examples(
             dc.name, split_string(dc, split), data_dir=dc.data_dir, source_dir=dc.source_dir
         )
+
+
+def _ungrouped(groups: Iterator[list[pipeline.Batch]]) -> Iterator[pipeline.Batch]:
+    """The batches of each group in turn; closing this closes `groups` (and stops its thread)."""
+    with contextlib.closing(groups):
+        for group in groups:
+            yield from group
 
 
 def eval_batches(

@@ -4,9 +4,9 @@
         [--readme=README.md] [--dry_run]
 
 Runs each step below as its own command, in order, printing it first (`--dry_run` prints
-them all and runs nothing): the baselines and a sweep per model family, the evaluations of
-snapshot and model ensembles, then `cnn_lab.report` over every sweep, which rewrites the table
-between README's result markers. Each step resumes: rerun the command and finished points
+them all and runs nothing): the baselines and a sweep per model family, each followed by
+the evaluation of its snapshot or model ensemble once all its runs have finished, then
+`cnn_lab.report` over every sweep, which rewrites the table between README's result markers. Each step resumes: rerun the command and finished points
 and seeds are skipped, an interrupted run continues from its checkpoint. On a shared machine
 start it with nohup and stop it with SIGTERM (docs/scaling_out.md); the table shows what
 has finished so far, with n per row.
@@ -74,14 +74,14 @@ EVALUATIONS = (
 )  # fmt: skip
 
 
-def commands(runs_dir: Path, only: Sequence[str]) -> list[list[str]]:
-    """The chosen steps' command lines."""
+def commands(runs_dir: Path, only: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The chosen steps' names and command lines."""
     names = [name for name, _ in STEPS]
     unknown = sorted(set(only) - set(names))
     if unknown:
         raise ValueError(f"--only={','.join(unknown)} names no step. Steps: {', '.join(names)}.")
     chosen = [(n, args) for n, args in STEPS if not only or n in only]
-    return [[sys.executable, *args, f"--sweep_dir={runs_dir / n}"] for n, args in chosen]
+    return [(n, [sys.executable, *args, f"--sweep_dir={runs_dir / n}"]) for n, args in chosen]
 
 
 def evaluation_commands(runs_dir: Path, only: Sequence[str]) -> list[list[str]]:
@@ -118,13 +118,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs_dir = Path(args.runs_dir)
     try:
         only = [step for step in args.only.split(",") if step]
-        lines = commands(runs_dir, only)
+        steps = commands(runs_dir, only)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    for line in lines:
+    for name, line in steps:
         _run(line, args.dry_run)
-    for line in evaluation_commands(runs_dir, only):
-        _run(line, args.dry_run)
+        # Right after its sweep: the table shows an ensemble hours before the last step ends.
+        for evaluation in evaluation_commands(runs_dir, [name]):
+            _run(evaluation, args.dry_run)
     _run(report_command(runs_dir, args.readme, dry_run=args.dry_run), args.dry_run)
 
 

@@ -290,3 +290,22 @@ def test_the_readme_table_is_rewritten_by_the_results_command_it_shows():
             command.check_overrides(str(root / config), overrides)
     with pytest.raises(ValueError, match="--only=lenet names no step"):
         fashion_mnist_results.commands(Path("runs"), ["lenet"])
+
+
+def test_an_ensemble_is_evaluated_right_after_its_sweep_finishes(tmp_path, capsys):
+    from cnn_lab.launch import fashion_mnist_results
+
+    (tmp_path / "resnet20").mkdir()
+    for seed in range(3):
+        sweep.update_index(tmp_path / "resnet20", f"seed={seed}", {"seed": seed}, "done")
+    fashion_mnist_results.main([f"--runs_dir={tmp_path}", "--dry_run", "--readme="])
+    lines = [line.split(" ", 3)[-1] for line in capsys.readouterr().out.splitlines()]
+    sweep_line = lines.index(next(x for x in lines if x.endswith(f"={tmp_path / 'resnet20'}")))
+    assert lines[sweep_line + 1].startswith("cnn_lab.evaluate --ensemble ")
+    assert lines[sweep_line + 1].endswith(
+        " ".join(str(tmp_path / "resnet20" / f"seed={s}") for s in range(3))
+    )
+    assert "launch.sweep --config=configs/alexnet_fashion_mnist.py" in lines[sweep_line + 2]
+    assert (
+        sum("cnn_lab.evaluate" in line for line in lines) == 1
+    )  # The snapshots' sweep is not done.

@@ -25,9 +25,9 @@ Published: Zhong et al. (2017, "Random erasing data augmentation", Table 3) repo
 at 94.28% test accuracy with random crops and flips (94.95% with random erasing).
 
 Expected: test accuracy 0.9447 for seed 0 (EMA 0.9448, Polyak 0.9446; best/ by validation
-0.9498), at or above the published 94.28%; seeds 1-2 of the sweep above are still to run.
-An epoch took 78 s on 2 CPU cores without other jobs (under an hour a run), up to 730 s
-while tests and benchmarks shared the cores.
+0.9498) and 0.9469 for seed 1 (EMA 0.9474, Polyak 0.9474), at or above the published 94.28%;
+seed 2 of the sweep above is still to run. An epoch took 78 s on 2 CPU cores without other
+jobs (under an hour a run), up to 730 s while tests and benchmarks shared the cores.
 """
 
 from cnn_lab.configs import common

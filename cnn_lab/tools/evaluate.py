@@ -55,91 +55,17 @@ def evaluate_run(
     model, config = run.model, run.config
     raw, step = run.restore(checkpoint_name)
     mesh = sharding.make_mesh()
-    # Padding and masking make any batch size exact: round up to split over these devices.
-    batch_size = -(-config.eval.batch_size // mesh.size) * mesh.size
-    tfds_split = split_string(config.data, split)
-    # Device mode reads the split into memory once for every variant; streaming re-reads it.
-    in_memory = (
-        pipeline.load(config.data, tfds_split)
-        if inputs.choose_mode(config.data) == "device"
-        else None
-    )
-    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-
-    def log_probs(name: str, variables: dict, variant: str = "plain") -> np.ndarray:
-        """Predictions of one model and variant, from the cache when they are there."""
-        detail = {
-            "crops": f"{config.eval.crop_fraction}{'-flip' if config.data.flip_preserves_label else ''}",
-            "scales": "-".join(map(str, config.eval.scales)),
-            "mc_dropout": str(config.eval.mc_dropout_samples),
-        }.get(variant, "")
-        key = f"{split}-{name}-{variant}{'-' + detail if detail else ''}-{fingerprint}"
-        path = _cache_path(workdir, key)
-        if cache and path.exists() and labels_path.exists():
-            return np.load(path)
-        fn = make_fn(variant)
-        variables = jax.device_put(variables, sharding.replicated(mesh))
-        batches = inputs.eval_batches(config.data, tfds_split, batch_size, in_memory=in_memory)
-        result, labels = predict.predict(
-            fn, variables, batches, config.data, mesh, jax.random.PRNGKey(config.seed)
-        )
-        split_labels.append(labels)
-        if cache:
-            _save(path, result)
-            _save(labels_path, labels)
-        return result
-
-    @functools.cache
-    def make_fn(variant: str) -> predictors.PredictFn:
-        """One predict function per variant: members of an ensemble share its compilation."""
-        return predictors.make_predict_fn(
-            model,
-            variant,
-            image_size=config.data.image_size,
-            flip=config.data.flip_preserves_label,
-            crop_fraction=config.eval.crop_fraction,
-            scales=tuple(config.eval.scales),
-            mc_samples=config.eval.mc_dropout_samples,
-        )
-
-    # The run's config (rewritten by every start or resume) keys the cache: predictions of
-    # another experiment in the same workdir are never read back. Several processes would
-    # each decide on their own whether to predict (a collective): no cache there.
-    fingerprint = hashlib.sha1((workdir / workdir_lib.CONFIG_FILE).read_bytes()).hexdigest()[:10]
-    cache = jax.process_count() == 1
+    log_probs, read_labels = _predictions(run, workdir, split, mesh)
     raw_name = f"{checkpoint_name}@{step}"
     snapshot_steps = run.snapshot_steps()
     last = config.eval.snapshots if snapshots is None else snapshots
     if last:
         snapshot_steps = snapshot_steps[-last:]
-    applicable = {
-        "raw": True,
-        **dict.fromkeys(run.averages.names, True),
-        "snapshots": bool(snapshot_steps),
-        "flip": config.data.flip_preserves_label,
-        "crops": True,
-        "scales": bool(config.eval.scales)
-        and all(
-            predict.accepts_size(model, raw, size, config.data.channels)
-            for size in config.eval.scales
-        ),
-        "mc_dropout": config.eval.mc_dropout_samples > 0
-        and predict.has_dropout(model, raw, image_shape),
-    }
-    if variants is not None and (
-        unknown := set(variants) - {v for v, ok in applicable.items() if ok}
-    ):
-        raise ValueError(
-            f"--variants {sorted(unknown)} do not apply to {workdir}; those that do: "
-            f"{', '.join(v for v, ok in applicable.items() if ok)}."
-        )
-    wanted = [v for v, ok in applicable.items() if ok and (variants is None or v in variants)]
-    split_labels: list[np.ndarray] = []  # Labels as the predictions saw them.
-    labels_path = _cache_path(workdir, f"{split}-labels-{fingerprint}")
+    wanted = _chosen_variants(run, raw, bool(snapshot_steps), variants, workdir)
     # Read once for every average that re-estimates its BatchNorm statistics.
     train_batches = functools.cache(lambda: _train_batches(config, mesh))
     raw_log_probs = log_probs(raw_name, raw)
-    labels = split_labels[0] if split_labels else np.load(labels_path)
+    labels = read_labels()
     rows = []
     for variant in wanted:
         if variant == "raw":
@@ -165,22 +91,123 @@ def evaluate_run(
         else:
             members = [log_probs(raw_name, raw, variant)]
             rows.append(_row(workdir, f"tta:{variant}", raw_name, members, labels))
-    correct = raw_log_probs.argmax(-1) == labels
-    per_class = [
-        float(np.mean(correct[labels == k])) if np.any(labels == k) else math.nan
-        for k in range(raw_log_probs.shape[-1])
-    ]
     class_names = list(config.data.class_names)  # Label order (saved_run attaches them).
+    per_class = {"per_class_accuracy": _per_class_accuracy(raw_log_probs, labels)}
+    per_class["class_names"] = class_names
     for row in rows:
         if row["model"] == "raw":
-            row |= {"per_class_accuracy": per_class, "class_names": class_names}
+            row |= per_class
     result = {"workdir": str(workdir), "checkpoint": checkpoint_name, "step": step, "split": split}
-    result |= predict.scores(raw_log_probs, labels)
-    result |= {"per_class_accuracy": per_class, "class_names": class_names, "rows": rows}
+    result |= predict.scores(raw_log_probs, labels) | per_class | {"rows": rows}
     name = f"eval_{checkpoint_name}_{split}.json".replace("/", "_").replace(":", "_")
     if jax.process_index() == 0:
         (workdir / name).write_text(json.dumps(result, indent=2) + "\n")
     return rows, raw_log_probs, labels
+
+
+def _predictions(run: saved_run.SavedRun, workdir: Path, split: str, mesh: Mesh) -> tuple:
+    """(log_probs, labels): log_probs(name, variables, variant="plain") -> (N, K) of one model
+    variant on `split`, from <workdir>/predictions/ when there; labels() -> (N,) as they saw them.
+    """
+    model, config = run.model, run.config
+    # Padding and masking make any batch size exact: round up to split over these devices.
+    batch_size = -(-config.eval.batch_size // mesh.size) * mesh.size
+    tfds_split = split_string(config.data, split)
+    # Device mode reads the split into memory once for every variant; streaming re-reads it.
+    in_memory = (
+        pipeline.load(config.data, tfds_split)
+        if inputs.choose_mode(config.data) == "device"
+        else None
+    )
+    # The run's config (rewritten by every start or resume) keys the cache: predictions of
+    # another experiment in the same workdir are never read back. Several processes would
+    # each decide on their own whether to predict (a collective): no cache there.
+    fingerprint = hashlib.sha1((workdir / workdir_lib.CONFIG_FILE).read_bytes()).hexdigest()[:10]
+    cache = jax.process_count() == 1
+    labels_path = _cache_path(workdir, f"{split}-labels-{fingerprint}")
+    split_labels: list[np.ndarray] = []  # Labels as the predictions saw them.
+
+    @functools.cache
+    def make_fn(variant: str) -> predictors.PredictFn:
+        """One predict function per variant: members of an ensemble share its compilation."""
+        return predictors.make_predict_fn(
+            model,
+            variant,
+            image_size=config.data.image_size,
+            flip=config.data.flip_preserves_label,
+            crop_fraction=config.eval.crop_fraction,
+            scales=tuple(config.eval.scales),
+            mc_samples=config.eval.mc_dropout_samples,
+        )
+
+    def log_probs(name: str, variables: dict, variant: str = "plain") -> np.ndarray:
+        detail = {
+            "crops": f"{config.eval.crop_fraction}{'-flip' if config.data.flip_preserves_label else ''}",
+            "scales": "-".join(map(str, config.eval.scales)),
+            "mc_dropout": str(config.eval.mc_dropout_samples),
+        }.get(variant, "")
+        key = f"{split}-{name}-{variant}{'-' + detail if detail else ''}-{fingerprint}"
+        path = _cache_path(workdir, key)
+        if cache and path.exists() and labels_path.exists():
+            return np.load(path)
+        variables = jax.device_put(variables, sharding.replicated(mesh))
+        batches = inputs.eval_batches(config.data, tfds_split, batch_size, in_memory=in_memory)
+        result, labels = predict.predict(
+            make_fn(variant), variables, batches, config.data, mesh, jax.random.PRNGKey(config.seed)
+        )
+        split_labels.append(labels)
+        if cache:
+            _save(path, result)
+            _save(labels_path, labels)
+        return result
+
+    def labels() -> np.ndarray:
+        return split_labels[0] if split_labels else np.load(labels_path)
+
+    return log_probs, labels
+
+
+def _chosen_variants(
+    run: saved_run.SavedRun,
+    raw: dict,
+    has_snapshots: bool,
+    variants: tuple[str, ...] | None,
+    workdir: Path,
+) -> list[str]:
+    """The variants that apply to the run, those of `variants` only (ValueError for others)."""
+    model, config = run.model, run.config
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    applicable = {
+        "raw": True,
+        **dict.fromkeys(run.averages.names, True),
+        "snapshots": has_snapshots,
+        "flip": config.data.flip_preserves_label,
+        "crops": True,
+        "scales": bool(config.eval.scales)
+        and all(
+            predict.accepts_size(model, raw, size, config.data.channels)
+            for size in config.eval.scales
+        ),
+        "mc_dropout": config.eval.mc_dropout_samples > 0
+        and predict.has_dropout(model, raw, image_shape),
+    }
+    if variants is not None and (
+        unknown := set(variants) - {v for v, ok in applicable.items() if ok}
+    ):
+        raise ValueError(
+            f"--variants {sorted(unknown)} do not apply to {workdir}; those that do: "
+            f"{', '.join(v for v, ok in applicable.items() if ok)}."
+        )
+    return [v for v, ok in applicable.items() if ok and (variants is None or v in variants)]
+
+
+def _per_class_accuracy(log_probs: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Accuracy of log_probs (N, K) on each class of labels (N,); NaN for a class not there."""
+    correct = log_probs.argmax(-1) == labels
+    return [
+        float(np.mean(correct[labels == k])) if np.any(labels == k) else math.nan
+        for k in range(log_probs.shape[-1])
+    ]
 
 
 def _cache_path(workdir: Path, key: str) -> Path:

@@ -49,15 +49,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5, windows: int = 5) -> 
     """
     a = jax.random.normal(jax.random.key(0), (size, size), jax.numpy.float32)
     product = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(product(a))
-
-    def window():
-        for _ in range(repeats):
-            out = product(a)
-        jax.block_until_ready(out)
-
-    window()
-    return _rate(_timed_windows(window, windows), 2 * size**3 * repeats / 1e9)
+    return _rate(_timed_calls(lambda: product(a), repeats, windows), 2 * size**3 * repeats / 1e9)
 
 
 def _flops(compiled, devices: int) -> float:

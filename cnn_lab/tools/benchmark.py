@@ -4,7 +4,8 @@ One run measures the machine's float32 matmul throughput (the reference peak), t
 eval steps on synthetic batches already on the devices (images/s, compile time, GFLOP/s from
 XLA's cost analysis and as a share of the peak), host memory per phase (`runtime.memory`) and
 the cost of a checkpoint save. `--pipeline` measures the input pipelines instead, on the
-config's real data; `--compare=<saved.json>` prints the ratio of each figure to an earlier run.
+config's real data; `--compare=<saved.json>` prints the ratio of each figure to an earlier run;
+`--trace=DIR` also writes a profiler trace of train steps and prints their time per kind of op.
 Figures are medians over timed windows after warm-up, with their spread.
 """
 
@@ -25,6 +26,7 @@ from cnn_lab.data import augment, inputs
 from cnn_lab.models import conv_implementation, get_model
 from cnn_lab.runtime import host, memory, sharding
 from cnn_lab.state import TrainState, init_state
+from cnn_lab.tools import step_trace
 from cnn_lab.tools.benchmark_format import format_pipeline, format_result
 
 
@@ -147,8 +149,10 @@ def benchmark(
     steps_per_window: int = 10,
     windows: int = 5,
     matmul_size: int = 2048,
+    trace_dir: str | None = None,
 ) -> dict:
-    """Train/eval images/s, GFLOP/s and share of the matmul peak, compile s, memory, checkpoint ms."""
+    """Train/eval images/s, GFLOP/s and share of the matmul peak, compile s, memory, checkpoint ms;
+    with `trace_dir`, also a profiler trace of train steps there and its time per kind of op."""
     phases = memory.Phases()
     phases.end("imports")
     peak = matmul_peak_gflops(matmul_size)
@@ -189,6 +193,10 @@ def benchmark(
     batches = (train_batch, eval_batch)
     flops = _flops_per_image(config, model, tx, schedule, mesh, state, batches, (compiled, eval_fn))
     phases.end("cost analysis")
+    # Last, so that the profiler's memory stays out of the phases above.
+    trace = None
+    if trace_dir:
+        trace = step_trace.trace_step(train_call, 5, trace_dir, compiled.as_text())
     rates = [
         _rate(times, size * steps_per_window)
         for times, size in ((train_times, batch_size), (eval_times, eval_batch_size))
@@ -213,6 +221,7 @@ def benchmark(
         "peak_host_memory_mb": host_memory["peak_mb"],
         "host_memory": host_memory,
         **checkpoint_ms,
+        **({"train_trace": trace} if trace else {}),
     }
 
 
@@ -302,7 +311,8 @@ def pipeline_benchmark(
 
 
 def main() -> None:
-    """Command line: --config, --batch_size, --eval_batch_size, --json, --compare, --pipeline."""
+    """Command line: --config, --batch_size, --eval_batch_size, --json, --compare, --trace,
+    --pipeline."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -311,6 +321,11 @@ def main() -> None:
     eval_batch_size = flags.DEFINE_integer("eval_batch_size", 512, "Global eval batch.")
     output = flags.DEFINE_string("json", None, "Also write the figures here.")
     compare = flags.DEFINE_string("compare", None, "A saved --json result: print ratios to it.")
+    trace_dir = flags.DEFINE_string(
+        "trace",
+        None,
+        "Also write a profiler trace of train steps here and print where they spend time.",
+    )
     input_pipeline = flags.DEFINE_bool(
         "pipeline", False, "Measure the input pipelines (both modes) on the config's data instead."
     )
@@ -329,10 +344,15 @@ def main() -> None:
             print(format_pipeline(result))
         else:
             result = benchmark(
-                config.value, batch_size=batch_size.value, eval_batch_size=eval_batch_size.value
+                config.value,
+                batch_size=batch_size.value,
+                eval_batch_size=eval_batch_size.value,
+                trace_dir=trace_dir.value,
             )
             baseline = json.loads(Path(compare.value).read_text()) if compare.value else None
             print(format_result(result, baseline))
+            if trace_dir.value:
+                print(step_trace.format_trace(result["train_trace"]))
         if output.value:
             Path(output.value).write_text(json.dumps(result, indent=2) + "\n")
 

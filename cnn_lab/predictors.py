@@ -24,18 +24,33 @@ def _resize(images: jax.Array, size: int) -> jax.Array:
     return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
 
 
-def crop_views(images: jax.Array, image_size: int, crop_fraction: float, flip: bool) -> jax.Array:
-    """The AlexNet views of images (B, H, W, C): (V, B, image_size, image_size, C), V = 5 or 10.
+def crop_views(
+    images: jax.Array,
+    image_size: int,
+    crop_fraction: float,
+    flip: bool,
+    padding: int = 0,
+    fill: tuple[float, ...] = (0.0,),
+) -> jax.Array:
+    """The crop views of images (B, H, W, C): (V, B, image_size, image_size, C), V = 5 or 10.
 
-    The batch is resized to side round(image_size / crop_fraction); the views are its top-left,
-    top-right, bottom-left, bottom-right and centre crops, then (flip) their mirror images.
+    With `padding` (a run trained on pad-and-crop shifts): the top-left, top-right,
+    bottom-left, bottom-right and centre crops of the batch padded by `padding` with `fill`
+    per channel, i.e. shifts by up to `padding` as in training (the centre is the image).
+    Without: AlexNet's, the same five crops of the batch resized to side
+    round(image_size / crop_fraction). Then (flip) their mirror images.
     """
-    if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
-    resized = _resize(images, round(image_size / crop_fraction))
-    far = resized.shape[1] - image_size
+    if padding:
+        fill = jnp.asarray(fill, images.dtype)[None, None, None, :]
+        pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+        source = jnp.pad(images - fill, pad) + fill
+    else:
+        if not 0.0 < crop_fraction <= 1.0:
+            raise ValueError(f"crop_fraction={crop_fraction} must be in (0, 1].")
+        source = _resize(images, round(image_size / crop_fraction))
+    far = source.shape[1] - image_size
     offsets = [(0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2)]
-    views = jnp.stack([resized[:, i : i + image_size, j : j + image_size, :] for i, j in offsets])
+    views = jnp.stack([source[:, i : i + image_size, j : j + image_size, :] for i, j in offsets])
     return jnp.concatenate([views, views[:, :, :, ::-1, :]]) if flip else views
 
 
@@ -69,8 +84,12 @@ def make_predict_fn(
     crop_fraction: float,
     scales: tuple[int, ...],
     mc_samples: int,
+    crop_padding: int = 0,
+    crop_fill: tuple[float, ...] = (0.0,),
 ) -> PredictFn:
     """fn(variables, images (B, H, W, C), key) -> (B, K) float32 log of the mean probability over views.
+
+    "crops" takes `crop_views` (shifts by `crop_padding`, filled with `crop_fill`, where set).
 
     "scales" needs a model that accepts every size in `scales` (tools.predict.accepts_size),
     and "mc_dropout" one with dropout (tools.predict.has_dropout); only "mc_dropout" uses `key`.
@@ -90,7 +109,8 @@ def make_predict_fn(
         return over_views(variables, jnp.stack([images, images[:, :, ::-1, :]]))
 
     def crops(variables, images, key):
-        return over_views(variables, crop_views(images, image_size, crop_fraction, flip))
+        views = crop_views(images, image_size, crop_fraction, flip, crop_padding, crop_fill)
+        return over_views(variables, views)
 
     def multiscale(variables, images, key):
         # Sizes differ, so views cannot be stacked; one traced apply per size.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cnn_lab import predictors
-from cnn_lab.data import pipeline
+from cnn_lab.data import augment, pipeline
 from cnn_lab.models import get_model
 from cnn_lab.runtime import sharding
 from cnn_lab.tools import predict
@@ -121,6 +121,22 @@ def test_crop_views_are_the_corners_and_centre_of_the_resized_batch():
         np.testing.assert_allclose(views[v], crop, atol=1e-6)
         np.testing.assert_allclose(views[v + 5], crop[:, :, ::-1, :], atol=1e-6)
     assert len(predictors.crop_views(x, 6, 0.6, flip=False)) == 5
+
+
+def test_padded_crop_views_are_the_training_shifts_at_the_corners_and_centre():
+    """A run trained on pad-and-crop sees, as TTA crops, images its training could have drawn."""
+    raw = np.random.default_rng(0).integers(0, 256, (2, 6, 6, 3), np.uint8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    normalised = augment.eval_preprocess(raw, mean=mean, std=std)
+    fill = tuple(-m / s for m, s in zip(mean, std, strict=True))  # Training pads with black.
+    views = np.asarray(predictors.crop_views(normalised, 6, 0.875, True, padding=2, fill=fill))
+    assert views.shape == (10, 2, 6, 6, 3)
+    for v, offset in enumerate([(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]):
+        shifted = augment.crop_at(raw / 255.0, jnp.full((2, 2), jnp.asarray(offset)), 2)
+        expected = (np.asarray(shifted) - mean) / std
+        np.testing.assert_allclose(views[v], expected, atol=1e-5)
+        np.testing.assert_allclose(views[v + 5], expected[:, :, ::-1], atol=1e-5)
+    np.testing.assert_allclose(views[4], normalised, atol=1e-6)  # The centre is the image.
 
 
 def test_flip_is_the_mean_probability_of_the_image_and_its_mirror(lenet):

@@ -138,11 +138,19 @@ def _predictions(run: saved_run.SavedRun, workdir: Path, split: str, mesh: Mesh)
             crop_fraction=config.eval.crop_fraction,
             scales=tuple(config.eval.scales),
             mc_samples=config.eval.mc_dropout_samples,
+            # Crops as training shifted the images, padded with its black (0 before normalising).
+            crop_padding=config.augment.crop_padding,
+            crop_fill=tuple(-m / s for m, s in zip(config.data.mean, config.data.std, strict=True)),
         )
 
     def log_probs(name: str, variables: dict, variant: str = "plain") -> np.ndarray:
         detail = {
-            "crops": f"{config.eval.crop_fraction}{'-flip' if config.data.flip_preserves_label else ''}",
+            "crops": (
+                f"pad{config.augment.crop_padding}"
+                if config.augment.crop_padding
+                else f"{config.eval.crop_fraction}"
+            )
+            + ("-flip" if config.data.flip_preserves_label else ""),
             "scales": "-".join(map(str, config.eval.scales)),
             "mc_dropout": str(config.eval.mc_dropout_samples),
         }.get(variant, "")

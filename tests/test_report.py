@@ -301,7 +301,7 @@ def test_an_ensemble_is_evaluated_right_after_its_sweep_finishes(tmp_path, capsy
     fashion_mnist_results.main([f"--runs_dir={tmp_path}", "--dry_run", "--readme="])
     lines = [line.split(" ", 3)[-1] for line in capsys.readouterr().out.splitlines()]
     sweep_line = lines.index(next(x for x in lines if x.endswith(f"={tmp_path / 'resnet20'}")))
-    assert lines[sweep_line + 1].startswith("cnn_lab.evaluate --ensemble ")
+    assert lines[sweep_line + 1].startswith("cnn_lab.evaluate --checkpoint=latest --ensemble ")
     assert lines[sweep_line + 1].endswith(
         " ".join(str(tmp_path / "resnet20" / f"seed={s}") for s in range(3))
     )

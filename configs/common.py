@@ -183,9 +183,7 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 512  # Global eval batch; the last partial batch is padded and masked.
     config.eval.snapshots = 0  # Snapshot ensemble: average the last this many snapshots; 0: all.
-    config.eval.crop_fraction = (
-        0.875  # Crop TTA without augment.crop_padding: resize to size / this.
-    )
+    config.eval.crop_fraction = 0.875  # Crop TTA (no augment.crop_padding): resize to size / this.
     config.eval.scales = ()  # Multi-scale TTA: extra input sides (models with global pooling).
     config.eval.mc_dropout_samples = 8  # MC-dropout TTA: stochastic passes averaged.
 

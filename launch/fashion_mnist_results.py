@@ -6,10 +6,11 @@
 Runs each step below as its own command, in order, printing it first (`--dry_run` prints
 them all and runs nothing): the baselines and a sweep per model family, each followed by
 the evaluation of its snapshot or model ensemble once all its runs have finished, then
-`cnn_lab.report` over every sweep, which rewrites the table between README's result markers. Each step resumes: rerun the command and finished points
-and seeds are skipped, an interrupted run continues from its checkpoint. On a shared machine
-start it with nohup and stop it with SIGTERM (docs/scaling_out.md); the table shows what
-has finished so far, with n per row.
+`cnn_lab.report` over every sweep, which rewrites the table between README's result
+markers. Each step resumes: rerun the command and finished points and seeds are skipped,
+an interrupted run continues from its checkpoint. On a shared machine start it with nohup
+and stop it with SIGTERM (docs/scaling_out.md); the table shows what has finished so far,
+with n per row.
 """
 
 import argparse

@@ -3,8 +3,9 @@
 `python -m cnn_lab.benchmark --config=... --trace=DIR` writes the trace of a few train steps
 to DIR (open it in Perfetto or TensorBoard) and prints this breakdown. XLA:CPU names each op
 it runs after its instruction in the optimized HLO, so the trace's events are matched against
-that program (an accelerator's kernels are named otherwise: read its trace in a viewer): a fusion's kind is its name without the number (`add_maximum_fusion`,
-`ynn_fusion`: the reductions XLA:CPU hands to YNNPACK), a custom call's kind its target
+that program (an accelerator's kernels are named otherwise: read its trace in a viewer). A
+fusion's kind is its name without the number (`add_maximum_fusion`; `ynn_fusion`: the
+reductions XLA:CPU hands to YNNPACK), a custom call's kind its target
 (`cnn_lab_onednn_conv_backward`). An op that contains others (a while loop) counts them too.
 """
 

@@ -7,10 +7,11 @@ Runs each step below as its own command, in order, printing it first (`--dry_run
 them all and runs nothing): the baselines and a sweep per model family, each followed by
 the evaluation of its snapshot or model ensemble once all its runs have finished, then
 `cnn_lab.report` over every sweep, which rewrites the table between README's result
-markers. Each step resumes: rerun the command and finished points and seeds are skipped,
-an interrupted run continues from its checkpoint. On a shared machine start it with nohup
-and stop it with SIGTERM (docs/scaling_out.md); the table shows what has finished so far,
-with n per row.
+markers. AlexNet and VGG run one seed each before the ablations and their other two seeds
+after them (`--only=vgg` runs both). Each step resumes: rerun the command and finished
+points and seeds are skipped, an interrupted run continues from its checkpoint. On a shared
+machine start it with nohup and stop it with SIGTERM (docs/scaling_out.md); the table shows
+what has finished so far, with n per row.
 """
 
 import argparse
@@ -23,27 +24,17 @@ from cnn_lab import sweep
 
 SWEEP = ("-m", "launch.sweep")
 RESNET20 = "configs/resnet20_fashion_mnist.py"
-# (name, the command's arguments after the interpreter): cheap and decisive first.
+
+
+def _seeds(config: str, count: int) -> tuple[str, ...]:
+    return (*SWEEP, f"--config=configs/{config}_fashion_mnist.py", f"--seeds={count}")
+
+
+# (name, the command's arguments after the interpreter): cheap and decisive first, and every
+# row's first run before the costly families' further seeds, so that a session cut short
+# leaves each row in the table. A name listed twice is one sweep grown by its second step.
 STEPS = (
     ("logistic", ("-m", "cnn_lab.baseline", "--config=configs/pixels_fashion_mnist.py")),
-    *(
-        (name, (*SWEEP, f"--config=configs/{config}_fashion_mnist.py", "--seeds=3"))
-        for name, config in (("mlp", "mlp"), ("lenet5", "lenet"), ("convnet", "convnet"))
-    ),
-    ("resnet20", (*SWEEP, f"--config={RESNET20}", "--seeds=3")),
-    ("alexnet", (*SWEEP, "--config=configs/alexnet_fashion_mnist.py", "--seeds=3")),
-    ("vgg", (*SWEEP, "--config=configs/vgg_fashion_mnist.py", "--seeds=3")),
-    ("odenet", (*SWEEP, "--config=configs/odenet_fashion_mnist.py", "--seeds=1")),
-    (
-        "resnet20_snapshots",
-        (
-            *SWEEP,
-            f"--config={RESNET20}",
-            "--seeds=1",  # The raw model's 3 seeds show the spread; one ensemble shows the gain.
-            "--config.schedule.name=cyclic_cosine",
-            "--config.schedule.cycles=5",
-        ),
-    ),
     (
         "sklearn_mlp",
         (
@@ -52,6 +43,23 @@ STEPS = (
             "--config=configs/pixels_fashion_mnist.py",
             "--config.baseline.classifier=mlp",
             "--config.model.hidden_sizes=(100,)",
+        ),
+    ),
+    ("mlp", _seeds("mlp", 3)),
+    ("lenet5", _seeds("lenet", 3)),
+    ("convnet", _seeds("convnet", 3)),
+    ("resnet20", (*SWEEP, f"--config={RESNET20}", "--seeds=3")),
+    ("alexnet", _seeds("alexnet", 1)),
+    ("vgg", _seeds("vgg", 1)),
+    ("odenet", _seeds("odenet", 1)),
+    (
+        "resnet20_snapshots",
+        (
+            *SWEEP,
+            f"--config={RESNET20}",
+            "--seeds=1",  # The raw model's 3 seeds show the spread; one ensemble shows the gain.
+            "--config.schedule.name=cyclic_cosine",
+            "--config.schedule.cycles=5",
         ),
     ),
     (
@@ -66,6 +74,8 @@ STEPS = (
             "--axis=model.stochastic_depth_rate=0,0.1,0.2,0.5",
         ),
     ),
+    ("alexnet", _seeds("alexnet", 3)),
+    ("vgg", _seeds("vgg", 3)),
 )
 # Evaluations of finished sweeps: (sweep they read, the command's arguments before the runs).
 EVALUATIONS = (
@@ -78,7 +88,7 @@ EVALUATIONS = (
 
 def commands(runs_dir: Path, only: Sequence[str]) -> list[tuple[str, list[str]]]:
     """The chosen steps' names and command lines."""
-    names = [name for name, _ in STEPS]
+    names = list(dict.fromkeys(name for name, _ in STEPS))
     unknown = sorted(set(only) - set(names))
     if unknown:
         raise ValueError(f"--only={','.join(unknown)} names no step. Steps: {', '.join(names)}.")
@@ -101,7 +111,7 @@ def evaluation_commands(runs_dir: Path, only: Sequence[str]) -> list[list[str]]:
 
 def report_command(runs_dir: Path, readme: str, *, dry_run: bool) -> list[str]:
     """`cnn_lab.report` over every step's sweep that has started (all of them in a dry run)."""
-    sweeps = [runs_dir / name for name, _ in STEPS]
+    sweeps = [runs_dir / name for name in dict.fromkeys(name for name, _ in STEPS)]
     sweeps = [s for s in sweeps if dry_run or (s / "runs.csv").exists()]
     readme_flag = [f"--readme={readme}"] if readme else []
     return [sys.executable, "-m", "cnn_lab.report", *map(str, sweeps), *readme_flag]

@@ -277,6 +277,7 @@ def test_the_readme_table_is_rewritten_by_the_results_command_it_shows():
     assert "\npython -m launch.fashion_mnist_results\n" in readme
     report = fashion_mnist_results.report_command(Path("runs"), "README.md", dry_run=True)
     assert report[-1] == "--readme=README.md"
+    assert len(set(report)) == len(report)  # A sweep grown by two steps is reported once.
     # Every Fashion-MNIST config has a step, and every step's sweep applies to its config.
     steps = " ".join(" ".join(args) for _, args in fashion_mnist_results.STEPS)
     for config in sorted((root / "configs").glob("*_fashion_mnist.py")):

@@ -17,9 +17,11 @@ quarter (38M multiply-adds), VGG-16's 13 convs twice that again.
 Recipe: configs/vgg16_cifar10.py's (SGD with momentum 0.9 at 0.1 cosine-decayed, batch 128,
 weight decay 5e-4), over 20 epochs, with 2-pixel shifts and mirror images.
 
-Expected: not measured yet. Published: "VGG16 26M parameters" at 0.935 test accuracy
-(Zalando's benchmark table, github.com/zalandoresearch/fashion-mnist README; no
-augmentation).
+Expected: test accuracy 0.9390 for seed 0 (seeds 1 and 2 of the sweep above are still to
+run), 0.4 points above the 0.935 below with an eleventh of its parameters. An epoch took
+71-96 s on 2 CPU cores without other jobs (28 minutes a run). Published: "VGG16 26M
+parameters" at 0.935 test accuracy (Zalando's benchmark table,
+github.com/zalandoresearch/fashion-mnist README; no augmentation).
 """
 
 from cnn_lab.configs import common
@@ -31,7 +33,7 @@ def get_config(mode: str | None = None):
     config.model.depth = 11  # Configuration A: 8 convs in stages of 1, 1, 2, 2, 2.
     config.model.batch_norm = True  # BN after every conv (torchvision's vgg11_bn).
     config.model.widths = (32, 64, 128, 256, 256)  # Half the paper's: a quarter of the cost.
-    config.model.hidden_sizes = ()  # CIFAR head: one dense layer from the 512 features.
+    config.model.hidden_sizes = ()  # CIFAR head: one dense layer from the 256 features.
     config.model.dropout_rate = 0.0  # No hidden dense layers, so nothing to drop.
     config.augment.crop_padding = 2  # Shifts of up to 2 pixels: the garments are centred.
     config.augment.flip = True  # A mirrored garment keeps its class.

@@ -53,6 +53,10 @@ STEPS = (
     ("vgg", _seeds("vgg", 1)),
     ("odenet", _seeds("odenet", 1)),
     (
+        "odenet_resnet",  # Chen et al.'s control: 6 residual blocks in place of the ODE block.
+        (*_seeds("odenet", 1), "--config.model.residual_blocks=6", "--config.model.im2col=False"),
+    ),
+    (
         "resnet20_snapshots",
         (
             *SWEEP,

@@ -22,65 +22,55 @@ from pathlib import Path
 
 from cnn_lab import sweep
 
-SWEEP = ("-m", "launch.sweep")
-RESNET20 = "configs/resnet20_fashion_mnist.py"
+BASELINE = ("-m", "cnn_lab.baseline", "--config=configs/pixels_fashion_mnist.py")
 
 
-def _seeds(config: str, count: int) -> tuple[str, ...]:
-    return (*SWEEP, f"--config=configs/{config}_fashion_mnist.py", f"--seeds={count}")
+def _sweep(config: str, seeds: int, *overrides: str) -> tuple[str, ...]:
+    """launch.sweep's arguments: configs/<config>_fashion_mnist.py over `seeds` seeds."""
+    config_flag = f"--config=configs/{config}_fashion_mnist.py"
+    return ("-m", "launch.sweep", config_flag, f"--seeds={seeds}", *overrides)
 
 
 # (name, the command's arguments after the interpreter): cheap and decisive first, and every
 # row's first run before the costly families' further seeds, so that a session cut short
 # leaves each row in the table. A name listed twice is one sweep grown by its second step.
 STEPS = (
-    ("logistic", ("-m", "cnn_lab.baseline", "--config=configs/pixels_fashion_mnist.py")),
+    ("logistic", BASELINE),
     (
         "sklearn_mlp",
-        (
-            "-m",
-            "cnn_lab.baseline",
-            "--config=configs/pixels_fashion_mnist.py",
-            "--config.baseline.classifier=mlp",
-            "--config.model.hidden_sizes=(100,)",
-        ),
+        (*BASELINE, "--config.baseline.classifier=mlp", "--config.model.hidden_sizes=(100,)"),
     ),
-    ("mlp", _seeds("mlp", 3)),
-    ("lenet5", _seeds("lenet", 3)),
-    ("convnet", _seeds("convnet", 3)),
-    ("resnet20", (*SWEEP, f"--config={RESNET20}", "--seeds=3")),
-    ("alexnet", _seeds("alexnet", 1)),
-    ("vgg", _seeds("vgg", 1)),
-    ("odenet", _seeds("odenet", 1)),
+    ("mlp", _sweep("mlp", 3)),
+    ("lenet5", _sweep("lenet", 3)),
+    ("convnet", _sweep("convnet", 3)),
+    ("resnet20", _sweep("resnet20", 3)),
+    ("alexnet", _sweep("alexnet", 1)),
+    ("vgg", _sweep("vgg", 1)),
+    ("odenet", _sweep("odenet", 1)),
     (
         "odenet_resnet",  # Chen et al.'s control: 6 residual blocks in place of the ODE block.
-        (*_seeds("odenet", 1), "--config.model.residual_blocks=6", "--config.model.im2col=False"),
+        _sweep("odenet", 1, "--config.model.residual_blocks=6", "--config.model.im2col=False"),
     ),
     (
         "resnet20_snapshots",
-        (
-            *SWEEP,
-            f"--config={RESNET20}",
-            "--seeds=1",  # The raw model's 3 seeds show the spread; one ensemble shows the gain.
-            "--config.schedule.name=cyclic_cosine",
-            "--config.schedule.cycles=5",
-        ),
+        # One seed: the raw model's 3 seeds show the spread; one ensemble shows the gain.
+        _sweep("resnet20", 1, "--config.schedule.name=cyclic_cosine", "--config.schedule.cycles=5"),
     ),
     (
         "resnet56_sd",
-        (
-            *SWEEP,
-            f"--config={RESNET20}",
-            "--seeds=1",
+        _sweep(
+            "resnet20",
+            1,
             "--config.model.depth=56",
             # Half ResNet-20's 40 epochs: 3.5x its step cost made 4 runs of 40 about 12 hours.
             "--config.train.num_epochs=20",
             "--axis=model.stochastic_depth_rate=0,0.1,0.2,0.5",
         ),
     ),
-    ("alexnet", _seeds("alexnet", 3)),
-    ("vgg", _seeds("vgg", 3)),
+    ("alexnet", _sweep("alexnet", 3)),
+    ("vgg", _sweep("vgg", 3)),
 )
+NAMES = tuple(dict.fromkeys(name for name, _ in STEPS))  # Each sweep once, in STEPS' order.
 # Evaluations of finished sweeps: (sweep they read, the command's arguments before the runs).
 EVALUATIONS = (
     ("resnet20_snapshots", ("-m", "cnn_lab.evaluate", "--checkpoint=latest",
@@ -92,10 +82,9 @@ EVALUATIONS = (
 
 def commands(runs_dir: Path, only: Sequence[str]) -> list[tuple[str, list[str]]]:
     """The chosen steps' names and command lines."""
-    names = list(dict.fromkeys(name for name, _ in STEPS))
-    unknown = sorted(set(only) - set(names))
+    unknown = sorted(set(only) - set(NAMES))
     if unknown:
-        raise ValueError(f"--only={','.join(unknown)} names no step. Steps: {', '.join(names)}.")
+        raise ValueError(f"--only={','.join(unknown)} names no step. Steps: {', '.join(NAMES)}.")
     chosen = [(n, args) for n, args in STEPS if not only or n in only]
     return [(n, [sys.executable, *args, f"--sweep_dir={runs_dir / n}"]) for n, args in chosen]
 
@@ -115,7 +104,7 @@ def evaluation_commands(runs_dir: Path, only: Sequence[str]) -> list[list[str]]:
 
 def report_command(runs_dir: Path, readme: str, *, dry_run: bool) -> list[str]:
     """`cnn_lab.report` over every step's sweep that has started (all of them in a dry run)."""
-    sweeps = [runs_dir / name for name in dict.fromkeys(name for name, _ in STEPS)]
+    sweeps = [runs_dir / name for name in NAMES]
     sweeps = [s for s in sweeps if dry_run or (s / "runs.csv").exists()]
     readme_flag = [f"--readme={readme}"] if readme else []
     return [sys.executable, "-m", "cnn_lab.report", *map(str, sweeps), *readme_flag]

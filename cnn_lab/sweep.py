@@ -19,11 +19,12 @@ import itertools
 import json
 import math
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from cnn_lab.workdir import METRICS_FILE, read_metrics, tuples
+from cnn_lab.workdir import CONFIG_FILE, METRICS_FILE, read_metrics, tuples
 
 Overrides = dict[str, object]  # {"model.depth": 20, "seed": 0}: config field -> value.
 # A point may carry {"label": "finetune"}: not a config field, it names the point (its workdir
@@ -36,6 +37,9 @@ SPEC_FILE = "sweep.json"
 # Index columns before the final metrics; `status`: pending | queued | running | done |
 # preempted | failed | interrupted.
 INDEX_COLUMNS = ("workdir", "overrides", "status", "exit_code")
+# What cnn_lab.report reads of a finished run: a few kilobytes, where its checkpoints are
+# megabytes. Records copied off a machine outlive it, and copied back they mark the run done.
+RECORD_PATTERNS = (CONFIG_FILE, METRICS_FILE, "eval_*.json", "ensemble_*.json")
 
 
 def config_module(config_file: str) -> ModuleType:
@@ -217,3 +221,39 @@ def update_index(
         row |= final_metrics(sweep_dir / workdir) or {}
         rows[workdir] = row
         _write_index(sweep_dir, list(rows.values()))
+
+
+def copy_records(source: str | Path, target: str | Path) -> list[str]:
+    """Copy a sweep's records (no checkpoints) from `source` to `target`; returns the runs copied.
+
+    Each run finished in `source` is copied whole unless `target` holds it finished already;
+    then it only gains the evaluation files it lacks, so records are never overwritten.
+    `target`'s runs.csv lists every run of `source`'s, and its sweep.json is `source`'s where
+    that lists every point of its own (a grown sweep).
+    """
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    if (source / SPEC_FILE).exists() and all(point in _points(source) for point in _points(target)):
+        shutil.copyfile(source / SPEC_FILE, target / SPEC_FILE)
+    listed = {row["workdir"]: row for row in read_index(target)}
+    copied = []
+    for row in read_index(source):
+        name = row["workdir"]
+        if final_metrics(source / name) is not None:
+            complete = final_metrics(target / name) is not None
+            files = [f for pattern in RECORD_PATTERNS for f in (source / name).glob(pattern)]
+            fresh = [f for f in files if not (complete and (target / name / f.name).exists())]
+            (target / name).mkdir(exist_ok=True)
+            for file in fresh:
+                shutil.copyfile(file, target / name / file.name)
+            copied += [name] if fresh else []
+        if name not in listed or listed[name]["status"] != "done":
+            done = final_metrics(target / name) is not None
+            status = "done" if done else row["status"]
+            update_index(target, name, row["overrides"], status, "0" if done else row["exit_code"])
+    return copied
+
+
+def _points(sweep_dir: Path) -> list[Overrides]:
+    path = sweep_dir / SPEC_FILE
+    return json.loads(path.read_text())["points"] if path.exists() else []

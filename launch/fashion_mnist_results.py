@@ -1,17 +1,23 @@
 """README's Fashion-MNIST results, regenerated: `python -m launch.fashion_mnist_results`.
 
     python -m launch.fashion_mnist_results [--runs_dir=runs/fmnist] [--only=lenet5,resnet20]
-        [--readme=README.md] [--dry_run]
+        [--records_dir=results/fashion_mnist] [--readme=README.md] [--report_only] [--dry_run]
 
 Runs each step below as its own command, in order, printing it first (`--dry_run` prints
 them all and runs nothing): the baselines and a sweep per model family, each followed by
 the evaluation of its snapshot or model ensemble once all its runs have finished, then
-`cnn_lab.report` over every sweep, which rewrites the table between README's result
-markers. AlexNet and VGG run one seed each before the ablations and their other two seeds
-after them (`--only=vgg` runs both). Each step resumes: rerun the command and finished
+`cnn_lab.report` over every sweep's records, which rewrites the table between README's
+result markers. AlexNet and VGG run one seed each before the ablations and their other two
+seeds after them (`--only=vgg` runs both). Each step resumes: rerun the command and finished
 points and seeds are skipped, an interrupted run continues from its checkpoint. On a shared
 machine start it with nohup and stop it with SIGTERM (docs/scaling_out.md); the table shows
 what has finished so far, with n per row.
+
+The records of every finished run (config, metrics and evaluations: kilobytes, no
+checkpoints) are copied into --records_dir after each step, and back into --runs_dir before
+it. The repository keeps them in results/fashion_mnist/, so `--report_only` rewrites the
+table from a clean clone, and the command continued on a new machine trains only the runs
+that no record holds.
 """
 
 import argparse
@@ -71,12 +77,14 @@ STEPS = (
     ("vgg", _sweep("vgg", 3)),
 )
 NAMES = tuple(dict.fromkeys(name for name, _ in STEPS))  # Each sweep once, in STEPS' order.
-# Evaluations of finished sweeps: (sweep they read, the command's arguments before the runs).
+# Evaluations of finished sweeps: (sweep they read, the file each writes into the first run's
+# workdir (its record: present, the evaluation is done), the arguments before the runs).
 EVALUATIONS = (
-    ("resnet20_snapshots", ("-m", "cnn_lab.evaluate", "--checkpoint=latest",
-                            "--variants=raw,snapshots")),
+    ("resnet20_snapshots", "eval_latest_test.json",
+     ("-m", "cnn_lab.evaluate", "--checkpoint=latest", "--variants=raw,snapshots")),
     # The final weights, as the table's other rows are tested (best/ is chosen on validation).
-    ("resnet20", ("-m", "cnn_lab.evaluate", "--checkpoint=latest", "--ensemble")),
+    ("resnet20", "ensemble_latest_test.json",
+     ("-m", "cnn_lab.evaluate", "--checkpoint=latest", "--ensemble")),
 )  # fmt: skip
 
 
@@ -90,21 +98,24 @@ def commands(runs_dir: Path, only: Sequence[str]) -> list[tuple[str, list[str]]]
 
 
 def evaluation_commands(runs_dir: Path, only: Sequence[str]) -> list[list[str]]:
-    """The evaluations whose sweep has finished every run (an ensemble needs them all)."""
+    """The evaluations not yet recorded whose sweep has finished every run (an ensemble needs
+    them all)."""
     lines = []
-    for sweep_name, args in EVALUATIONS:
+    for sweep_name, record, args in EVALUATIONS:
         rows = sweep.read_index(runs_dir / sweep_name)
         done = rows and all(r["status"] == "done" for r in rows)
-        if done and (not only or sweep_name in only):
+        recorded = rows and (runs_dir / sweep_name / rows[0]["workdir"] / record).exists()
+        if done and not recorded and (not only or sweep_name in only):
             lines.append(
                 [sys.executable, *args, *(str(runs_dir / sweep_name / r["workdir"]) for r in rows)]
             )
     return lines
 
 
-def report_command(runs_dir: Path, readme: str, *, dry_run: bool) -> list[str]:
-    """`cnn_lab.report` over every step's sweep that has started (all of them in a dry run)."""
-    sweeps = [runs_dir / name for name in NAMES]
+def report_command(records_dir: Path, readme: str, *, dry_run: bool) -> list[str]:
+    """`cnn_lab.report` over the records of every step's sweep that has started (all of them
+    in a dry run)."""
+    sweeps = [records_dir / name for name in NAMES]
     sweeps = [s for s in sweeps if dry_run or (s / "runs.csv").exists()]
     readme_flag = [f"--readme={readme}"] if readme else []
     return [sys.executable, "-m", "cnn_lab.report", *map(str, sweeps), *readme_flag]
@@ -114,32 +125,52 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs_dir", default="runs/fmnist", help="Where each sweep goes.")
+    parser.add_argument(
+        "--records_dir",
+        default="results/fashion_mnist",
+        help="Where each sweep's records are kept, and the report reads them.",
+    )
     parser.add_argument("--only", default="", help="Comma-separated steps to run (default: all).")
     parser.add_argument(
         "--readme", default="README.md", help='The report rewrites its table ("": no).'
     )
+    parser.add_argument(
+        "--report_only", action="store_true", help="Rewrite the table from the records alone."
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print the commands, run nothing.")
     args = parser.parse_args(argv)
-    runs_dir = Path(args.runs_dir)
+    runs_dir, records_dir = Path(args.runs_dir), Path(args.records_dir)
     try:
         only = [step for step in args.only.split(",") if step]
-        steps = commands(runs_dir, only)
+        steps = [] if args.report_only else commands(runs_dir, only)
     except ValueError as error:
         sys.exit(f"error: {error}")
     for name, line in steps:
-        _run(line, args.dry_run)
+        if not args.dry_run and (records_dir / name).exists():
+            sweep.copy_records(records_dir / name, runs_dir / name)
+        ok = _run(line, args.dry_run)
         # Right after its sweep: the table shows an ensemble hours before the last step ends.
-        for evaluation in evaluation_commands(runs_dir, [name]):
-            _run(evaluation, args.dry_run)
-    _run(report_command(runs_dir, args.readme, dry_run=args.dry_run), args.dry_run)
+        for evaluation in evaluation_commands(runs_dir, [name]) if ok else []:
+            ok = _run(evaluation, args.dry_run)
+        if not args.dry_run and (runs_dir / name).exists():  # A failed step's finished runs too.
+            sweep.copy_records(runs_dir / name, records_dir / name)
+        if not ok:
+            _fail()
+    if not _run(report_command(records_dir, args.readme, dry_run=args.dry_run), args.dry_run):
+        _fail()
 
 
-def _run(line: list[str], dry_run: bool) -> None:
+def _fail() -> None:
+    sys.exit(
+        "error: the command above failed (its output is above it). Fix what it says, then "
+        "rerun the same command: finished runs are skipped and interrupted ones resume."
+    )
+
+
+def _run(line: list[str], dry_run: bool) -> bool:
+    """Print the command line and run it (unless `dry_run`); False if it failed."""
     print("$ " + " ".join(line), flush=True)
-    if not dry_run and subprocess.run(line).returncode != 0:
-        sys.exit(
-            f"error: the step above failed (its output is above it); rerun to continue: {line}"
-        )
+    return dry_run or subprocess.run(line).returncode == 0
 
 
 if __name__ == "__main__":

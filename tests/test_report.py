@@ -6,6 +6,7 @@ import math
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,8 +267,6 @@ def test_published_figures_match_the_most_specific_conditions():
 
 
 def test_the_readme_table_is_rewritten_by_the_results_command_it_shows():
-    from pathlib import Path
-
     from cnn_lab.launch import fashion_mnist_results
     from cnn_lab.tools import results
 
@@ -310,3 +309,68 @@ def test_an_ensemble_is_evaluated_right_after_its_sweep_finishes(tmp_path, capsy
     assert (
         sum("cnn_lab.evaluate" in line for line in lines) == 1
     )  # The snapshots' sweep is not done.
+    (tmp_path / "resnet20" / "seed=0").mkdir()
+    (tmp_path / "resnet20" / "seed=0" / "ensemble_latest_test.json").write_text("{}")
+    fashion_mnist_results.main([f"--runs_dir={tmp_path}", "--dry_run", "--readme="])
+    assert "cnn_lab.evaluate" not in capsys.readouterr().out  # Its record exists: done.
+
+
+def test_records_copied_off_a_sweep_give_its_report_and_are_never_overwritten(
+    sweep_dir, tmp_path_factory
+):
+    records, restored = tmp_path_factory.mktemp("records"), tmp_path_factory.mktemp("runs")
+    first = sweep_dir / sweep.workdir_name({"model.depth": 56, "optimizer.name": "sgd", "seed": 0})
+    (first / "checkpoints").mkdir()
+    (first / "checkpoints" / "state").write_bytes(b"\0" * 1000)
+    (first / "eval_latest_test.json").write_text('{"rows": []}\n')
+
+    assert len(sweep.copy_records(sweep_dir, records)) == 11  # Not the unfinished run.
+    assert not (records / first.name / "checkpoints").exists()
+    assert (records / first.name / "eval_latest_test.json").exists()
+
+    def table(directory):
+        return json.dumps(report.tables(report.load_runs(directory, "test_accuracy")))
+
+    assert table(records) == table(sweep_dir)  # The unfinished run is listed, as in its sweep.
+    # A rerun's changed metrics never replace a record; a new evaluation file joins it.
+    kept = sweep.final_metrics(records / first.name)
+    _run(sweep_dir, {"model.depth": 57, "seed": 0}, 0.5)
+    (first / "metrics.jsonl").write_text((first / "metrics.jsonl").read_text() * 2)
+    (first / "ensemble_latest_test.json").write_text('{"rows": []}\n')
+    assert sweep.copy_records(sweep_dir, records) == [first.name, "model.depth=57,seed=0"]
+    assert sweep.final_metrics(records / first.name) == kept
+    assert (records / first.name / "ensemble_latest_test.json").exists()
+    # Copied back onto a new machine, the records mark their runs finished: a sweep skips them.
+    sweep.copy_records(records, restored)
+    finished = [r["workdir"] for r in sweep.read_index(restored) if r["status"] == "done"]
+    assert len(finished) == 12 and all(sweep.final_metrics(restored / n) for n in finished)
+
+
+def test_the_results_launcher_restores_records_before_a_step_and_keeps_them_after(
+    tmp_path, monkeypatch
+):
+    from cnn_lab.launch import fashion_mnist_results
+
+    trained, report_lines = [], []
+
+    def fake_run(line, dry_run):
+        """Trains seed 0 of the step's sweep unless it has finished; records the report line."""
+        if "cnn_lab.report" in line:
+            report_lines.append(line)
+            return True
+        runs = Path(line[-1].split("=", 1)[1])
+        runs.mkdir(parents=True, exist_ok=True)
+        if sweep.final_metrics(runs / "seed=0") is None:
+            trained.append(runs)
+            _run(runs, {"seed": 0}, 0.9)
+        return True
+
+    monkeypatch.setattr(fashion_mnist_results, "_run", fake_run)
+    records = tmp_path / "records"
+    for machine in ("first", "second"):  # The second starts with an empty runs directory.
+        fashion_mnist_results.main(
+            [f"--runs_dir={tmp_path / machine}", f"--records_dir={records}", "--only=lenet5"]
+        )
+    assert trained == [tmp_path / "first" / "lenet5"]
+    assert sweep.final_metrics(records / "lenet5" / "seed=0")["test_accuracy"] == 0.9
+    assert str(records / "lenet5") in report_lines[-1]

@@ -118,7 +118,8 @@ def report_command(records_dir: Path, readme: str, *, dry_run: bool) -> list[str
     sweeps = [records_dir / name for name in NAMES]
     sweeps = [s for s in sweeps if dry_run or (s / "runs.csv").exists()]
     readme_flag = [f"--readme={readme}"] if readme else []
-    return [sys.executable, "-m", "cnn_lab.report", *map(str, sweeps), *readme_flag]
+    out = f"--out={records_dir / 'results'}"  # The table as results.md and .csv, kept too.
+    return [sys.executable, "-m", "cnn_lab.report", *map(str, sweeps), out, *readme_flag]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

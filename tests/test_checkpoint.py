@@ -311,7 +311,9 @@ def test_resume_on_another_device_count(tmp_path, data_dir):
         train_and_evaluate(config, workdir, allow_config_changes=("train.num_epochs",))
 
     def one_device(workdir, epochs):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        # The session's other XLA flags kept: only the device count differs from in_process.
+        flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
+        env = {**os.environ, "XLA_FLAGS": flags}
         out = subprocess.run(
             _command(
                 workdir,

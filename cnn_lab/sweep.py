@@ -239,8 +239,9 @@ def copy_records(source: str | Path, target: str | Path) -> list[str]:
     copied = []
     for row in read_index(source):
         name = row["workdir"]
-        if final_metrics(source / name) is not None:
-            complete = final_metrics(target / name) is not None
+        finished = final_metrics(source / name) is not None
+        complete = final_metrics(target / name) is not None
+        if finished:
             files = [f for pattern in RECORD_PATTERNS for f in (source / name).glob(pattern)]
             fresh = [f for f in files if not (complete and (target / name / f.name).exists())]
             (target / name).mkdir(exist_ok=True)
@@ -248,7 +249,7 @@ def copy_records(source: str | Path, target: str | Path) -> list[str]:
                 shutil.copyfile(file, target / name / file.name)
             copied += [name] if fresh else []
         if name not in listed or listed[name]["status"] != "done":
-            done = final_metrics(target / name) is not None
+            done = finished or complete  # A finished run was just copied, if not there.
             status = "done" if done else row["status"]
             update_index(target, name, row["overrides"], status, "0" if done else row["exit_code"])
     return copied

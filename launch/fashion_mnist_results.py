@@ -116,7 +116,7 @@ def report_command(records_dir: Path, readme: str, *, dry_run: bool) -> list[str
     """`cnn_lab.report` over the records of every step's sweep that has started (all of them
     in a dry run)."""
     sweeps = [records_dir / name for name in NAMES]
-    sweeps = [s for s in sweeps if dry_run or (s / "runs.csv").exists()]
+    sweeps = [s for s in sweeps if dry_run or (s / sweep.INDEX_FILE).exists()]
     readme_flag = [f"--readme={readme}"] if readme else []
     out = f"--out={records_dir / 'results'}"  # The table as results.md and .csv, kept too.
     return [sys.executable, "-m", "cnn_lab.report", *map(str, sweeps), out, *readme_flag]

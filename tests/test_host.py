@@ -1,14 +1,16 @@
-"""The host's set-up: the CPU device count a run asks for, and with keep_freed_memory, a
-block freed and allocated again costs no new page faults."""
+"""The host's set-up: the CPU device count a run asks for, with keep_freed_memory a block
+freed and allocated again costs no new page faults, and what a run records of the host."""
 
+import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import pytest
 
 from cnn_lab.kernels import build, selection
-from cnn_lab.runtime import host
+from cnn_lab.runtime import host, provenance, sharding
 
 # Allocates, touches and frees 64 MB twice (as XLA does a step's buffers); prints the page
 # faults of the second round.
@@ -111,3 +113,21 @@ def test_accelerator_precision_on_the_cpu_is_a_warning(monkeypatch):
     assert host.accelerator_warnings("float32") == []
     (warning,) = host.accelerator_warnings("bfloat16")
     assert "compute_dtype='bfloat16'" in warning and "slower than float32" in warning
+
+
+def test_provenance_names_the_cpu_and_xla_flags_a_run_computed_with(monkeypatch):
+    # The same code and versions round differently on other vector extensions, so a run that
+    # does not reproduce must show which CPU and flags it ran under.
+    cpuinfo = {"model name": "Test Xeon", "cpu family": "6", "model": "143"}
+    cpuinfo["flags"] = "fpu sse4_2 avx avx2 fma avx512f avx512_bf16 amx_tile ht"
+    monkeypatch.setattr(build, "_cpu_fields", lambda: cpuinfo)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    record = provenance.collect(sharding.make_mesh(jax.devices()[:1]), "xla")
+    assert record["cpu"] == {
+        "model": "Test Xeon",
+        "family_model": "6-143",
+        "cores": os.cpu_count(),
+        "extensions": ["amx_tile", "avx", "avx2", "avx512_bf16", "avx512f", "fma", "sse4_2"],
+    }
+    assert record["xla_flags"] == "--xla_cpu_max_isa=AVX2"
+    assert build.wide_vectors()  # The kernels' choice reads the same flags.

@@ -86,15 +86,33 @@ def _onednn_files() -> tuple[Path, Path]:
     return library, include
 
 
+def _cpu_fields() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); {} off Linux."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    first = text.split("\n\n", 1)[0]
+    pairs = (line.split(":", 1) for line in first.splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
 def _cpu_features() -> str:
     """This CPU's instruction-set flags (Linux), else its architecture name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.machine()
+    return _cpu_fields().get("flags", platform.machine())
+
+
+def cpu() -> dict:
+    """This CPU's model, logical core count and vector extensions: what decides how XLA, oneDNN
+    and these kernels vectorise, hence the last bits of a run's floating-point results."""
+    fields = _cpu_fields()
+    vector = ("sse4", "avx", "fma", "amx")
+    return {
+        "model": fields.get("model name", platform.processor() or platform.machine()),
+        "family_model": f"{fields.get('cpu family', '?')}-{fields.get('model', '?')}",
+        "cores": os.cpu_count(),
+        "extensions": sorted(f for f in _cpu_features().split() if f.startswith(vector)),
+    }
 
 
 def wide_vectors() -> bool:

@@ -1,20 +1,29 @@
-"""What produced a run: code version, library versions and devices, stored in config.json."""
+"""What produced a run: code version, library versions, devices and the host's CPU and XLA
+flags, stored in config.json. Same versions and flags on CPUs with other vector extensions may
+round differently, so a run reproduces bit for bit only where all of these match."""
 
 import importlib.metadata
+import os
 import subprocess
 from pathlib import Path
 
 import jax
 from jax.sharding import Mesh
 
+from cnn_lab.kernels import build
+
 _PACKAGES = (
     "jax",
     "jaxlib",
+    "numpy",
     "flax",
     "optax",
     "orbax-checkpoint",
     "tensorflow-datasets",
     "tensorflow-cpu",
+    "tensorflow",
+    "diffrax",
+    "equinox",
     "ml-collections",
     "onednn-cpu-gomp",
 )
@@ -43,9 +52,9 @@ def _version(package: str) -> str | None:
 
 
 def collect(mesh: Mesh, conv_implementation: str) -> dict:
-    """Git commit (and whether the tree had changes), package versions, devices of `mesh`,
-    and the convolution implementation ("xla", "onednn" or "batch_minor") the run's model
-    computes with."""
+    """Git commit (and whether the tree had changes), package versions, devices of `mesh`, the
+    convolution implementation ("xla", "onednn" or "batch_minor") the run's model computes
+    with, the host's CPU (build.cpu()) and the XLA_FLAGS it ran under."""
     status = _git("status", "--porcelain")
     return {
         "git_commit": _git("rev-parse", "HEAD"),
@@ -55,4 +64,6 @@ def collect(mesh: Mesh, conv_implementation: str) -> dict:
         "device_count": int(mesh.size),
         "process_count": jax.process_count(),
         "conv_implementation": conv_implementation,
+        "cpu": build.cpu(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }

@@ -374,3 +374,17 @@ def test_the_results_launcher_restores_records_before_a_step_and_keeps_them_afte
     assert trained == [tmp_path / "first" / "lenet5"]
     assert sweep.final_metrics(records / "lenet5" / "seed=0")["test_accuracy"] == 0.9
     assert str(records / "lenet5") in report_lines[-1]
+
+
+def test_the_kept_results_table_is_what_the_kept_records_give(tmp_path):
+    # results.md is the report of results/fashion_mnist/, so its every figure can be
+    # regenerated from a clean clone; a record edited or a table hand-written breaks this.
+    from cnn_lab.launch import fashion_mnist_results
+
+    records = Path(__file__).resolve().parents[1] / "results" / "fashion_mnist"
+    command = fashion_mnist_results.report_command(records, "", dry_run=False)
+    command[-1] = f"--out={tmp_path / 'results'}"
+    subprocess.run(command, check=True, capture_output=True)
+    kept = (records / "results.md").read_text()
+    assert (tmp_path / "results.md").read_text() == kept
+    assert kept.count("\n| ") >= len(list(records.glob("*/runs.csv")))  # A row per sweep.

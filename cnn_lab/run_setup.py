@@ -152,7 +152,8 @@ def setup(
         writer = MetricWriter(workdir, enabled=is_lead, resume_step=step, config=config)
         if is_lead:
             implementation = conv_implementation(model)
-            workdir_lib.write_config(workdir, config, provenance.collect(mesh, implementation))
+            produced_by = provenance.collect(mesh, implementation)
+            workdir_lib.write_config(workdir, config, produced_by, resumed_at=step)
             sources.write_class_names(workdir, config.data)
             images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
             console = {"width": 120, "force_terminal": sys.stdout.isatty()}  # No ANSI in files.

@@ -139,12 +139,24 @@ ADDED_FIELDS = {
 }
 
 
-def write_config(workdir: Path, config: ml_collections.ConfigDict, provenance: dict) -> None:
-    """Write config.json: {"config": the resolved config, "provenance": ...}, atomically."""
+def write_config(
+    workdir: Path, config: ml_collections.ConfigDict, provenance: dict, *, resumed_at: int = 0
+) -> None:
+    """Write config.json: {"config": the resolved config, "provenance": ...}, atomically.
+
+    A run resumed at step `resumed_at` > 0 keeps what produced its earlier steps: the
+    provenance already there moves into provenance["earlier"], oldest first, so a run that
+    went on under another commit, machine or library version says so."""
+    path = Path(workdir) / CONFIG_FILE
+    if resumed_at:
+        provenance = {**provenance, "resumed_at": resumed_at}
+        before = json.loads(path.read_text()).get("provenance", {}) if path.exists() else {}
+        if before:
+            provenance["earlier"] = [*before.pop("earlier", []), before]
     record = {"config": config.to_dict(), "provenance": provenance}
-    tmp = Path(workdir) / (CONFIG_FILE + ".tmp")
+    tmp = path.with_name(CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=list) + "\n")
-    tmp.replace(Path(workdir) / CONFIG_FILE)  # A kill mid-write leaves the old file intact.
+    tmp.replace(path)  # A kill mid-write leaves the old file intact.
 
 
 def read_config(workdir: Path) -> ml_collections.ConfigDict:

@@ -337,6 +337,9 @@ def test_resume_on_another_device_count(tmp_path, data_dir):
     assert "resuming at step 16" in one_device(tmp_path / "8to1", 2)
     one_device(tmp_path / "1to8", 1)
     in_process(tmp_path / "1to8", 2)
+    provenance = json.loads((tmp_path / "8to1" / "config.json").read_text())["provenance"]
+    assert (provenance["device_count"], provenance["resumed_at"]) == (1, 16)
+    assert [p["device_count"] for p in provenance["earlier"]] == [8]  # What ran steps 0-16.
     reference = _final_params(tmp_path / "8to8")
     for name in ("8to1", "1to8"):
         chex.assert_trees_all_close(_final_params(tmp_path / name), reference, atol=1e-4)

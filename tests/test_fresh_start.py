@@ -142,6 +142,23 @@ def test_torn_last_metrics_line_is_dropped_on_resume(workdir, data_dir):
     assert records[-1]["accuracy"] == results["test"]["accuracy"]
 
 
+def test_a_resumed_run_keeps_the_provenance_of_each_earlier_attempt(workdir, data_dir):
+    # A run continued under another commit, machine or XLA flags must still say what
+    # produced its first steps: each resume files the provenance before it under "earlier".
+    def provenance():
+        return json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())["provenance"]
+
+    first = provenance()
+    assert "resumed_at" not in first and "earlier" not in first
+    for epochs in (3, 4):
+        config = _config(data_dir, num_epochs=epochs)
+        train_and_evaluate(config, workdir, allow_config_changes=("train.num_epochs",))
+    last = provenance()
+    assert last["resumed_at"] == 48
+    assert [p.get("resumed_at") for p in last["earlier"]] == [None, 32]
+    assert last["earlier"][0] == first
+
+
 def test_damaged_metrics_line_before_the_last_is_an_error_naming_the_file(workdir, data_dir):
     path = workdir / "metrics.jsonl"
     lines = path.read_text().splitlines()

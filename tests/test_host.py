@@ -118,7 +118,7 @@ def test_accelerator_precision_on_the_cpu_is_a_warning(monkeypatch):
 def test_provenance_names_the_cpu_and_xla_flags_a_run_computed_with(monkeypatch):
     # The same code and versions round differently on other vector extensions, so a run that
     # does not reproduce must show which CPU and flags it ran under.
-    cpuinfo = {"model name": "Test Xeon", "cpu family": "6", "model": "143"}
+    cpuinfo = {"model name": "Test Xeon", "cpu family": "6", "model": "143", "cache size": "1 KB"}
     cpuinfo["flags"] = "fpu sse4_2 avx avx2 fma avx512f avx512_bf16 amx_tile ht"
     monkeypatch.setattr(build, "_cpu_fields", lambda: cpuinfo)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
@@ -127,6 +127,7 @@ def test_provenance_names_the_cpu_and_xla_flags_a_run_computed_with(monkeypatch)
         "model": "Test Xeon",
         "family_model": "6-143",
         "cores": os.cpu_count(),
+        "cache": "1 KB",
         "extensions": ["amx_tile", "avx", "avx2", "avx512_bf16", "avx512f", "fma", "sse4_2"],
     }
     assert record["xla_flags"] == "--xla_cpu_max_isa=AVX2"

@@ -103,14 +103,16 @@ def _cpu_features() -> str:
 
 
 def cpu() -> dict:
-    """This CPU's model, logical core count and vector extensions: what decides how XLA, oneDNN
-    and these kernels vectorise, hence the last bits of a run's floating-point results."""
+    """This CPU's model, logical core count, cache and vector extensions: what decides how XLA,
+    oneDNN and these kernels vectorise and block their loops, hence the last bits of a run's
+    floating-point results."""
     fields = _cpu_fields()
     vector = ("sse4", "avx", "fma", "amx")
     return {
         "model": fields.get("model name", platform.processor() or platform.machine()),
         "family_model": f"{fields.get('cpu family', '?')}-{fields.get('model', '?')}",
         "cores": os.cpu_count(),
+        "cache": fields.get("cache size"),
         "extensions": sorted(f for f in _cpu_features().split() if f.startswith(vector)),
     }
 

@@ -20,15 +20,17 @@ al.'s comparison), on the same recipe:
         --sweep_dir=runs/fmnist/odenet_resnet --seeds=1 \\
         --config.model.residual_blocks=6 --config.model.im2col=False
 
-Expected: test accuracy 0.9013 for seed 0 (validation 0.9115); an epoch took 473-527 s on 2
-CPU cores without other jobs (50 minutes a run), the solver at 19 function evaluations per
-step throughout. The ResNet control (578,314 parameters, as Chen et al.'s 0.60M: each block
-has its own weights): 0.9135 (validation 0.9217), 2 minutes an epoch. Both underfit in 6
-epochs (the final train accuracy, on augmented images, is no higher than the validation
-accuracy), which keeps both near LeNet-5's 0.9111 and under the 20-40 epoch rows; on the
-same budget the ODE block trails its ResNet by 1.2 points. Longer schedules are the untried
-lever. Published: no Fashion-MNIST figure for ODE-Net in the paper or Zalando's benchmark
-table; Chen et al. (Table 1) report 0.42% test error on MNIST (their ResNet: 0.41%).
+Expected: test accuracy 0.9012 for seed 0 (validation 0.9118); an epoch took 410-513 s on 2
+CPU cores shared with light jobs (44 minutes a run), the solver at 19 function evaluations
+per step throughout. The ResNet control (578,314 parameters, as Chen et al.'s 0.60M: each
+block has its own weights): 0.9152 (validation 0.9218), 2 minutes an epoch. The same
+commands gave 0.9013 and 0.9135 on an earlier machine (README: how reruns on other CPUs
+agree). Both underfit in 6 epochs (the final train accuracy, on augmented images, is no
+higher than the validation accuracy), which keeps both near LeNet-5's 0.9111 and under the
+20-40 epoch rows; on the same budget the ODE block trails its ResNet by 1.4 points. Longer
+schedules are the untried lever. Published: no Fashion-MNIST figure for ODE-Net in the paper
+or Zalando's benchmark table; Chen et al. (Table 1) report 0.42% test error on MNIST (their
+ResNet: 0.41%).
 """
 
 from cnn_lab.configs import common, odenet_mnist

@@ -13,12 +13,13 @@ fc 192; 1,384,586 parameters at 28x28 grey) with their regularisers switched on 
 random shifts) and mirror images, but SGD with Nesterov momentum at 0.05 and a 20-epoch
 cosine schedule in place of their 0.01 x 0.95 per epoch (which needs about 100 epochs).
 
-Expected: test accuracy 0.9326 +- 0.0009 over seeds 0-2 (0.9336, 0.9323, 0.9318; the first two
-as on an earlier machine, to the last digit), 3.4 points above the 0.899 below. An epoch took
-62-73 s on 2 CPU cores without other jobs (22 minutes a run). Published: no Fashion-MNIST figure for this net; Zalando's
-benchmark table lists "AlexNet with Triplet loss" at 0.899 (a full-size AlexNet trained with
-a metric loss, github.com/zalandoresearch/fashion-mnist README). Zhang et al. report 0.81 on
-CIFAR-10 with weight decay and crops.
+Expected: test accuracy 0.9326 +- 0.0009 over seeds 0-2 (0.9336, 0.9323, 0.9318; the first
+two as on an earlier machine, to the last digit), 3.4 points above the 0.899 below. An epoch
+took 62-73 s on 2 CPU cores without other jobs (22 minutes a run). Published: no
+Fashion-MNIST figure for this net; Zalando's benchmark table lists "AlexNet with Triplet
+loss" at 0.899 (a full-size AlexNet trained with a metric loss,
+github.com/zalandoresearch/fashion-mnist README). Zhang et al. report 0.81 on CIFAR-10 with
+weight decay and crops.
 """
 
 from cnn_lab.configs import common

@@ -113,7 +113,7 @@ def cpu() -> dict:
         "family_model": f"{fields.get('cpu family', '?')}-{fields.get('model', '?')}",
         "cores": os.cpu_count(),
         "cache": fields.get("cache size"),
-        "extensions": sorted(f for f in _cpu_features().split() if f.startswith(vector)),
+        "extensions": sorted(f for f in fields.get("flags", "").split() if f.startswith(vector)),
     }
 
 

@@ -388,3 +388,14 @@ def test_the_kept_results_table_is_what_the_kept_records_give(tmp_path):
     kept = (records / "results.md").read_text()
     assert (tmp_path / "results.md").read_text() == kept
     assert kept.count("\n| ") >= len(list(records.glob("*/runs.csv")))  # A row per sweep.
+
+
+def test_the_readme_table_is_the_kept_results_table():
+    # README's table is the report's output (`launch.fashion_mnist_results --report_only`),
+    # so a number typed into README, or records landed without rewriting it, fails here.
+    from cnn_lab.tools import results
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme[readme.index(results.BEGIN) + len(results.BEGIN) + 1 : readme.index(results.END)]
+    assert block == (root / "results" / "fashion_mnist" / "results.md").read_text()

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from jax.sharding import Mesh
 
 from cnn_lab import (
@@ -102,20 +103,7 @@ def setup(
         loss_scale=loss_scaling.from_config(config.model.compute_dtype, config.train),
     )
     normalize = augment.normalizer(tuple(config.data.mean), tuple(config.data.std))
-    train_steps = [
-        steps.jit_train_step(
-            model,
-            phase.tx,
-            phase.schedule,
-            mesh,
-            label_smoothing=config.train.label_smoothing,
-            preprocess=augment.train_preprocess(config, crops_on_host=data.crops_on_host),
-            averaging=averages,
-            frozen_norms=phase.frozen if config.train.frozen_bn_inference else (),
-            micro_batches=config.train.grad_accumulation_steps,
-        )
-        for phase in phases
-    ]
+    train_steps = [_train_step(config, model, mesh, data, phase, averages) for phase in phases]
     evaluate = evaluation.SideBySide.for_run(
         model, data, averages, normalize, config.eval, config.averaging, config.train.progress_bar
     )
@@ -137,34 +125,18 @@ def setup(
         # another model is then reported as such (check_resumable above needs the file).
         if restored is not None:
             workdir_lib.check_config_present(workdir, latest.all_steps())
-        state = restored if restored is not None else fresh(phases[0].tx)
-        if restored is None and config.init_from.workdir:
-            variables = transfer.initial_variables(config.init_from, state.variables)
-            state = jax.jit(
-                functools.partial(start_from, tx=phases[0].tx, averaging=averages),
-                out_shardings=replicated,
-            )(state, variables)
-        if restored is None:  # A fresh start: an earlier attempt's outputs must not mix in.
+            state = restored
+        else:
+            state = _fresh_start(config, fresh(phases[0].tx), phases[0].tx, averages, replicated)
+            # An earlier attempt's outputs must not mix into the fresh start's.
             checkpoint_policy.move_previous_attempt(workdir, latest)
         step = int(state.step)
         policy = checkpoint_policy.CheckpointPolicy(latest, workdir, snapshot_steps)
 
         writer = MetricWriter(workdir, enabled=is_lead, resume_step=step, config=config)
         if is_lead:
-            implementation = conv_implementation(model)
-            produced_by = provenance.collect(mesh, implementation)
-            workdir_lib.write_config(workdir, config, produced_by, resumed_at=step)
-            sources.write_class_names(workdir, config.data)
-            images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
-            console = {"width": 120, "force_terminal": sys.stdout.isatty()}  # No ANSI in files.
-            print(model.tabulate(key, images, train=False, console_kwargs=console))
-            n_params = sum(x.size for x in jax.tree.leaves(state.params))
-            start = f"starting from {config.init_from.workdir or 'scratch'}"
-            start = start if restored is None else f"resuming at step {step}"
-            print(
-                f"{config.model.name}: {n_params:,} parameters; "
-                + ", ".join(f"{data.num_examples(s)} {s}" for s in ("train", "val", "test"))
-                + f" examples ({data.mode} input); {mesh.size} device(s); {start}"
+            _record_and_announce(
+                config, workdir, model, mesh, data, state, resumed=restored is not None
             )
         if restored is not None:
             policy.catch_up(state, step, best_step=int(state.best_val_epoch) * steps_per_epoch)
@@ -187,4 +159,70 @@ def setup(
         writer=writer,
         evaluate=evaluate,
         record_validation=record,
+    )
+
+
+def _train_step(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    mesh: Mesh,
+    data: inputs.Inputs,
+    phase: optim.Phase,
+    averages: Averaging,
+) -> Callable:
+    """The jitted train step of `phase` (compiled when first called)."""
+    return steps.jit_train_step(
+        model,
+        phase.tx,
+        phase.schedule,
+        mesh,
+        label_smoothing=config.train.label_smoothing,
+        preprocess=augment.train_preprocess(config, crops_on_host=data.crops_on_host),
+        averaging=averages,
+        frozen_norms=phase.frozen if config.train.frozen_bn_inference else (),
+        micro_batches=config.train.grad_accumulation_steps,
+    )
+
+
+def _fresh_start(
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    tx: optax.GradientTransformation,
+    averages: Averaging,
+    replicated: jax.sharding.Sharding,
+) -> TrainState:
+    """`state` as a fresh run starts from it: with config.init_from's weights where it names any."""
+    if not config.init_from.workdir:
+        return state
+    variables = transfer.initial_variables(config.init_from, state.variables)
+    start = functools.partial(start_from, tx=tx, averaging=averages)
+    return jax.jit(start, out_shardings=replicated)(state, variables)
+
+
+def _record_and_announce(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    model: nn.Module,
+    mesh: Mesh,
+    data: inputs.Inputs,
+    state: TrainState,
+    *,
+    resumed: bool,
+) -> None:
+    """Write config.json (with what produced the run) and the class names; print the model."""
+    step = int(state.step)
+    produced_by = provenance.collect(mesh, conv_implementation(model))
+    workdir_lib.write_config(workdir, config, produced_by, resumed_at=step)
+    sources.write_class_names(workdir, config.data)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
+    console = {"width": 120, "force_terminal": sys.stdout.isatty()}  # No ANSI in files.
+    print(model.tabulate(key, images, train=False, console_kwargs=console))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    start = f"starting from {config.init_from.workdir or 'scratch'}"
+    start = f"resuming at step {step}" if resumed else start
+    print(
+        f"{config.model.name}: {n_params:,} parameters; "
+        + ", ".join(f"{data.num_examples(s)} {s}" for s in ("train", "val", "test"))
+        + f" examples ({data.mode} input); {mesh.size} device(s); {start}"
     )

@@ -8,9 +8,9 @@ Offline: `apt-get install dataset-fashion-mnist` provides the original IDX files
 cnn_lab prepares into TFDS format on first use (or set config.data.source_dir).
 
 Expected: test accuracy 0.9269 +- 0.0014 over seeds 0-2 (0.9253, 0.9281, 0.9273; the sweep
-command above). The fastest of those runs took 31 minutes on 2 CPU cores shared with other
-jobs; an epoch without them takes about 29 s (7.5 minutes a run). Published: 0.916 for this
-ConvNet from TensorFlow's tutorial after more than 300 epochs (Zalando's benchmark table).
+command above), 10.5, 6.8 and 6.2 minutes a run on 2 CPU cores, at times shared with other
+jobs. Published: 0.916 for this ConvNet from TensorFlow's tutorial after more than 300 epochs
+(Zalando's benchmark table).
 """
 
 from cnn_lab.configs import common

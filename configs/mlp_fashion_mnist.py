@@ -11,7 +11,7 @@ Recipe: the hidden sizes of the MLP in Zalando's benchmark table, Adam at 1e-3 w
 decay, dropout 0.2 after each hidden layer and mirror images (pixel shifts do not help a net
 without weight sharing). Trained on 54k images; the other 6k of the training set choose best/.
 
-Expected: test accuracy 0.8955 +- 0.0020 over seeds 0-2, about 2.2 minutes a run on 2 CPU
+Expected: test accuracy 0.8955 +- 0.0020 over seeds 0-2, 2.0-2.1 minutes a run on 2 CPU
 cores shared with other jobs (the sweep command above). Published: MLP 256-128-64 at 0.900
 test accuracy (Zalando's benchmark table, github.com/zalandoresearch/fashion-mnist README; no
 augmentation). That is one run's figure, trained on all 60k images, and the submitter's

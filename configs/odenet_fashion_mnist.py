@@ -46,7 +46,7 @@ def get_config(mode: str | None = None):
     config.optimizer.weight_decay = 0.05  # Decoupled, as in odenet_mnist.
     config.schedule.warmup_epochs = 0.5  # Short linear warm-up, then cosine decay to 0.
     config.train.label_smoothing = 0.1  # As odenet_mnist.
-    config.train.num_epochs = 6  # 2,532 steps: the adaptive solve makes every step costly.
+    config.train.num_epochs = 6  # 2,526 steps: the adaptive solve makes every step costly.
     config.train.log_every_steps = 100  # Train metrics about 4 times per epoch.
     return common.apply_mode(config, mode)
 

@@ -44,8 +44,8 @@ def get_config(mode: str | None = None):
     config.optimizer.weight_decay = 5e-4  # On kernels only.
     config.schedule.name = "cosine"  # Cosine decay to 0 after the warm-up.
     config.schedule.warmup_epochs = 1.0  # Linear warm-up over the first epoch.
-    config.train.batch_size = 128  # kuangliu's batch: 422 steps per epoch.
-    config.train.num_epochs = 20  # 8,440 steps.
+    config.train.batch_size = 128  # kuangliu's batch: 421 steps per epoch.
+    config.train.num_epochs = 20  # 8,420 steps.
     config.train.log_every_steps = 100  # Train metrics about 4 times per epoch.
     return common.apply_mode(config, mode)
 

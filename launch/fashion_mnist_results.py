@@ -10,8 +10,9 @@ the evaluation of its snapshot or model ensemble once all its runs have finished
 result markers. AlexNet and VGG run one seed each before the ablations and their other two
 seeds after them (`--only=vgg` runs both). Each step resumes: rerun the command and finished
 points and seeds are skipped, an interrupted run continues from its checkpoint. On a shared
-machine start it with nohup and stop it with SIGTERM (docs/scaling_out.md); the table shows
-what has finished so far, with n per row.
+machine start it with nohup and stop it with `kill -TERM <its pid>` (docs/scaling_out.md): the
+running training saves its step, and the command exits 75; the table shows what has finished
+so far, with n per row.
 
 The records of every finished run (config, metrics and evaluations: kilobytes, no
 checkpoints) are copied into --records_dir after each step, and back into --runs_dir before
@@ -21,12 +22,13 @@ that no record holds.
 """
 
 import argparse
-import subprocess
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from cnn_lab import sweep
+from cnn_lab.launch import children
 
 BASELINE = ("-m", "cnn_lab.baseline", "--config=configs/pixels_fashion_mnist.py")
 
@@ -146,18 +148,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps = [] if args.report_only else commands(runs_dir, only)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    processes = children.Children()
+    processes.stop_on_sigterm()
+    run = functools.partial(_run, dry_run=args.dry_run, processes=processes)
     for name, line in steps:
         if not args.dry_run and (records_dir / name).exists():
             sweep.copy_records(records_dir / name, runs_dir / name)
-        ok = _run(line, args.dry_run)
+        ok = run(line)
         # Right after its sweep: the table shows an ensemble hours before the last step ends.
         for evaluation in evaluation_commands(runs_dir, [name]) if ok else []:
-            ok = _run(evaluation, args.dry_run)
+            ok = run(evaluation)
         if not args.dry_run and (runs_dir / name).exists():  # A failed step's finished runs too.
             sweep.copy_records(runs_dir / name, records_dir / name)
+        processes.exit_if_stopped()
         if not ok:
             _fail()
-    if not _run(report_command(records_dir, args.readme, dry_run=args.dry_run), args.dry_run):
+    if not run(report_command(records_dir, args.readme, dry_run=args.dry_run)):
         _fail()
 
 
@@ -168,10 +174,10 @@ def _fail() -> None:
     )
 
 
-def _run(line: list[str], dry_run: bool) -> bool:
-    """Print the command line and run it (unless `dry_run`); False if it failed."""
+def _run(line: list[str], *, dry_run: bool, processes: children.Children) -> bool:
+    """Print the command line and run it (unless `dry_run`); False if it failed or was stopped."""
     print("$ " + " ".join(line), flush=True)
-    return dry_run or subprocess.run(line).returncode == 0
+    return dry_run or processes.run(line) == 0
 
 
 if __name__ == "__main__":

@@ -21,11 +21,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cnn_lab import command_line
-from cnn_lab.launch import command
+from cnn_lab.launch import children, command
 
-# cnn_lab.train's exit code after saving on SIGTERM. Spelled out, not imported: importing
-# cnn_lab.train would load JAX and every model into a launcher.
-PREEMPTED_EXIT_CODE = 75
+PREEMPTED_EXIT_CODE = children.STOPPED_EXIT_CODE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,13 +10,15 @@ The points are the config file's `get_sweep()` (if it has one), times each --axi
 Rerunning skips finished points, leaves running ones (their workdir is locked) alone, and
 resumes interrupted ones. <sweep_dir>/runs.csv lists every point's workdir, overrides,
 status and final metrics; sweep.json holds the grid; `python -m cnn_lab.report <sweep_dir>`
-summarises it.
+summarises it. SIGTERM to a local sweep stops its running points, each at a saved step, and
+starts no other; it then exits 75, and rerunning resumes (launch/children.py).
 """
 
 import concurrent.futures
+import functools
 import json
+import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +28,7 @@ from ml_collections import config_flags
 
 from cnn_lab import command_line, sweep
 from cnn_lab import workdir as workdir_lib  # Standard library and ml_collections only.
-from cnn_lab.launch import command, slurm
+from cnn_lab.launch import children, command, slurm
 
 SPEC_FILE = sweep.SPEC_FILE
 LOG_FILE = "train.log"  # In each point's workdir: the train command's output, appended.
@@ -90,11 +92,19 @@ def finished(workdir: Path) -> bool:
     return sweep.final_metrics(workdir) is not None
 
 
-def run_point(sweep_dir: Path, spec: dict, index: int, *, python: str, srun: bool) -> str:
+def run_point(
+    sweep_dir: Path,
+    spec: dict,
+    index: int,
+    *,
+    python: str,
+    srun: bool,
+    processes: children.Children,
+) -> str:
     """Train point `index` to the end (resuming its workdir), recording it in runs.csv.
 
     Returns its status: done, preempted or failed; running, launching nothing, when another
-    process trains in its workdir.
+    process trains in its workdir; pending, launching nothing, once `processes` has stopped.
     """
     overrides = spec["points"][index]
     name = sweep.workdir_name(overrides)
@@ -105,15 +115,18 @@ def run_point(sweep_dir: Path, spec: dict, index: int, *, python: str, srun: boo
     if workdir_lib.holder(workdir):
         sweep.update_index(sweep_dir, name, overrides, "running")
         return "running"
+    if processes.stopped.is_set():
+        return "pending"
     sweep.update_index(sweep_dir, name, overrides, "running")
     workdir.mkdir(parents=True, exist_ok=True)
     train = command.train_command(
         spec["config"], workdir.absolute(), spec["base"] | overrides, python=python
     )
     with open(workdir / LOG_FILE, "a") as log:
-        code = subprocess.run(
-            ["srun", *train] if srun else train, stdout=log, stderr=subprocess.STDOUT, check=False
-        ).returncode
+        code = processes.run(["srun", *train] if srun else train, stdout=log, stderr=log)
+    if code is None:  # Stopped between the check above and the launch.
+        sweep.update_index(sweep_dir, name, overrides, "pending")
+        return "pending"
     if code == 0 and finished(workdir):
         status = "done"
     else:
@@ -122,13 +135,20 @@ def run_point(sweep_dir: Path, spec: dict, index: int, *, python: str, srun: boo
     return status
 
 
-def run_local(sweep_dir: Path, spec: dict, todo: list[int], *, parallel: int, python: str) -> int:
+def run_local(
+    sweep_dir: Path,
+    spec: dict,
+    todo: list[int],
+    *,
+    parallel: int,
+    python: str,
+    processes: children.Children,
+) -> int:
     """Run the points `todo`, `parallel` at a time; the number that did not finish."""
     failed = 0
+    point = functools.partial(run_point, python=python, srun=False, processes=processes)
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-        futures = {
-            pool.submit(run_point, sweep_dir, spec, i, python=python, srun=False): i for i in todo
-        }
+        futures = {pool.submit(point, sweep_dir, spec, i): i for i in todo}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             name = sweep.workdir_name(spec["points"][futures[future]])
             status = future.result()
@@ -197,7 +217,14 @@ def main() -> None:
             sys.exit(f"error: unexpected arguments {argv[1:]}; overrides are --config.<field>=<v>.")
         root = Path(sweep_dir.value)
         if task.value is not None:  # One array task: the grid was written by the submission.
-            status = run_point(root, read_spec(root), task.value, python=python.value, srun=True)
+            status = run_point(
+                root,
+                read_spec(root),
+                task.value,
+                python=python.value,
+                srun=True,
+                processes=children.Children(),  # SLURM signals every process of the task.
+            )
             sys.exit({"done": 0, "preempted": slurm.PREEMPTED_EXIT_CODE}.get(status, 1))
         if config.value is None:
             sys.exit("error: --config is required (the config file every point trains).")
@@ -250,7 +277,13 @@ def main() -> None:
                 wait=wait.value,
             )
             sys.exit(code)
-        failed = run_local(root, spec, todo, parallel=parallel.value, python=python.value)
+        processes = children.Children()
+        processes.stop_on_sigterm()
+        print(f"Stop this sweep with: kill -TERM {os.getpid()}", flush=True)
+        failed = run_local(
+            root, spec, todo, parallel=parallel.value, python=python.value, processes=processes
+        )
+        processes.exit_if_stopped()
         if failed:
             sys.exit(f"error: {failed} point(s) did not finish; see train.log in their workdirs.")
 

@@ -353,7 +353,7 @@ def test_the_results_launcher_restores_records_before_a_step_and_keeps_them_afte
 
     trained, report_lines = [], []
 
-    def fake_run(line, dry_run):
+    def fake_run(line, *, dry_run, processes):
         """Trains seed 0 of the step's sweep unless it has finished; records the report line."""
         if "cnn_lab.report" in line:
             report_lines.append(line)

@@ -2,11 +2,18 @@
 
 import csv
 import json
+import signal
 import statistics
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
-from cnn_lab import sweep
+from cnn_lab import checkpoint, sweep
+from cnn_lab import workdir as workdir_lib
+from cnn_lab.launch import children
 from cnn_lab.tools import report
 
 
@@ -190,3 +197,46 @@ def test_final_metrics_reads_a_torn_last_line_as_an_unfinished_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(lines[0][:20] + "\n" + lines[1] + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl is damaged: line 1"):
         sweep.final_metrics(tmp_path)
+
+
+def test_a_stop_reaches_the_running_child_and_starts_no_other():
+    processes = children.Children()
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(processes.run(["sleep", "60"])))
+    thread.start()
+    while not processes._running:  # The child has started.
+        time.sleep(0.01)
+    processes.stop()
+    thread.join(timeout=10)
+    assert codes == [-signal.SIGTERM]  # sleep dies of the forwarded SIGTERM, not in 60 s.
+    assert processes.run(["true"]) is None
+
+
+@pytest.mark.slow  # A sweep of two digits runs as processes: about 30 s.
+def test_sigterm_to_a_sweep_stops_its_run_at_a_saved_step_and_starts_no_other(
+    tmp_path, launch_env, repo_root, prepare_digits, tiny_run
+):
+    prepare_digits(tmp_path / "tfds")
+    long_run = tiny_run | {"train.num_epochs": 1000, "data.data_dir": str(tmp_path / "tfds")}
+    args = ["--config=configs/mlp_digits.py:smoke", f"--sweep_dir={tmp_path / 'sweep'}"]
+    sweep_process = subprocess.Popen(
+        [sys.executable, "-m", "launch.sweep", *args, "--seeds=2", *sweep.override_flags(long_run)],
+        cwd=repo_root, env=launch_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = tmp_path / "sweep" / "seed=0"
+    deadline = time.monotonic() + 240
+    while (
+        not (first / "metrics.jsonl").exists()
+        or '"val"' not in (first / "metrics.jsonl").read_text()
+    ):  # An epoch has ended, and with it a checkpoint.
+        assert time.monotonic() < deadline and sweep_process.poll() is None
+        time.sleep(0.2)
+    sweep_process.send_signal(signal.SIGTERM)  # To the sweep alone, as `kill -TERM <pid>`.
+    stdout, stderr = sweep_process.communicate(timeout=120)
+    assert sweep_process.returncode == children.STOPPED_EXIT_CODE, stderr[-3000:]
+    assert f"kill -TERM {sweep_process.pid}" in stdout and "Rerun the same command" in stderr
+    assert workdir_lib.holder(first) is None  # Its train process has exited...
+    assert checkpoint.has_steps(first / checkpoint.LATEST_DIR)  # ...at a saved step.
+    status = {row["workdir"]: row["status"] for row in sweep.read_index(tmp_path / "sweep")}
+    assert status == {"seed=0": "preempted", "seed=1": "pending"}
+    assert not (tmp_path / "sweep" / "seed=1").exists()

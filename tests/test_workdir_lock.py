@@ -16,6 +16,7 @@ import cnn_lab
 from cnn_lab import sweep
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.configs import mlp_digits
+from cnn_lab.launch import children
 from cnn_lab.launch import sweep as launch_sweep
 from cnn_lab.tools.evaluate import evaluate_run
 from cnn_lab.train import train_and_evaluate
@@ -186,7 +187,10 @@ def test_a_sweep_reports_a_locked_point_as_running_and_does_not_relaunch_it(tmp_
         # A point that locks between the sweep's look and its launch (a SLURM array task).
         spec = launch_sweep.read_spec(sweep_dir)
         sweep.update_index(sweep_dir, "seed=0", {"seed": 0}, "failed", "1")
-        status = launch_sweep.run_point(sweep_dir, spec, 0, python=sys.executable, srun=False)
+        processes = children.Children()
+        status = launch_sweep.run_point(
+            sweep_dir, spec, 0, python=sys.executable, srun=False, processes=processes
+        )
         assert status == "running"
         assert sweep.read_index(sweep_dir)[0]["status"] == "running"
         assert [p.name for p in workdir.iterdir()] == [workdir_lib.LOCK_FILE]

@@ -5,11 +5,12 @@ running train process saves the step it is at and exits 75, no further run start
 launcher exits 75 once they have; rerunning its command resumes where they stopped.
 """
 
+import contextlib
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 # cnn_lab.train's exit code after saving on SIGTERM ("temporary failure, run me again").
 # Spelled out, not imported: importing cnn_lab.train would load JAX into a launcher.
@@ -23,9 +24,15 @@ class Children:
         self.stopped = threading.Event()
         self._running: set[subprocess.Popen] = set()
 
-    def stop_on_sigterm(self) -> None:
-        """Make SIGTERM to this process call `stop` (signals reach the main thread only)."""
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+    @contextlib.contextmanager
+    def stopping_on_sigterm(self) -> Iterator[None]:
+        """Within the block, SIGTERM to this process calls `stop` (signals reach the main
+        thread only); the handler before it is back after."""
+        previous = signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def stop(self) -> None:
         """Send every running child SIGTERM; start no other."""

@@ -23,6 +23,7 @@ that no record holds.
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,21 +150,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
     processes = children.Children()
-    processes.stop_on_sigterm()
     run = functools.partial(_run, dry_run=args.dry_run, processes=processes)
-    for name, line in steps:
-        if not args.dry_run and (records_dir / name).exists():
-            sweep.copy_records(records_dir / name, runs_dir / name)
-        ok = run(line)
-        # Right after its sweep: the table shows an ensemble hours before the last step ends.
-        for evaluation in evaluation_commands(runs_dir, [name]) if ok else []:
-            ok = run(evaluation)
-        if not args.dry_run and (runs_dir / name).exists():  # A failed step's finished runs too.
-            sweep.copy_records(runs_dir / name, records_dir / name)
-        processes.exit_if_stopped()
-        if not ok:
-            _fail()
-    if not run(report_command(records_dir, args.readme, dry_run=args.dry_run)):
+    if steps and not args.dry_run:
+        print(f"Stop this with: kill -TERM {os.getpid()}", flush=True)
+    with processes.stopping_on_sigterm():
+        for name, line in steps:
+            if not args.dry_run and (records_dir / name).exists():
+                sweep.copy_records(records_dir / name, runs_dir / name)
+            ok = run(line)
+            # Right after its sweep: the table shows an ensemble hours before the last step ends.
+            for evaluation in evaluation_commands(runs_dir, [name]) if ok else []:
+                ok = run(evaluation)
+            if not args.dry_run and (runs_dir / name).exists():  # A failed step's runs too.
+                sweep.copy_records(runs_dir / name, records_dir / name)
+            processes.exit_if_stopped()
+            if not ok:
+                _fail()
+        ok = run(report_command(records_dir, args.readme, dry_run=args.dry_run))
+    if not ok:
         _fail()
 
 

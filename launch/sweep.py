@@ -278,11 +278,11 @@ def main() -> None:
             )
             sys.exit(code)
         processes = children.Children()
-        processes.stop_on_sigterm()
         print(f"Stop this sweep with: kill -TERM {os.getpid()}", flush=True)
-        failed = run_local(
-            root, spec, todo, parallel=parallel.value, python=python.value, processes=processes
-        )
+        with processes.stopping_on_sigterm():
+            failed = run_local(
+                root, spec, todo, parallel=parallel.value, python=python.value, processes=processes
+            )
         processes.exit_if_stopped()
         if failed:
             sys.exit(f"error: {failed} point(s) did not finish; see train.log in their workdirs.")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -199,17 +200,20 @@ def test_final_metrics_reads_a_torn_last_line_as_an_unfinished_run(tmp_path):
         sweep.final_metrics(tmp_path)
 
 
-def test_a_stop_reaches_the_running_child_and_starts_no_other():
+def test_a_sigterm_reaches_the_running_child_and_starts_no_other():
     processes = children.Children()
     codes = []
     thread = threading.Thread(target=lambda: codes.append(processes.run(["sleep", "60"])))
-    thread.start()
-    while not processes._running:  # The child has started.
-        time.sleep(0.01)
-    processes.stop()
-    thread.join(timeout=10)
-    assert codes == [-signal.SIGTERM]  # sleep dies of the forwarded SIGTERM, not in 60 s.
+    before = signal.getsignal(signal.SIGTERM)
+    with processes.stopping_on_sigterm():
+        thread.start()
+        while not processes._running:  # The child has started.
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # This process stops, as a launcher would.
+        thread.join(timeout=10)
+    assert codes == [-signal.SIGTERM]  # sleep dies of the passed-on SIGTERM, not in 60 s.
     assert processes.run(["true"]) is None
+    assert signal.getsignal(signal.SIGTERM) is before  # The block's handler is gone after it.
 
 
 @pytest.mark.slow  # A sweep of two digits runs as processes: about 30 s.

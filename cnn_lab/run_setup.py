@@ -91,17 +91,7 @@ def setup(
     )
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     replicated = sharding.replicated(mesh)
-    # A fresh state for a phase's optimizer (its state's layout changes with phases).
-    fresh = functools.partial(
-        init_state,
-        model,
-        plateau=optim.make_plateau(config.schedule),
-        rng=jax.random.PRNGKey(config.seed),
-        image_shape=image_shape,
-        mesh=mesh,
-        averaging=averages,
-        loss_scale=loss_scaling.from_config(config.model.compute_dtype, config.train),
-    )
+    fresh = _state_maker(config, model, mesh, averages, image_shape)
     normalize = augment.normalizer(tuple(config.data.mean), tuple(config.data.std))
     train_steps = [_train_step(config, model, mesh, data, phase, averages) for phase in phases]
     evaluate = evaluation.SideBySide.for_run(
@@ -127,7 +117,7 @@ def setup(
             workdir_lib.check_config_present(workdir, latest.all_steps())
             state = restored
         else:
-            state = _fresh_start(config, fresh(phases[0].tx), phases[0].tx, averages, replicated)
+            state = _fresh_start(config, fresh, phases[0].tx, averages, replicated)
             # An earlier attempt's outputs must not mix into the fresh start's.
             checkpoint_policy.move_previous_attempt(workdir, latest)
         step = int(state.step)
@@ -136,7 +126,7 @@ def setup(
         writer = MetricWriter(workdir, enabled=is_lead, resume_step=step, config=config)
         if is_lead:
             _record_and_announce(
-                config, workdir, model, mesh, data, state, resumed=restored is not None
+                config, workdir, model, mesh, data, state, image_shape, resumed=restored is not None
             )
         if restored is not None:
             policy.catch_up(state, step, best_step=int(state.best_val_epoch) * steps_per_epoch)
@@ -159,6 +149,27 @@ def setup(
         writer=writer,
         evaluate=evaluate,
         record_validation=record,
+    )
+
+
+def _state_maker(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    mesh: Mesh,
+    averages: Averaging,
+    image_shape: tuple[int, int, int],
+) -> Callable[..., TrainState]:
+    """`fresh(tx, abstract=False)`: a fresh state for a phase's optimizer (its state's layout
+    changes with phases)."""
+    return functools.partial(
+        init_state,
+        model,
+        plateau=optim.make_plateau(config.schedule),
+        rng=jax.random.PRNGKey(config.seed),
+        image_shape=image_shape,
+        mesh=mesh,
+        averaging=averages,
+        loss_scale=loss_scaling.from_config(config.model.compute_dtype, config.train),
     )
 
 
@@ -186,12 +197,14 @@ def _train_step(
 
 def _fresh_start(
     config: ml_collections.ConfigDict,
-    state: TrainState,
+    fresh: Callable[..., TrainState],
     tx: optax.GradientTransformation,
     averages: Averaging,
     replicated: jax.sharding.Sharding,
 ) -> TrainState:
-    """`state` as a fresh run starts from it: with config.init_from's weights where it names any."""
+    """The state a fresh run starts from: `fresh(tx)`, with config.init_from's weights where it
+    names any."""
+    state = fresh(tx)
     if not config.init_from.workdir:
         return state
     variables = transfer.initial_variables(config.init_from, state.variables)
@@ -206,6 +219,7 @@ def _record_and_announce(
     mesh: Mesh,
     data: inputs.Inputs,
     state: TrainState,
+    image_shape: tuple[int, int, int],
     *,
     resumed: bool,
 ) -> None:
@@ -214,7 +228,6 @@ def _record_and_announce(
     produced_by = provenance.collect(mesh, conv_implementation(model))
     workdir_lib.write_config(workdir, config, produced_by, resumed_at=step)
     sources.write_class_names(workdir, config.data)
-    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     images, key = jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)
     console = {"width": 120, "force_terminal": sys.stdout.isatty()}  # No ANSI in files.
     print(model.tabulate(key, images, train=False, console_kwargs=console))

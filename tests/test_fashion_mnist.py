@@ -84,6 +84,9 @@ def _table_steps_with_overrides() -> list[tuple[str, str, dict, bool]]:
     return steps
 
 
+TABLE_STEPS_WITH_OVERRIDES = _table_steps_with_overrides()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (SOURCE / "train-images-idx3-ubyte.gz").exists(),
@@ -91,8 +94,8 @@ def _table_steps_with_overrides() -> list[tuple[str, str, dict, bool]]:
 )
 @pytest.mark.parametrize(
     "name, config_name, overrides, is_baseline",
-    _table_steps_with_overrides(),
-    ids=[step[0] for step in _table_steps_with_overrides()],
+    TABLE_STEPS_WITH_OVERRIDES,
+    ids=[step[0] for step in TABLE_STEPS_WITH_OVERRIDES],
 )
 def test_every_table_step_runs_in_smoke_form(
     name, config_name, overrides, is_baseline, fashion_data_dir, tmp_path

@@ -48,6 +48,7 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     wandb_writer.check_installed(config)
     _check_batch_sizes(config, mesh)
     augment.check_flip(config.augment, config.data)
+    augment.check_random_erasing(config.augment)
     _check_channels(config.data)
     loading.check_classes(config.data, config.model.num_classes)
     for warning in host.accelerator_warnings(config.model.compute_dtype):

@@ -128,6 +128,9 @@ ADDED_FIELDS = {
     "data.split_seed": 0,
     "data.skip_bad_files": False,
     "data.mapped_max_gb": 0.0,  # Streamed runs decoded each epoch through tf.data.
+    "augment.random_erasing": 0.0,
+    "augment.random_erasing_area": (0.02, 0.4),  # Unread while random_erasing is 0.
+    "augment.random_erasing_aspect": (0.3, 1 / 0.3),
     "model.compute_dtype": "float32",
     "model.conv_implementation": "auto",
     "model.remove": (),

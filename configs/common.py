@@ -102,6 +102,9 @@ def get_base_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
     config.augment.contrast = 0.0  # Colour jitter: contrast factor in [1 - c, 1 + c].
     config.augment.saturation = 0.0  # Colour jitter: saturation factor in [1 - s, 1 + s].
     config.augment.pca_lighting = 0.0  # AlexNet PCA lighting noise std (RGB; 0.1 in the paper).
+    config.augment.random_erasing = 0.0  # Erase a box of noise in this share of images (0: off).
+    config.augment.random_erasing_area = (0.02, 0.4)  # random_erasing: range of its area fraction.
+    config.augment.random_erasing_aspect = (0.3, 1 / 0.3)  # random_erasing: range of height/width.
     config.augment.mixup_alpha = 0.0  # Mixup Beta(alpha, alpha) (0: off).
     config.augment.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha) (0: off).
 

@@ -7,10 +7,10 @@ Runs each step below as its own command, in order, printing it first (`--dry_run
 them all and runs nothing): the baselines and a sweep per model family, each followed by
 the evaluation of its snapshot or model ensemble once all its runs have finished, then
 `cnn_lab.report` over every sweep's records, which rewrites the table between README's
-result markers. AlexNet and VGG run one seed each before the ablations and their other two
-seeds after them (`--only=vgg` runs both). Each step resumes: rerun the command and finished
-points and seeds are skipped, an interrupted run continues from its checkpoint. On a shared
-machine start it with nohup and stop it with `kill -TERM <its pid>` (docs/scaling_out.md): the
+result markers. AlexNet, VGG and ResNet-20 with random erasing run one seed each before the
+ablations and their other two seeds after them (`--only=vgg` runs both). Each step resumes:
+rerun the command and finished points and seeds are skipped, an interrupted run continues
+from its checkpoint. On a shared machine start it with nohup and stop it with `kill -TERM <its pid>` (docs/scaling_out.md): the
 running training saves its step, and the command exits 75; the table shows what has finished
 so far, with n per row.
 
@@ -66,6 +66,11 @@ STEPS = (
         _sweep("resnet20", 1, "--config.schedule.name=cyclic_cosine", "--config.schedule.cycles=5"),
     ),
     (
+        "resnet20_erasing",
+        # Zhong et al.'s random erasing (p = 0.5) on the same recipe: one seed, then two more.
+        _sweep("resnet20", 1, "--config.augment.random_erasing=0.5"),
+    ),
+    (
         "resnet56_sd",
         _sweep(
             "resnet20",
@@ -78,6 +83,7 @@ STEPS = (
     ),
     ("alexnet", _sweep("alexnet", 3)),
     ("vgg", _sweep("vgg", 3)),
+    ("resnet20_erasing", _sweep("resnet20", 3, "--config.augment.random_erasing=0.5")),
 )
 NAMES = tuple(dict.fromkeys(name for name, _ in STEPS))  # Each sweep once, in STEPS' order.
 # Evaluations of finished sweeps: (sweep they read, the file each writes into the first run's

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnn_lab import losses
-from cnn_lab.data import augment, pipeline
+from cnn_lab.data import augment, mixing, pipeline
 
 KEY = jax.random.PRNGKey(0)
 OTHER_KEY = jax.random.PRNGKey(1)
@@ -33,6 +33,9 @@ def _config(**overrides):
         contrast=0.0,
         saturation=0.0,
         pca_lighting=0.0,
+        random_erasing=0.0,
+        random_erasing_area=(0.02, 0.4),
+        random_erasing_aspect=(0.3, 1 / 0.3),
         mixup_alpha=0.0,
         cutmix_alpha=0.0,
     )
@@ -51,6 +54,9 @@ AUGMENTATIONS = {
         functools.partial(augment.color_jitter, brightness=0.4, contrast=0.4, saturation=0.4)
     ),
     "pca_lighting": jax.jit(functools.partial(augment.pca_lighting, std=0.1)),
+    "random_erasing": jax.jit(
+        functools.partial(augment.random_erasing, probability=1.0, area=(0.1, 0.4), aspect=(0.5, 2))
+    ),
 }
 
 
@@ -180,9 +186,50 @@ def _one_hot(labels, num_classes=10):
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
+def test_random_erasing_fills_one_box_of_the_drawn_size_in_about_its_share_of_images():
+    batch, height, width, channels = 256, 20, 10, 2
+    images = np.full((batch, height, width, channels), 2.0, np.float32)  # noise is in [0, 1]
+    area, aspect = (0.05, 0.3), (0.5, 2.0)
+    erase = jax.jit(functools.partial(augment.random_erasing, area=area, aspect=aspect))
+    out = np.asarray(erase(images, KEY, probability=0.5))
+    erased = out != 2.0
+    assert np.all((out[erased] >= 0) & (out[erased] <= 1))
+    boxes = erased[..., 0]
+    np.testing.assert_array_equal(erased, np.broadcast_to(boxes[..., None], erased.shape))
+    is_erased = boxes.any(axis=(1, 2))
+    assert 0.4 < is_erased.mean() < 0.6
+    for box in boxes[is_erased]:
+        rows, cols = box.any(1), box.any(0)
+        np.testing.assert_array_equal(box, np.outer(rows, cols))  # one rectangle
+        np.testing.assert_array_equal(np.diff(np.flatnonzero(rows)), 1)  # without gaps
+        np.testing.assert_array_equal(np.diff(np.flatnonzero(cols)), 1)
+        fraction = box.mean()
+        # Side lengths are rounded to whole pixels and clipped to the image.
+        assert area[0] / 2 <= fraction <= area[1] * 1.5
+    areas = boxes[is_erased].mean(axis=(1, 2))
+    assert areas.max() - areas.min() > (area[1] - area[0]) / 2  # the sizes spread over the range
+    np.testing.assert_array_equal(erase(images, KEY, probability=0.0), images)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(random_erasing=1.5),
+        dict(random_erasing=-0.1),
+        dict(random_erasing=0.5, random_erasing_area=(0.4, 0.02)),
+        dict(random_erasing=0.5, random_erasing_aspect=(0.0, 3.0)),
+    ],
+)
+def test_random_erasing_settings_that_cannot_be_drawn_are_refused_by_name(fields):
+    with pytest.raises(ValueError, match=r"config\.augment\.random_erasing") as error:
+        augment.check_random_erasing(_config(**fields))
+    assert repr(list(fields.values())[-1]) in str(error.value) and "Set e.g." in str(error.value)
+    augment.check_random_erasing(_config(random_erasing=0.5))
+
+
 def test_mix_with_a_known_lambda_is_the_blend_with_the_reversed_batch():
     images, targets = _images(batch=4), _one_hot([0, 1, 2, 3])
-    out, mixed = augment.mix(images, targets, 0.3)
+    out, mixed = mixing.mix(images, targets, 0.3)
     np.testing.assert_allclose(out, 0.3 * images + 0.7 * images[::-1], rtol=1e-6)
     np.testing.assert_allclose(mixed[0, [0, 3]], [0.3, 0.7], rtol=1e-6)
     np.testing.assert_allclose(mixed.sum(1), 1.0, rtol=1e-6)
@@ -190,7 +237,7 @@ def test_mix_with_a_known_lambda_is_the_blend_with_the_reversed_batch():
 
 def test_mixup_draws_one_lambda_per_batch():
     images, targets = _images(), _one_hot(np.arange(8))
-    out, mixed = augment.mixup(images, targets, KEY, 0.4)
+    out, mixed = mixing.mixup(images, targets, KEY, 0.4)
     lam = float(mixed[0, 0])
     assert 0 < lam < 1
     np.testing.assert_allclose(np.diag(mixed), lam, rtol=1e-6)
@@ -198,10 +245,10 @@ def test_mixup_draws_one_lambda_per_batch():
     np.testing.assert_allclose(mixed.sum(1), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mixing", [augment.mixup, augment.cutmix])
-def test_mixing_with_alpha_zero_is_the_identity(mixing):
+@pytest.mark.parametrize("mixer", [mixing.mixup, mixing.cutmix])
+def test_mixing_with_alpha_zero_is_the_identity(mixer):
     images, targets = _images(), _one_hot(np.arange(8))
-    out, mixed = mixing(images, targets, KEY, 0.0)
+    out, mixed = mixer(images, targets, KEY, 0.0)
     np.testing.assert_array_equal(out, images)
     np.testing.assert_array_equal(mixed, targets)
 
@@ -213,7 +260,7 @@ def test_cutmix_pastes_one_box_and_mixes_targets_by_its_area():
     targets = _one_hot(np.arange(batch))
     fractions = []
     for seed in range(3):
-        out, mixed = augment.cutmix(images, targets, jax.random.PRNGKey(seed), 1.0)
+        out, mixed = mixing.cutmix(images, targets, jax.random.PRNGKey(seed), 1.0)
         from_partner = np.asarray(out) == images[::-1]
         box = from_partner[0, :, :, 0]
         np.testing.assert_array_equal(from_partner, np.broadcast_to(box[..., None], images.shape))
@@ -230,10 +277,10 @@ def test_mixup_or_cutmix_picks_each_of_the_two():
     # Image i is constant i + 1: cutmix keeps whole values, mixup blends them.
     images = np.broadcast_to(np.arange(1, 9, dtype=np.float32), (4, 4, 1, 8)).T
     targets = _one_hot(np.arange(8))
-    mixing = functools.partial(augment.mixup_or_cutmix, mixup_alpha=1.0, cutmix_alpha=1.0)
+    mixer = functools.partial(mixing.mixup_or_cutmix, mixup_alpha=1.0, cutmix_alpha=1.0)
     kinds = set()
     for seed in range(6):
-        out, mixed = mixing(images, targets, jax.random.PRNGKey(seed))
+        out, mixed = mixer(images, targets, jax.random.PRNGKey(seed))
         np.testing.assert_allclose(mixed.sum(1), 1.0, rtol=1e-6)
         lam = float(mixed[0, 0])
         if np.allclose(out, lam * images + (1 - lam) * images[::-1], rtol=1e-5):
@@ -268,6 +315,7 @@ ALL_ON = dict(
     contrast=0.4,
     saturation=0.4,
     pca_lighting=0.1,
+    random_erasing=0.5,
 )
 
 

@@ -57,6 +57,7 @@ def test_bad_count_names_field_value_and_valid_one(tmp_path, field, value, valid
         ("data.name", "cifar11", r"Unknown data set 'cifar11'.*cifar10"),
         ("model.num_classes", 7, r"has 10 classes.*num_classes=10"),
         ("augment.flip", True, r"augment\.flip=True.*flip=False"),
+        ("augment.random_erasing", 2.0, r"random_erasing=2\.0 is the probability.*=0\.5"),
         ("data.mean", (0.5, 0.5, 0.5), r"data\.channels=1.*mean has 3 values"),
         ("train.grad_accumulation_steps", 3, r"grad_accumulation_steps=3 must divide"),
     ],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cnn_lab
-from cnn_lab import checkpoint, checkpoint_policy, saved_run
+from cnn_lab import checkpoint, checkpoint_policy, saved_run, sweep
 from cnn_lab import workdir as workdir_lib
 from cnn_lab.configs import lenet_digits
 from cnn_lab.data import loading
@@ -188,3 +188,17 @@ def test_deleted_config_json_with_checkpoints_is_refused(workdir, data_dir):
         train_and_evaluate(_config(data_dir, learning_rate=0.02), workdir)
     assert _steps(workdir / checkpoint.LATEST_DIR) == steps
     assert not (workdir / workdir_lib.PREVIOUS_DIR).exists()
+
+
+# Runs trained by earlier versions of cnn_lab: the Fashion-MNIST records kept in the repository.
+OLDER_RUNS = sorted(Path(cnn_lab.__file__).parents[1].glob("results/fashion_mnist/*/seed=*"))
+
+
+@pytest.mark.parametrize("run", OLDER_RUNS, ids=lambda run: f"{run.parent.name}/{run.name}")
+def test_a_config_saved_by_an_older_cnn_lab_reads_back_with_every_field_of_today(run, repo_root):
+    config_file = json.loads((run.parent / "sweep.json").read_text())["config"]
+    today = sweep.config_module(str(repo_root / config_file)).get_config()
+    saved = workdir_lib.read_config(run)
+    fields = set(workdir_lib.flatten(today.to_dict()))
+    # A field missing from ADDED_FIELDS would make resuming such a run a config change.
+    assert fields - set(workdir_lib.flatten(saved.to_dict())) == set()

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cnn_lab.data import mixing
+
 # ImageNet RGB statistics of pixels in [0, 1] (fb.resnet.torch, timm): principal components.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = (
@@ -164,81 +166,39 @@ def pca_lighting(
     return images + shift[:, None, None, :]
 
 
-def _with_partner(x: jax.Array, lam: jax.Array) -> jax.Array:
-    """lam * x + (1 - lam) * x reversed along the batch (each row's partner)."""
-    return lam * x + (1 - lam) * x[::-1]
-
-
-def mix(images: jax.Array, targets: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mixup with a given lambda: images (B, ...) and targets (B, K) blended with their partners.
-
-    The partner of row i is row B - 1 - i: a fixed pairing, so no permutation is drawn.
-    """
-    return _with_partner(images, lam), _with_partner(targets, lam)
-
-
-def cut(
-    images: jax.Array, targets: jax.Array, lam: jax.Array, key: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """CutMix with a given lambda: images (B, H, W, C) get a box of their partner's pixels.
-
-    One box for the batch, of area fraction about 1 - lam, centred uniformly and clipped to
-    the image; targets (B, K) are mixed by the area actually pasted. Partners as in `mix`.
-    """
-    _, height, width, _ = images.shape
-    size = jnp.array([height, width], jnp.float32)
-    centre = jax.random.uniform(key, (2,)) * size
-    half_side = jnp.sqrt(1 - lam).astype(jnp.float32) * size / 2
-    low, high = jnp.round(centre - half_side), jnp.round(centre + half_side)
-    row, col = jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32)
-    rows = (row >= low[0]) & (row < high[0])
-    cols = (col >= low[1]) & (col < high[1])
-    box = rows[:, None] & cols[None, :]
-    pasted = jnp.mean(box.astype(targets.dtype))
-    images = jnp.where(box[None, :, :, None], images[::-1], images)
-    return images, _with_partner(targets, 1 - pasted)
-
-
-def mixup(
-    images: jax.Array, targets: jax.Array, key: jax.Array, alpha: float
-) -> tuple[jax.Array, jax.Array]:
-    """Mixup (Zhang et al.) of images (B, H, W, C) and targets (B, K), lambda ~ Beta(alpha, alpha).
-
-    One lambda for the batch; alpha = 0 returns the inputs.
-    """
-    if not alpha:
-        return images, targets
-    return mix(images, targets, jax.random.beta(key, alpha, alpha, dtype=images.dtype))
-
-
-def cutmix(
-    images: jax.Array, targets: jax.Array, key: jax.Array, alpha: float
-) -> tuple[jax.Array, jax.Array]:
-    """CutMix (Yun et al.) of images (B, H, W, C) and targets (B, K), lambda ~ Beta(alpha, alpha).
-
-    One lambda and box for the batch (see `cut`); alpha = 0 returns the inputs.
-    """
-    if not alpha:
-        return images, targets
-    lam_key, box_key = jax.random.split(key)
-    return cut(images, targets, jax.random.beta(lam_key, alpha, alpha, dtype=images.dtype), box_key)
-
-
-def mixup_or_cutmix(
+def random_erasing(
     images: jax.Array,
-    targets: jax.Array,
     key: jax.Array,
     *,
-    mixup_alpha: float,
-    cutmix_alpha: float,
-) -> tuple[jax.Array, jax.Array]:
-    """`mixup` or `cutmix` of images (B, H, W, C) and targets (B, K), each with probability 1/2."""
-    choice_key, lam_key, box_key = jax.random.split(key, 3)
-    use_mixup = jax.random.bernoulli(choice_key)
-    # One Beta draw with the chosen alpha: its sampler's loop is slow to compile, so not twice.
-    alpha = jnp.where(use_mixup, mixup_alpha, cutmix_alpha)
-    lam = jax.random.beta(lam_key, alpha, alpha, dtype=images.dtype)
-    return jax.lax.cond(use_mixup, mix, functools.partial(cut, key=box_key), images, targets, lam)
+    probability: float,
+    area: tuple[float, float],
+    aspect: tuple[float, float],
+) -> jax.Array:
+    """Zhong et al.'s random erasing of images (B, H, W, C): a box of noise in some of them.
+
+    Each image is erased with `probability`, by one box whose area fraction is uniform in
+    `area` and whose height / width is uniform in `aspect` (the paper's draws), clipped to the
+    image where it would overhang (the paper draws again instead) and placed uniformly inside
+    it; the box's pixels are uniform in [0, 1], the paper's best filling on CIFAR.
+    """
+    batch, height, width, _ = images.shape
+    erase_key, area_key, aspect_key, place_key, fill_key = jax.random.split(key, 5)
+    erase = jax.random.bernoulli(erase_key, probability, (batch,))
+    box_area = (
+        height * width * jax.random.uniform(area_key, (batch,), minval=area[0], maxval=area[1])
+    )
+    box_aspect = jax.random.uniform(aspect_key, (batch,), minval=aspect[0], maxval=aspect[1])
+    sides = jnp.stack([jnp.sqrt(box_area * box_aspect), jnp.sqrt(box_area / box_aspect)], axis=1)
+    size = jnp.array([[height, width]], jnp.float32)  # (1, 2)
+    sides = jnp.clip(jnp.round(sides), 1, size)  # (B, 2): rows, columns
+    low = jnp.floor(jax.random.uniform(place_key, (batch, 2)) * (size - sides + 1))
+    high = low + sides
+    row, col = jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32)
+    rows = (row[None, :] >= low[:, :1]) & (row[None, :] < high[:, :1])  # (B, H)
+    cols = (col[None, :] >= low[:, 1:]) & (col[None, :] < high[:, 1:])  # (B, W)
+    box = rows[:, :, None] & cols[:, None, :] & erase[:, None, None]
+    noise = jax.random.uniform(fill_key, images.shape, images.dtype)
+    return jnp.where(box[..., None], noise, images)
 
 
 def _normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
@@ -269,14 +229,16 @@ def augment_batch(
 
     From uint8 images (B, H, W, C) and int labels (B,): whatever `augment_config` switches on
     (fields crop_padding, flip, resized_crop, resized_crop_scale, resized_crop_ratio,
-    brightness, contrast, saturation, pca_lighting, mixup_alpha, cutmix_alpha), in the order
-    resized crop, pad-and-crop, flip, colour jitter, PCA lighting, then normalisation and
-    mixup or cutmix (one of the two per batch, at random, when both are on). With everything
+    brightness, contrast, saturation, pca_lighting, random_erasing, random_erasing_area,
+    random_erasing_aspect, mixup_alpha, cutmix_alpha), in the order resized crop, pad-and-crop,
+    flip, colour jitter, PCA lighting, random erasing, then normalisation and mixup or cutmix (one of the two per batch, at random, when both are on). With everything
     off: `eval_preprocess(images)` and one-hot labels.
     """
     config = augment_config
     # One key per step whatever is on, so switching one step leaves the others' draws alone.
-    resize_key, crop_key, flip_key, jitter_key, lighting_key, mix_key = jax.random.split(key, 6)
+    # A new step's key goes last: split(key, n + 1) begins with split(key, n).
+    keys = jax.random.split(key, 7)
+    resize_key, crop_key, flip_key, jitter_key, lighting_key, mix_key, erase_key = keys
     images = images.astype(jnp.float32) / 255.0
     if config.resized_crop:
         images = random_resized_crop(
@@ -297,10 +259,18 @@ def augment_batch(
         saturation=config.saturation,
     )
     images = pca_lighting(images, lighting_key, std=config.pca_lighting)
+    if config.random_erasing:
+        images = random_erasing(
+            images,
+            erase_key,
+            probability=config.random_erasing,
+            area=tuple(config.random_erasing_area),
+            aspect=tuple(config.random_erasing_aspect),
+        )
     images = _normalize(images, mean, std)
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if config.mixup_alpha and config.cutmix_alpha:
-        return mixup_or_cutmix(
+        return mixing.mixup_or_cutmix(
             images,
             targets,
             mix_key,
@@ -308,8 +278,8 @@ def augment_batch(
             cutmix_alpha=config.cutmix_alpha,
         )
     # At most one of the two is on; the other returns its inputs.
-    images, targets = mixup(images, targets, mix_key, config.mixup_alpha)
-    return cutmix(images, targets, mix_key, config.cutmix_alpha)
+    images, targets = mixing.mixup(images, targets, mix_key, config.mixup_alpha)
+    return mixing.cutmix(images, targets, mix_key, config.cutmix_alpha)
 
 
 def check_flip(
@@ -320,6 +290,27 @@ def check_flip(
         raise ValueError(
             f"config.augment.flip=True, but a mirrored {data_config.name} image can change its "
             "label (config.data.flip_preserves_label=False). Set --config.augment.flip=False."
+        )
+
+
+def check_random_erasing(augment_config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for a random-erasing probability or box range that cannot be drawn."""
+    config = augment_config
+    low_area, high_area = config.random_erasing_area
+    low_aspect, high_aspect = config.random_erasing_aspect
+    if not 0 <= config.random_erasing <= 1:
+        raise ValueError(
+            f"config.augment.random_erasing={config.random_erasing!r} is the probability of "
+            "erasing a box of an image: it must lie in [0, 1]. Set e.g. "
+            "--config.augment.random_erasing=0.5 (0 switches it off)."
+        )
+    if not (0 < low_area <= high_area <= 1 and 0 < low_aspect <= high_aspect):
+        raise ValueError(
+            f"config.augment.random_erasing_area={tuple(config.random_erasing_area)!r} and "
+            f"random_erasing_aspect={tuple(config.random_erasing_aspect)!r} must be (low, high) "
+            "ranges with 0 < low <= high, the area fractions at most 1. Set e.g. "
+            "--config.augment.random_erasing_area='(0.02, 0.4)' "
+            "--config.augment.random_erasing_aspect='(0.3, 3.3)'."
         )
 
 

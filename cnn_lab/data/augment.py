@@ -192,11 +192,7 @@ def random_erasing(
     size = jnp.array([[height, width]], jnp.float32)  # (1, 2)
     sides = jnp.clip(jnp.round(sides), 1, size)  # (B, 2): rows, columns
     low = jnp.floor(jax.random.uniform(place_key, (batch, 2)) * (size - sides + 1))
-    high = low + sides
-    row, col = jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32)
-    rows = (row[None, :] >= low[:, :1]) & (row[None, :] < high[:, :1])  # (B, H)
-    cols = (col[None, :] >= low[:, 1:]) & (col[None, :] < high[:, 1:])  # (B, W)
-    box = rows[:, :, None] & cols[:, None, :] & erase[:, None, None]
+    box = mixing.box_masks(low, low + sides, height, width) & erase[:, None, None]
     noise = jax.random.uniform(fill_key, images.shape, images.dtype)
     return jnp.where(box[..., None], noise, images)
 

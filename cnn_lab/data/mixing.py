@@ -1,7 +1,8 @@
 """Label-mixing augmentations: mixup and CutMix of float images (B, H, W, C) and targets (B, K).
 
 Each row is mixed with its partner, the row B - 1 - i of the batch (a fixed pairing, so no
-permutation is drawn), by one lambda per batch; `cnn_lab.data.augment` applies them last.
+permutation is drawn), by one lambda per batch; `cnn_lab.data.augment` applies them last,
+and draws its random erasing's boxes with `box_masks` too.
 """
 
 import functools
@@ -23,6 +24,17 @@ def mix(images: jax.Array, targets: jax.Array, lam: jax.Array) -> tuple[jax.Arra
     return _with_partner(images, lam), _with_partner(targets, lam)
 
 
+def box_masks(low: jax.Array, high: jax.Array, height: int, width: int) -> jax.Array:
+    """Masks (N, height, width) of boxes from corners `low` to `high` (N, 2) (rows, columns).
+
+    A box holds the pixels from low (included) to high (excluded); parts off the image drop.
+    """
+    row, col = jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32)
+    rows = (row[None, :] >= low[:, :1]) & (row[None, :] < high[:, :1])
+    cols = (col[None, :] >= low[:, 1:]) & (col[None, :] < high[:, 1:])
+    return rows[:, :, None] & cols[:, None, :]
+
+
 def cut(
     images: jax.Array, targets: jax.Array, lam: jax.Array, key: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -36,10 +48,7 @@ def cut(
     centre = jax.random.uniform(key, (2,)) * size
     half_side = jnp.sqrt(1 - lam).astype(jnp.float32) * size / 2
     low, high = jnp.round(centre - half_side), jnp.round(centre + half_side)
-    row, col = jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32)
-    rows = (row >= low[0]) & (row < high[0])
-    cols = (col >= low[1]) & (col < high[1])
-    box = rows[:, None] & cols[None, :]
+    box = box_masks(low[None], high[None], height, width)[0]
     pasted = jnp.mean(box.astype(targets.dtype))
     images = jnp.where(box[None, :, :, None], images[::-1], images)
     return images, _with_partner(targets, 1 - pasted)

@@ -10,9 +10,9 @@ the evaluation of its snapshot or model ensemble once all its runs have finished
 result markers. AlexNet, VGG and ResNet-20 with random erasing run one seed each before the
 ablations and their other two seeds after them (`--only=vgg` runs both). Each step resumes:
 rerun the command and finished points and seeds are skipped, an interrupted run continues
-from its checkpoint. On a shared machine start it with nohup and stop it with `kill -TERM <its pid>` (docs/scaling_out.md): the
-running training saves its step, and the command exits 75; the table shows what has finished
-so far, with n per row.
+from its checkpoint. On a shared machine start it with nohup and stop it with
+`kill -TERM <its pid>` (docs/scaling_out.md): the running training saves its step, and the
+command exits 75; the table shows what has finished so far, with n per row.
 
 The records of every finished run (config, metrics and evaluations: kilobytes, no
 checkpoints) are copied into --records_dir after each step, and back into --runs_dir before
@@ -32,6 +32,7 @@ from cnn_lab import sweep
 from cnn_lab.launch import children
 
 BASELINE = ("-m", "cnn_lab.baseline", "--config=configs/pixels_fashion_mnist.py")
+RANDOM_ERASING = "--config.augment.random_erasing=0.5"  # Zhong et al.'s probability.
 
 
 def _sweep(config: str, seeds: int, *overrides: str) -> tuple[str, ...]:
@@ -67,8 +68,8 @@ STEPS = (
     ),
     (
         "resnet20_erasing",
-        # Zhong et al.'s random erasing (p = 0.5) on the same recipe: one seed, then two more.
-        _sweep("resnet20", 1, "--config.augment.random_erasing=0.5"),
+        # Zhong et al.'s random erasing on the same recipe: one seed here, two more at the end.
+        _sweep("resnet20", 1, RANDOM_ERASING),
     ),
     (
         "resnet56_sd",
@@ -83,7 +84,7 @@ STEPS = (
     ),
     ("alexnet", _sweep("alexnet", 3)),
     ("vgg", _sweep("vgg", 3)),
-    ("resnet20_erasing", _sweep("resnet20", 3, "--config.augment.random_erasing=0.5")),
+    ("resnet20_erasing", _sweep("resnet20", 3, RANDOM_ERASING)),
 )
 NAMES = tuple(dict.fromkeys(name for name, _ in STEPS))  # Each sweep once, in STEPS' order.
 # Evaluations of finished sweeps: (sweep they read, the file each writes into the first run's
